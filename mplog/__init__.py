@@ -1,0 +1,38 @@
+"""mplog: multiprocess logging that is safe, fast and honest.
+
+Every process writes records into one kernel FIFO; a single listener process owns the two log
+files; a supervisor in the main process restarts the listener if it dies and reports health.
+See the README for the design and every option.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._config import WorkerConfig
+from ._worker import MPQueueHandler, context, current_config, pool_kwargs, worker_init
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._service import LogService
+
+__all__ = [
+    "LogService",
+    "MPQueueHandler",
+    "WorkerConfig",
+    "__version__",
+    "context",
+    "current_config",
+    "pool_kwargs",
+    "worker_init",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Workers import this package to run worker_init; they should not pay for the service side
+    # (psutil, subprocess). The main process gets LogService on first use.
+    if name == "LogService":
+        from ._service import LogService
+        return LogService
+    raise AttributeError(f"module 'mplog' has no attribute {name!r}")

@@ -1,0 +1,148 @@
+"""Configuration: the service's options, validated once, and the worker's picklable share.
+
+``ServiceConfig`` is built by ``LogService`` from its keyword options and raises ``ValueError``
+naming the option for any bad value, so mistakes surface where they are made, not in a child
+process. ``WorkerConfig`` is the part a worker needs; it holds only paths and plain values, so it
+pickles under fork, spawn and forkserver, and survives ``json`` too (a scheduler can pass it in an
+environment variable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+__all__ = ["OVERFLOW_POLICIES", "ServiceConfig", "WorkerConfig", "parse_level"]
+
+OVERFLOW_POLICIES = ("block", "drop", "timeout", "stderr")
+
+LevelLike = Union[int, str]
+
+
+def parse_level(option: str, value: object) -> int:
+    """Return ``value`` as a logging level number, or raise ``ValueError`` naming ``option``."""
+    if isinstance(value, bool):  # bool is an int; True is not a level anyone means
+        raise ValueError(f"{option}: expected a level name or number, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{option}: level must be >= 0, got {value!r}")
+        return value
+    if isinstance(value, str):
+        number = logging.getLevelName(value.strip().upper())
+        if isinstance(number, int):
+            return number
+        raise ValueError(f"{option}: unknown level name {value!r}")
+    raise ValueError(f"{option}: expected a level name or number, got {value!r}")
+
+
+def _positive(option: str, value: object, *, integer: bool = False, allow_zero: bool = False) -> Any:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{option}: expected {kind}, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):  # NaN, inf
+        raise ValueError(f"{option}: expected a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{option}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """What a process needs to log into a running service. Plain data: pickles everywhere."""
+
+    fifo_path: str
+    counters_path: str
+    level: int
+    overflow: str
+    overflow_timeout: float
+    capture_warnings: bool
+    service_id: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerConfig":
+        return cls(**json.loads(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """Every option of a ``LogService``, validated when built."""
+
+    directory: Path
+    name: str = "run"
+    level: int = logging.DEBUG
+    simplified_level: int = logging.INFO
+    queue_size: int = 10000
+    overflow: str = "block"
+    overflow_timeout: float = 0.01
+    flush_interval: float = 1.0
+    flush_count: int = 100
+    shutdown_timeout: float = 5.0
+    capture_warnings: bool = True
+    console: Optional[int] = None
+    restart_backoff_initial: float = 0.1
+    restart_backoff_max: float = 5.0
+    degraded_restarts: int = 5
+    degraded_window: float = 60.0
+    health_interval: float = 1.0
+
+    @property
+    def simplified_path(self) -> Path:
+        return self.directory / f"{self.name}.log"
+
+    @property
+    def full_path(self) -> Path:
+        return self.directory / f"{self.name}.debug.log"
+
+    @property
+    def health_path(self) -> Path:
+        return self.directory / f"{self.name}.health.json"
+
+    @classmethod
+    def build(cls, directory: Union[str, "os.PathLike[str]"], name: str = "run", **options: Any) -> "ServiceConfig":
+        """Validate user options; raise ``ValueError`` naming the first bad one."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"directory", "name"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown option(s): {', '.join(unknown)}")
+        try:
+            path = Path(os.fspath(directory))
+        except TypeError:
+            raise ValueError(f"directory: expected a path, got {directory!r}") from None
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise ValueError(f"name: expected a plain file name stem, got {name!r}")
+
+        values: Dict[str, Any] = {}
+        for key in ("level", "simplified_level"):
+            if key in options:
+                values[key] = parse_level(key, options[key])
+        if options.get("console") is not None:
+            values["console"] = parse_level("console", options["console"])
+        if "queue_size" in options:
+            values["queue_size"] = _positive("queue_size", options["queue_size"], integer=True)
+        if "flush_count" in options:
+            values["flush_count"] = _positive("flush_count", options["flush_count"], integer=True)
+        if "degraded_restarts" in options:
+            values["degraded_restarts"] = _positive("degraded_restarts", options["degraded_restarts"], integer=True)
+        for key in ("flush_interval", "shutdown_timeout", "restart_backoff_initial", "restart_backoff_max",
+                    "degraded_window", "health_interval"):
+            if key in options:
+                values[key] = float(_positive(key, options[key]))
+        if "overflow_timeout" in options:
+            values["overflow_timeout"] = float(_positive("overflow_timeout", options["overflow_timeout"], allow_zero=True))
+        if "overflow" in options:
+            if options["overflow"] not in OVERFLOW_POLICIES:
+                raise ValueError(f"overflow: expected one of {', '.join(OVERFLOW_POLICIES)}, got {options['overflow']!r}")
+            values["overflow"] = options["overflow"]
+        if "capture_warnings" in options:
+            if not isinstance(options["capture_warnings"], bool):
+                raise ValueError(f"capture_warnings: expected True or False, got {options['capture_warnings']!r}")
+            values["capture_warnings"] = options["capture_warnings"]
+        return cls(directory=path, name=name, **values)

@@ -1,0 +1,115 @@
+"""Formatting: a Record becomes a simplified line or a full block. Runs in the listener only.
+
+Both formats guarantee that a record cannot be mistaken for another: record lines start in
+column 0 with ``[``, and everything a message brings (its own newlines, ``\\r``, control and
+escape characters, lone surrogates, NUL) is indented or escaped, so no message can forge a
+header or rewrite a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Callable, Dict, Optional
+
+from ._record import Record
+
+__all__ = ["clean", "Timestamps", "SimplifiedFormatter", "FullFormatter", "SEPARATOR"]
+
+SEPARATOR = "-" * 72
+
+# C0 (but tab and newline), DEL, C1, line/paragraph separators, bidi overrides, lone surrogates.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(m: "re.Match[str]") -> str:
+    ch = ord(m.group())
+    return f"\\x{ch:02x}" if ch < 0x100 else f"\\u{ch:04x}"
+
+
+def clean(text: str, indent: str) -> str:
+    """Escape what could fool a reader or a terminal; indent continuation lines."""
+    if text.isprintable():  # the common case, checked in C
+        return text
+    text = _UNSAFE.sub(_escape, text.replace("\r\n", "\n"))
+    return text.replace("\n", "\n" + indent)
+
+
+class Timestamps:
+    """``time.strftime`` costs microseconds; records arrive many per second, so cache the second."""
+
+    def __init__(self) -> None:
+        self._sec = -1
+        self._text = ""
+
+    def second(self, created: float) -> str:
+        sec = int(created)
+        if sec != self._sec:
+            self._sec = sec
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+        return self._text
+
+    def millis(self, created: float) -> str:
+        return f"{self.second(created)}.{int((created % 1) * 1000):03d}"
+
+
+class SimplifiedFormatter:
+    """``[YYYY-mm-dd HH:MM:SS] message``; WARNING and above name their level; an exception adds
+    its one-line summary, never the traceback."""
+
+    def __init__(self, stamps: Optional[Timestamps] = None) -> None:
+        self.stamps = stamps or Timestamps()
+
+    def format(self, rec: Record) -> str:
+        msg = clean(rec.msg, "    ")
+        if rec.exc_summary:
+            msg = f"{msg} ({clean(rec.exc_summary, '    ')})"
+        if rec.levelno >= logging.WARNING:
+            return f"[{self.stamps.second(rec.created)}] {clean(rec.levelname, '')}: {msg}\n"
+        return f"[{self.stamps.second(rec.created)}] {msg}\n"
+
+
+class FullFormatter:
+    """One block per record: header, message, context, traceback, separator."""
+
+    def __init__(self, stamps: Optional[Timestamps] = None) -> None:
+        self.stamps = stamps or Timestamps()
+
+    def format(self, rec: Record) -> str:
+        path = rec.pathname or ""
+        filename = path.rsplit("/", 1)[-1] if path else "?"
+        parts = [
+            f"[{self.stamps.millis(rec.created)}] [{clean(rec.levelname, '')}] [{clean(rec.name, '')}] "
+            f"[{clean(rec.processName, '')}:{rec.process}] [{clean(filename, '')}:{rec.lineno}]\n"
+            f"  Message: {clean(rec.msg, '           ')}\n"
+        ]
+        if rec.extras:
+            parts.append("  Context:\n")
+            for key, value in rec.extras.items():
+                parts.append(f"    {clean(key, '      ')}: {clean(value, '      ')}\n")
+        if rec.exc_text:
+            parts.append("  " + clean(rec.exc_text, "  ") + "\n")
+        if rec.stack_info:
+            parts.append("  " + clean(rec.stack_info, "  ") + "\n")
+        parts.append(SEPARATOR + "\n")
+        return "".join(parts)
+
+
+FormatFunc = Callable[[Record], str]
+_LEVEL_COLOURS: Dict[int, str] = {
+    logging.DEBUG: "\x1b[2m", logging.INFO: "", logging.WARNING: "\x1b[33m",
+    logging.ERROR: "\x1b[31m", logging.CRITICAL: "\x1b[1;31m",
+}
+
+
+def colour(line: str, levelno: int) -> str:
+    """Wrap a (clean) console line in the ANSI colour of its level."""
+    code = ""
+    for lvl in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG):
+        if levelno >= lvl:
+            code = _LEVEL_COLOURS[lvl]
+            break
+    if not code:
+        return line
+    return f"{code}{line.rstrip(chr(10))}\x1b[0m\n"

@@ -1,0 +1,402 @@
+"""The listener process: the only code that opens, writes or closes the log files.
+
+Data flow::
+
+    workers ──write(frame ≤ PIPE_BUF)──▶ FIFO ──read──▶ FrameParser ──▶ deserialize
+        ──▶ SimplifiedFormatter / FullFormatter ──▶ one os.write per file per batch
+        ──▶ shared counters (received, written) ──▶ reply pipe (flush barrier)
+
+It runs as ``python -m mplog._listener CONFIG`` (a fresh interpreter, whatever start method the
+application's pools use: the user's ``__main__`` is never re-imported here, and no thread of the
+application is inherited). It ignores SIGINT, so Ctrl-C in the application cannot lose the
+tail, and it drains and exits by itself when its parent dies, even by SIGKILL.
+
+Exactness across kills: records are written with ``os.write`` straight from the batch, with no
+user-space buffer, and each batch is announced in the shared counters before it is written
+(``pending``, the files' sizes before and after). A listener that starts after a killed one
+settles that batch from the files' sizes, and counts what the dead one had read but not written.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import struct
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from ._counters import Counters
+from ._format import FullFormatter, SimplifiedFormatter, Timestamps, clean, colour
+from ._record import Record, deserialize
+from ._transport import K_FLUSH, K_NOTICE, K_RECORD, K_REOPEN, K_STOP, FrameParser
+
+__all__ = ["Listener", "main"]
+
+_MAX_DISTINCT_WARNINGS = 1000
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # an exited but unreaped child is a zombie: as good as dead for its records
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _open_log(path: str) -> Tuple[int, int]:
+    # Append only, never truncate: a restarted listener and a second run both continue the file.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    return fd, os.fstat(fd).st_size
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class Listener:
+    def __init__(self, cfg: Dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.counters = Counters.open(cfg["counters_path"])
+        self.level = cfg["level"]
+        self.simplified_level = cfg["simplified_level"]
+        self.flush_count = cfg["flush_count"]
+        self.console: Optional[int] = cfg.get("console")
+        self.console_colour = bool(cfg.get("console_colour"))
+        stamps = Timestamps()
+        self.simple = SimplifiedFormatter(stamps)
+        self.full = FullFormatter(stamps)
+        self.parser = FrameParser()
+        self.read_size = max(16384, self.flush_count * 256)
+        self.warnings: Dict[str, int] = {}
+        self.reply_fd: int = cfg.get("reply_fd", -1)
+        self.stopping = False
+        self.stop_deadline = 0.0
+        # batch state
+        self._full: List[str] = []
+        self._simp: List[str] = []
+        self._cons: List[str] = []
+        self._n = 0
+
+    # -- files ---------------------------------------------------------------------------
+    def open_files(self) -> None:
+        self.simp_fd, self.simp_size = _open_log(self.cfg["simplified_path"])
+        self.full_fd, self.full_size = _open_log(self.cfg["full_path"])
+
+    def close_files(self) -> None:
+        for fd in (self.simp_fd, self.full_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def settle_previous(self) -> int:
+        """Settle the batch a killed listener announced, count what it held; return the loss."""
+        c = self.counters
+        lost = 0
+        pending = c.get("pending")
+        if pending:
+            if c.get("written") == c.get("pending_base"):  # it died before counting the batch
+                if self.full_size >= c.get("full_expected"):
+                    c.add("written", pending)  # the write went through
+                else:
+                    c.add("lost_listener", pending)
+                    lost += pending
+                    # Cut a torn tail so the files hold only whole blocks.
+                    for path, start, size in ((self.cfg["full_path"], c.get("full_start"), self.full_size),
+                                              (self.cfg["simplified_path"], c.get("simp_start"), self.simp_size)):
+                        if start < size:
+                            try:
+                                os.truncate(path, start)
+                            except OSError:
+                                pass
+                    self.full_size = os.fstat(self.full_fd).st_size
+                    self.simp_size = os.fstat(self.simp_fd).st_size
+            c.set("pending", 0)
+        # Whatever the previous listener had read but not written died with it.
+        held = c.get("received") - c.get("written") - c.get("lost_listener") - c.get("stderr_records")
+        if held > 0:
+            c.add("lost_listener", held)
+            lost += held
+        return lost
+
+    # -- records -------------------------------------------------------------------------
+    def handle(self, rec: Record) -> None:
+        levelno = rec.levelno
+        try:
+            self._full.append(self.full.format(rec))
+            if levelno >= self.simplified_level or rec.user:
+                line = self.simple.format(rec)
+                self._simp.append(line)
+                if self.console is not None and levelno >= self.console:
+                    self._cons.append(colour(line, levelno) if self.console_colour else line)
+        except Exception as exc:  # a formatter bug must cost one record, not the listener
+            self.counters.add("replaced_listener")
+            self._full.append(self.full.format(Record(
+                time.time(), logging.ERROR, "ERROR", "mplog", f"<record could not be formatted: {exc!r}>")))
+        if logging.WARNING <= levelno < logging.ERROR:
+            key = rec.msg.split("\n", 1)[0][:200]
+            if key in self.warnings or len(self.warnings) < _MAX_DISTINCT_WARNINGS:
+                self.warnings[key] = self.warnings.get(key, 0) + 1
+        self._n += 1
+        if self._n >= self.flush_count:
+            self.write_batch()
+
+    def write_batch(self) -> None:
+        n = self._n
+        if not n and not self._full:
+            return
+        full = "".join(self._full).encode("utf-8", "backslashreplace")
+        simp = "".join(self._simp).encode("utf-8", "backslashreplace")
+        cons = "".join(self._cons)
+        self._full.clear()
+        self._simp.clear()
+        self._cons.clear()
+        self._n = 0
+        c = self.counters
+        if n:
+            # Announce the batch before writing it: see the module docstring.
+            c.set("pending_base", c.get("written"))
+            c.set("full_start", self.full_size)
+            c.set("full_expected", self.full_size + len(full))
+            c.set("simp_start", self.simp_size)
+            c.set("simp_expected", self.simp_size + len(simp))
+            c.set("pending", n)
+        try:
+            if simp:
+                _write_all(self.simp_fd, simp)
+                self.simp_size += len(simp)
+            _write_all(self.full_fd, full)
+            self.full_size += len(full)
+        except OSError as exc:
+            self._write_failed(exc, full, n)
+        else:
+            if n:
+                c.add("written", n)
+        c.set("pending", 0)
+        c.set("last_write_ns", time.time_ns())
+        if cons:
+            try:
+                _write_all(2, cons.encode("utf-8", "backslashreplace"))
+            except OSError:
+                pass
+
+    def _write_failed(self, exc: OSError, full: bytes, n: int) -> None:
+        c = self.counters
+        c.add("write_errors")
+        c.add("stderr_records", n)
+        try:
+            _write_all(2, f"mplog: cannot write the log files ({exc}); {n} record(s) follow on stderr\n".encode()
+                       + full)
+        except OSError:
+            pass
+        try:
+            self.full_size = os.fstat(self.full_fd).st_size
+            self.simp_size = os.fstat(self.simp_fd).st_size
+        except OSError:
+            pass
+
+    def notice(self, msg: str, levelno: int = logging.WARNING) -> None:
+        """Write one of mplog's own records, straight into the files (not counted as sent)."""
+        self.write_batch()
+        rec = Record(time.time(), levelno, logging.getLevelName(levelno), "mplog", msg,
+                     __file__, 0, "listener", "mplog-listener", os.getpid(), "MainThread", user=True)
+        saved = self._n
+        self.handle(rec)
+        self._n = saved  # not an application record: do not count it as written
+        full = "".join(self._full).encode("utf-8", "backslashreplace")
+        simp = "".join(self._simp).encode("utf-8", "backslashreplace")
+        self._full.clear()
+        self._simp.clear()
+        cons = "".join(self._cons)
+        self._cons.clear()
+        try:
+            _write_all(self.simp_fd, simp)
+            self.simp_size += len(simp)
+            _write_all(self.full_fd, full)
+            self.full_size += len(full)
+            if cons:
+                _write_all(2, cons.encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass
+
+    # -- the loop ------------------------------------------------------------------------
+    def dispatch(self, messages: List[Tuple[int, int, int, int, bytes]]) -> None:
+        c = self.counters
+        records = 0
+        for kind, _pid, _tid, _seq, payload in messages:
+            if kind == K_RECORD:
+                records += 1
+        if records:
+            c.add("received", records)
+        for kind, _pid, _tid, _seq, payload in messages:
+            if kind == K_RECORD:
+                try:
+                    rec = deserialize(payload)
+                except ValueError as exc:
+                    c.add("replaced_listener")
+                    rec = Record(time.time(), logging.WARNING, "WARNING", "mplog",
+                                 f"<undecodable record from pid {_pid}: {exc}>")
+                self.handle(rec)
+            elif kind == K_FLUSH:
+                self.write_batch()
+                token = struct.unpack("<q", payload[:8])[0] if len(payload) >= 8 else 0
+                if token > c.get("flushed_token"):
+                    c.set("flushed_token", token)
+                self._reply()
+            elif kind == K_STOP:
+                self.stopping = True
+                budget = struct.unpack("<d", payload[:8])[0] if len(payload) >= 8 else 1.0
+                self.stop_deadline = time.monotonic() + max(0.0, budget)
+            elif kind == K_REOPEN:
+                self.write_batch()
+                self.close_files()
+                self.open_files()
+            elif kind == K_NOTICE:
+                self.notice(payload.decode("utf-8", "backslashreplace"))
+        self._sync_parser_counts()
+
+    def _sync_parser_counts(self) -> None:
+        c = self.counters
+        p = self.parser
+        if p.torn != self._torn_seen:
+            c.add("torn", p.torn - self._torn_seen)
+            self._torn_seen = p.torn
+        if p.malformed != self._malformed_seen:
+            c.add("malformed", p.malformed - self._malformed_seen)
+            self._malformed_seen = p.malformed
+
+    _torn_seen = 0
+    _malformed_seen = 0
+
+    def _reply(self) -> None:
+        if self.reply_fd >= 0:
+            try:
+                os.write(self.reply_fd, b"!")
+            except OSError:
+                pass  # the main process is not reading; it polls the counter too
+
+    def read_available(self, fd: int) -> bool:
+        """Read once (and finish a frame the read cut). False at EOF or when nothing was there."""
+        try:
+            data = os.read(fd, self.read_size)
+        except BlockingIOError:
+            return False
+        if not data:
+            return False
+        messages = self.parser.feed(data)
+        need = self.parser.pending_bytes
+        if need:
+            # The rest of a frame the read cut is already in the pipe (frames are written whole):
+            # take it now, so a kill of this process can leave no partial frame behind it.
+            try:
+                more = os.read(fd, need)
+                if more:
+                    messages += self.parser.feed(more)
+            except BlockingIOError:
+                pass
+        self.dispatch(messages)
+        return True
+
+    def run(self) -> int:
+        cfg = self.cfg
+        self.open_files()
+        lost = self.settle_previous()
+        c = self.counters
+        c.set("listener_pid", os.getpid())
+        fifo = os.open(cfg["fifo_path"], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if cfg.get("restart_reason"):
+            self.notice(f"listener restarted after {cfg['restart_reason']}; {lost} records lost")
+        poller = select.poll()
+        poller.register(fifo, select.POLLIN)
+        parent = cfg.get("parent_pid") or os.getppid()
+        parent_fd = -1
+        try:
+            parent_fd = os.pidfd_open(parent)  # type: ignore[attr-defined]
+            poller.register(parent_fd, select.POLLIN)
+        except (AttributeError, OSError):
+            parent_fd = -1
+        self._reply()  # tell the supervisor we are up
+        idle_ms = int(min(cfg.get("flush_interval", 1.0), 1.0) * 1000)
+        last_housekeeping = time.monotonic()
+        parent_gone = False
+        while True:
+            events = poller.poll(idle_ms)
+            for fd, _ev in events:
+                if fd == parent_fd:
+                    parent_gone = True
+            if events:
+                # Drain what is there, in bounded reads, writing as we go.
+                for _ in range(64):
+                    if not self.read_available(fifo):
+                        break
+                self.write_batch()
+            now = time.monotonic()
+            if now - last_housekeeping >= 1.0:
+                last_housekeeping = now
+                self.parser.expire(_pid_alive)
+                self._sync_parser_counts()
+                if parent_fd < 0 and os.getppid() != parent:
+                    parent_gone = True
+            if self.stopping:
+                self.drain(fifo, self.stop_deadline)
+                self.finish("stopped")
+                return 0
+            if parent_gone:
+                self.drain(fifo, time.monotonic() + 2.0)
+                self.notice("the application exited without stopping the log service", logging.WARNING)
+                self.finish("stopped (application gone)")
+                return 0
+
+    def drain(self, fifo: int, deadline: float) -> None:
+        while time.monotonic() < deadline and self.read_available(fifo):
+            pass
+        self.write_batch()
+        self.parser.close()
+        self._sync_parser_counts()
+
+    def finish(self, how: str) -> None:
+        c = self.counters
+        totals = c.slot_totals()
+        written = c.get("written")
+        dropped = totals["dropped"]
+        diverted = totals["diverted"] + c.get("stderr_records")
+        lost = max(0, totals["sent"] - written - dropped - diverted)
+        summary = f"mplog {how}: {written} records written, {dropped} dropped, {lost} lost"
+        if diverted:
+            summary += f", {diverted} sent to stderr"
+        warned = sorted(self.warnings.items(), key=lambda kv: (-kv[1], kv[0]))
+        if warned:
+            summary += f"; {len(warned)} distinct warning(s):"
+            for text, count in warned[:50]:
+                summary += f"\n{count:>6} x {text}"
+            if len(warned) > 50:
+                summary += f"\n   ... and {len(warned) - 50} more"
+        self.notice(summary, logging.INFO)
+        self.close_files()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    # Before anything else: Ctrl-C goes to the whole process group, and must not lose the tail.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = json.loads(argv[0])
+    listener = Listener(cfg)
+    return listener.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

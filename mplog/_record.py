@@ -1,0 +1,183 @@
+"""A LogRecord's trip across the process boundary: flatten in the caller, rebuild in the listener.
+
+The standard ``QueueHandler`` pickles the whole ``LogRecord`` in the queue's feeder thread, where
+an ``extra`` value that cannot be pickled makes the record vanish without a word (cpython
+#84376). Here the calling thread turns the record into a tuple of plain ``str``/``int``/``float``
+values before it leaves the logging call: the message is formatted, each extra is rendered to
+text, the traceback is formatted. Anything that fails is replaced by a placeholder naming the
+failure, and counted. ``marshal`` then encodes the tuple (plain types only, about twice as fast
+as pickle, and it cannot run code when decoded).
+"""
+
+from __future__ import annotations
+
+import logging
+import marshal
+import reprlib
+import traceback
+from typing import Any, Dict, Optional, Tuple
+
+__all__ = ["USER_MESSAGE_KEY", "serialize", "deserialize", "Record", "safe_text", "exception_summary"]
+
+USER_MESSAGE_KEY = "is_user_message"
+_VERSION = 1
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=`` (or a filter).
+_STANDARD = frozenset(logging.LogRecord("n", 0, "p", 0, "m", None, None).__dict__) | {
+    "message", "asctime", "taskName",
+}
+_STANDARD_LEN = len(logging.LogRecord("n", 0, "p", 0, "m", None, None).__dict__)
+
+_MAX_EXTRA_TEXT = 64 * 1024  # one extra value's text; larger ones are cut, with a marker
+_short_repr = reprlib.Repr()
+_short_repr.maxstring = 200
+_short_repr.maxother = 200
+
+
+def safe_text(value: Any) -> Tuple[str, int]:
+    """Render ``value`` as text for a log line. Never raises; returns (text, failures)."""
+    if type(value) is str:
+        text = value
+    else:
+        try:
+            text = value if isinstance(value, str) else repr(value)
+            if not isinstance(text, str):
+                raise TypeError(f"__repr__ returned {type(text).__name__}")
+        except BaseException as exc:  # noqa: B036 - a repr may raise anything, even SystemExit
+            if isinstance(exc, (KeyboardInterrupt,)):
+                raise
+            return f"<unprintable {type(value).__name__}: {_describe(exc)}>", 1
+    if len(text) > _MAX_EXTRA_TEXT:
+        text = text[:_MAX_EXTRA_TEXT] + f"... [{len(text) - _MAX_EXTRA_TEXT} more characters]"
+    return text, 0
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        detail = str(exc)
+    except BaseException:  # noqa: B036
+        detail = "<str() failed>"
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def exception_summary(exc_info: Any) -> str:
+    try:
+        lines = traceback.format_exception_only(exc_info[0], exc_info[1])
+        return lines[-1].strip() if lines else ""
+    except BaseException:  # noqa: B036
+        return "<exception could not be described>"
+
+
+def _message(record: logging.LogRecord) -> Tuple[str, int]:
+    try:
+        msg = record.getMessage()
+        if type(msg) is not str:
+            msg = str(msg)
+        return msg, 0
+    except BaseException as exc:  # noqa: B036
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        # Keep what can be kept: the template and a bounded repr of each argument.
+        try:
+            args = record.args
+            shown = _short_repr.repr(args)
+        except BaseException:  # noqa: B036
+            shown = "<args unprintable>"
+        template, _ = safe_text(record.msg)
+        return f"{template} <formatting failed: {_describe(exc)}; args={shown}>", 1
+
+
+def serialize(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None) -> Tuple[bytes, int]:
+    """Flatten ``record`` into bytes for the transport. Returns (payload, placeholders used)."""
+    failures = 0
+    msg, bad = _message(record)
+    failures += bad
+    d = record.__dict__
+    extras: Optional[Dict[str, str]] = None
+    if len(d) != _STANDARD_LEN or context:
+        extras = {}
+        if context:
+            for key, value in context.items():
+                extras[key], bad = safe_text(value)
+                failures += bad
+        for key in d.keys() - _STANDARD:
+            if key == USER_MESSAGE_KEY:
+                continue
+            extras[str(key)], bad = safe_text(d[key])
+            failures += bad
+        if not extras:
+            extras = None
+    exc_text = record.exc_text
+    exc_summary = None
+    if record.exc_info and record.exc_info[0] is not None:
+        exc_summary = exception_summary(record.exc_info)
+        if not exc_text:
+            try:
+                exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            except BaseException as exc:  # noqa: B036
+                exc_text = f"<traceback could not be formatted: {_describe(exc)}>"
+                failures += 1
+    elif exc_text:
+        exc_summary = exc_text.rstrip().rsplit("\n", 1)[-1]
+    stack = record.stack_info
+    fields = (
+        _VERSION,
+        record.created, record.levelno, record.levelname, record.name, msg,
+        record.pathname, record.lineno, record.funcName, record.processName, record.process,
+        record.threadName, exc_text, exc_summary, stack, extras, bool(d.get(USER_MESSAGE_KEY)),
+    )
+    try:
+        return marshal.dumps(fields), failures
+    except ValueError:
+        # A field of an unexpected type (a filter set levelname to an object, say).
+        fixed = tuple(f if f is None or type(f) in (int, float, bool, dict) else safe_text(f)[0] for f in fields)
+        fixed = fixed[:15] + (None if extras is None else {str(k): str(v) for k, v in extras.items()},) + fixed[16:]
+        return marshal.dumps(fixed), failures + 1
+
+
+class Record:
+    """What the listener formats: the fields of a LogRecord that crossed the pipe."""
+
+    __slots__ = ("created", "levelno", "levelname", "name", "msg", "pathname", "lineno",
+                 "funcName", "processName", "process", "threadName", "exc_text", "exc_summary",
+                 "stack_info", "extras", "user")
+
+    def __init__(self, created: float, levelno: int, levelname: str, name: str, msg: str,
+                 pathname: str = "", lineno: int = 0, funcName: str = "", processName: str = "",
+                 process: int = 0, threadName: str = "", exc_text: Optional[str] = None,
+                 exc_summary: Optional[str] = None, stack_info: Optional[str] = None,
+                 extras: Optional[Dict[str, str]] = None, user: bool = False) -> None:
+        self.created = created
+        self.levelno = levelno
+        self.levelname = levelname
+        self.name = name
+        self.msg = msg
+        self.pathname = pathname
+        self.lineno = lineno
+        self.funcName = funcName
+        self.processName = processName
+        self.process = process
+        self.threadName = threadName
+        self.exc_text = exc_text
+        self.exc_summary = exc_summary
+        self.stack_info = stack_info
+        self.extras = extras
+        self.user = user
+
+
+def deserialize(payload: bytes) -> Record:
+    """Rebuild a Record; raises ValueError for a payload that is not one (counted by the caller)."""
+    try:
+        fields = marshal.loads(payload)
+    except (EOFError, ValueError, TypeError) as exc:
+        raise ValueError(f"undecodable record: {exc}") from None
+    if type(fields) is not tuple or len(fields) != 17 or fields[0] != _VERSION:
+        raise ValueError("record of an unknown shape")
+    rec = Record(*fields[1:])
+    # Types are checked where the formatter relies on them; a bad one is a malformed record.
+    if not (isinstance(rec.created, (int, float)) and isinstance(rec.levelno, int)
+            and isinstance(rec.msg, str) and isinstance(rec.name, str)
+            and isinstance(rec.levelname, str)
+            and (rec.extras is None or isinstance(rec.extras, dict))):
+        raise ValueError("record with fields of the wrong type")
+    return rec

@@ -1,0 +1,453 @@
+"""The supervisor: starts the listener, restarts it when it dies, and reports health.
+
+It is a thread of the main process and an explicit state machine::
+
+    starting ─▶ running ─(listener exits)─▶ backoff ─(delay)─▶ running ...
+        running/backoff ─(stop())─▶ stopping ─▶ stopped
+    More than ``degraded_restarts`` restarts in ``degraded_window`` s sets the service state to
+    *degraded* (workers write to stderr) while restarts go on at the longest backoff.
+
+It watches the listener through a process sentinel (a pidfd on Linux, else a lifeline pipe the
+listener holds), never by polling ``is_alive``. It is the only code that imports psutil, and it
+never logs through the queue it serves: its notices reach the files through the listener, which
+writes them itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from typing import Any, Deque, Dict, Optional
+
+import psutil
+
+from ._config import ServiceConfig
+from ._counters import (STATE_DEGRADED, STATE_RUNNING, STATE_STOPPED, STATE_STOPPING, Counters)
+
+__all__ = ["Supervisor", "exit_name", "read_health_file"]
+
+_STARTUP_TIMEOUT = 30.0  # a cold interpreter on a loaded 2-core CI machine can be slow
+
+
+def exit_name(returncode: Optional[int]) -> str:
+    """``SIGKILL(-9)``, ``EXIT(1)``: how loky and our logs name a process's end."""
+    if returncode is None:
+        return "RUNNING"
+    if returncode < 0:
+        try:
+            return f"{signal.Signals(-returncode).name}({returncode})"
+        except ValueError:
+            return f"SIGNAL({returncode})"
+    return f"EXIT({returncode})"
+
+
+class _Process:
+    """A started listener: its Popen, a sentinel, and its identity (pid + create_time)."""
+
+    def __init__(self, popen: "subprocess.Popen[bytes]", lifeline: int) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.sentinel = lifeline
+        self._pidfd = -1
+        try:
+            self._pidfd = os.pidfd_open(self.pid)  # type: ignore[attr-defined]
+            self.sentinel = self._pidfd
+        except (AttributeError, OSError):
+            pass
+        self.lifeline = lifeline
+        try:
+            self.ps: Optional[psutil.Process] = psutil.Process(self.pid)  # records create_time
+            self.ps.cpu_percent(None)  # the first sample is meaningless: take and discard it
+        except psutil.Error:
+            self.ps = None
+
+    def close(self) -> None:
+        for fd in (self._pidfd, self.lifeline):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._pidfd = self.lifeline = -1
+
+
+class Supervisor:
+    def __init__(self, config: ServiceConfig, counters: Counters, fifo_path: str, counters_path: str,
+                 listener_opts: Dict[str, Any]) -> None:
+        self.config = config
+        self.counters = counters
+        self.fifo_path = fifo_path
+        self.counters_path = counters_path
+        self.listener_opts = listener_opts
+        self.state = "stopped"
+        self.proc: Optional[_Process] = None
+        self.restarts = 0
+        self.last_exit: Optional[Dict[str, Any]] = None
+        self._restart_times: Deque[float] = deque()
+        self._failures = 0  # consecutive restarts without a stable run: drives the backoff
+        self._restart_at: Optional[float] = None
+        self._degraded = False
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._reply_r, self._reply_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread: Optional[threading.Thread] = None
+        self._progress = (0, time.monotonic())  # (written, when it last moved)
+        self._health_lock = threading.Lock()
+        self._next_health = 0.0
+
+    # -- the listener process ------------------------------------------------------------
+    def _spawn(self, restart_reason: Optional[str] = None) -> _Process:
+        life_r, life_w = os.pipe2(os.O_CLOEXEC)
+        cfg = dict(self.listener_opts)
+        cfg.update(reply_fd=self._reply_w, lifeline_fd=life_w, parent_pid=os.getpid(),
+                   restart_reason=restart_reason)
+        env = dict(os.environ)
+        # The listener must import this very copy of mplog, installed or not.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "mplog._listener", json.dumps(cfg)],
+                stdin=subprocess.DEVNULL, pass_fds=(self._reply_w, life_w), env=env, close_fds=True)
+        finally:
+            os.close(life_w)
+        return _Process(popen, life_r)
+
+    def _wait_ready(self, proc: _Process, timeout: float) -> bool:
+        """Wait for the listener's first reply byte, or its death."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            r, _, _ = select.select([self._reply_r, proc.sentinel], [], [], left)
+            if self._reply_r in r:
+                self._drain_reply()
+                return True
+            if proc.sentinel in r:
+                return False
+
+    def _drain_reply(self) -> None:
+        try:
+            while os.read(self._reply_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._cond:
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        """Start the listener and wait until it has the files open. Raises OSError if it can't."""
+        proc = self._spawn()
+        if not self._wait_ready(proc, _STARTUP_TIMEOUT):
+            self._kill(proc)
+            raise OSError(errno.EIO, f"the mplog listener did not start ({exit_name(proc.popen.returncode)}); "
+                                     "see its message on stderr", str(self.config.directory))
+        self.proc = proc
+        self.state = "running"
+        self.counters.set("state", STATE_RUNNING)
+        self._thread = threading.Thread(target=self._run, name="mplog-supervisor", daemon=True)
+        self._thread.start()
+
+    def _kill(self, proc: _Process) -> None:
+        try:
+            proc.popen.kill()
+        except OSError:
+            pass
+        try:
+            proc.popen.wait(2.0)
+        except subprocess.TimeoutExpired:
+            pass
+        proc.close()
+
+    # -- the thread ----------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self.state in ("stopping", "stopped"):
+                    return
+                proc = self.proc
+                restart_at = self._restart_at
+            now = time.monotonic()
+            timeout = max(0.0, self._next_health - now)
+            if restart_at is not None:
+                timeout = min(timeout, max(0.0, restart_at - now))
+            fds = [self._wake_r, self._reply_r]
+            if proc is not None:
+                fds.append(proc.sentinel)
+            try:
+                r, _, _ = select.select(fds, [], [], timeout)
+            except (OSError, ValueError):
+                r = []
+            if self._wake_r in r:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            if self._reply_r in r:
+                self._drain_reply()
+            with self._lock:
+                if self.state in ("stopping", "stopped"):
+                    return
+                if proc is not None and proc.sentinel in r and proc is self.proc:
+                    self._on_exit(proc)
+                if self._restart_at is not None and time.monotonic() >= self._restart_at:
+                    self._restart()
+                self._check_stable()
+            if time.monotonic() >= self._next_health:
+                self._next_health = time.monotonic() + self.config.health_interval
+                try:
+                    self.write_health_file()
+                except Exception as exc:  # never let a full disk kill the supervisor
+                    try:
+                        os.write(2, f"mplog: cannot write the health file: {exc}\n".encode())
+                    except OSError:
+                        pass
+
+    def _on_exit(self, proc: _Process) -> None:
+        try:
+            rc = proc.popen.wait(1.0)
+        except subprocess.TimeoutExpired:  # the sentinel fired but it is still here: kill it
+            proc.popen.kill()
+            rc = proc.popen.wait()
+        proc.close()
+        self.proc = None
+        self.last_exit = {"name": exit_name(rc), "returncode": rc, "time": time.time()}
+        self.state = "backoff"
+        now = time.monotonic()
+        self._restart_times.append(now)
+        while self._restart_times and now - self._restart_times[0] > self.config.degraded_window:
+            self._restart_times.popleft()
+        self._failures += 1
+        if len(self._restart_times) > self.config.degraded_restarts:
+            self._set_degraded(True)
+        delay = self.config.restart_backoff_max if self._degraded else min(
+            self.config.restart_backoff_max, self.config.restart_backoff_initial * 2 ** (self._failures - 1))
+        self._restart_at = now + delay
+        try:
+            os.write(2, f"mplog: listener exited with {self.last_exit['name']}; restarting in {delay:.1f} s\n".encode())
+        except OSError:
+            pass
+
+    def _restart(self) -> None:
+        self._restart_at = None
+        reason = self.last_exit["name"] if self.last_exit else "an unknown exit"
+        try:
+            proc = self._spawn(restart_reason=reason)
+        except OSError as exc:
+            os.write(2, f"mplog: cannot restart the listener: {exc}\n".encode())
+            self._restart_at = time.monotonic() + self.config.restart_backoff_max
+            return
+        self.proc = proc
+        self.restarts += 1
+        self.state = "running"
+
+    def _check_stable(self) -> None:
+        # A listener that stays up for the longest backoff has recovered: reset the backoff and
+        # leave the degraded state.
+        proc = self.proc
+        if proc is None:
+            return
+        if (self._failures or self._degraded) and time.monotonic() - proc.started >= self.config.restart_backoff_max:
+            self._failures = 0
+            self._restart_times.clear()
+            self._set_degraded(False)
+
+    def _set_degraded(self, on: bool) -> None:
+        if on == self._degraded:
+            return
+        self._degraded = on
+        if self.state not in ("stopping", "stopped"):
+            self.counters.set("state", STATE_DEGRADED if on else STATE_RUNNING)
+
+    # -- flush and stop ------------------------------------------------------------------
+    def wait_flushed(self, token: int, deadline: float, resend: Any) -> bool:
+        generation = self.restarts
+        with self._cond:
+            while self.counters.get("flushed_token") < token:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if self.restarts != generation:  # the marker may have died with a listener
+                    generation = self.restarts
+                    resend()
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    def stop(self, deadline: float, send_stop: Any) -> None:
+        """Drain and stop the listener by ``deadline``; escalate SIGTERM then SIGKILL after it."""
+        with self._lock:
+            if self.state == "stopped":
+                return
+            self.state = "stopping"
+            proc = self.proc
+            if proc is None or proc.popen.poll() is not None:
+                if proc is not None:
+                    self._on_exit_quiet(proc)
+                # A backlog waits in the FIFO: start a listener just to drain it, if time allows.
+                if deadline - time.monotonic() > 0.5:
+                    try:
+                        reason = self.last_exit["name"] if self.last_exit else None
+                        proc = self._spawn(restart_reason=reason)
+                        self.proc = proc
+                        self.restarts += 1 if reason else 0
+                    except OSError:
+                        proc = None
+        self._wake()
+        if proc is not None:
+            budget = max(0.0, deadline - time.monotonic() - 0.3)
+            sent = send_stop(budget, deadline)
+            if sent:
+                self._wait_exit(proc, deadline)
+            if proc.popen.poll() is None:
+                proc.popen.terminate()
+                self._wait_exit(proc, time.monotonic() + 0.2)
+            if proc.popen.poll() is None:
+                proc.popen.kill()
+                self._wait_exit(proc, time.monotonic() + 0.2)
+            rc = proc.popen.poll()
+            if rc not in (0, None):
+                self.last_exit = {"name": exit_name(rc), "returncode": rc, "time": time.time()}
+            proc.close()
+        if self._thread is not None:
+            self._thread.join(max(0.05, min(0.5, deadline - time.monotonic() + 0.3)))
+        with self._lock:
+            self.counters.set("state", STATE_STOPPED)
+            self.state = "stopped"
+        for fd in (self._wake_r, self._wake_w, self._reply_r, self._reply_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _on_exit_quiet(self, proc: _Process) -> None:
+        rc = proc.popen.poll()
+        self.last_exit = {"name": exit_name(rc), "returncode": rc, "time": time.time()}
+        proc.close()
+        self.proc = None
+
+    def _wait_exit(self, proc: _Process, deadline: float) -> None:
+        while proc.popen.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                select.select([proc.sentinel], [], [], left)
+            except (OSError, ValueError):
+                try:
+                    proc.popen.wait(left)
+                except subprocess.TimeoutExpired:
+                    return
+
+    # -- health --------------------------------------------------------------------------
+    def listener_info(self) -> Dict[str, Any]:
+        proc = self.proc
+        info: Dict[str, Any] = {"pid": None, "alive": False, "status": "absent", "cpu_percent": None,
+                                "rss_bytes": None, "num_fds": None, "uptime_s": None}
+        if proc is None:
+            return info
+        info["pid"] = proc.pid
+        info["uptime_s"] = round(time.monotonic() - proc.started, 3)
+        ps = proc.ps
+        if ps is None:
+            info["status"] = "unknown"
+            return info
+        try:
+            with self._health_lock, ps.oneshot():
+                # is_running() compares create_time: a reused pid is not our listener.
+                if not ps.is_running():
+                    info["status"] = "gone"
+                    return info
+                status = ps.status()
+                info["status"] = str(getattr(status, "value", status))
+                info["alive"] = status != psutil.STATUS_ZOMBIE
+                info["cpu_percent"] = ps.cpu_percent(None)
+                info["rss_bytes"] = ps.memory_info().rss
+                info["num_fds"] = ps.num_fds() if hasattr(ps, "num_fds") else None
+        except psutil.ZombieProcess:
+            info["status"] = "zombie"
+        except psutil.NoSuchProcess:
+            info["status"] = "gone"
+        except psutil.AccessDenied:
+            info["status"] = "access denied"
+            info["alive"] = True
+        return info
+
+    def progress_stalled(self, written: int, waiting: int) -> bool:
+        """Health is progress: records waiting while ``written`` has not moved for 2 s."""
+        now = time.monotonic()
+        last_written, since = self._progress
+        if written != last_written or waiting <= 0:
+            self._progress = (written, now)
+            return False
+        return now - since >= 2.0
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    health_source: Any = None  # set by the service: a callable returning the health dict
+
+    def write_health_file(self) -> None:
+        if self.health_source is None:
+            return
+        write_health_file(self.config.health_path, self.health_source())
+
+
+def write_health_file(path: Any, health: Dict[str, Any]) -> None:
+    """Atomic replace, readable by all, writable by the owner only."""
+    directory = os.path.dirname(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".health-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(health, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_health_file(path: Any) -> Dict[str, Any]:
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError("not a health report")
+    return data
+
+
+def same_process(pid: Any, create_time: Any) -> bool:
+    """A pid is a process only together with its create_time (pids are reused)."""
+    if not isinstance(pid, int) or not isinstance(create_time, (int, float)):
+        return False
+    try:
+        return abs(psutil.Process(pid).create_time() - create_time) < 0.01
+    except psutil.Error:
+        return False
+
+
+_ = struct  # imported for symmetry with the listener's control frames
