@@ -24,8 +24,11 @@ _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u206
 
 
 def _escape(m: "re.Match[str]") -> str:
-    ch = ord(m.group())
-    return f"\\x{ch:02x}" if ch < 0x100 else f"\\u{ch:04x}"
+    ch = m.group()
+    if ch == "\r":
+        return "\\r"
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def clean(text: str, indent: str) -> str:

@@ -1,0 +1,66 @@
+"""``python -m mplog``: ``demo`` runs a small pipeline; ``health`` is a liveness probe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_NO_SERVICE = 0, 1, 2
+
+
+def health_command(directory: str, name: str, max_age: float) -> int:
+    """Print the service's health as JSON. 0 healthy; 1 degraded, down or stale; 2 none there."""
+    from ._supervisor import read_health_file, same_process
+
+    path = Path(directory) / f"{name}.health.json"
+    try:
+        report = read_health_file(path)
+    except FileNotFoundError:
+        print(json.dumps({"status": "absent", "reason": f"no health file at {path}"}))
+        return EXIT_NO_SERVICE
+    except (OSError, ValueError) as exc:
+        print(json.dumps({"status": "absent", "reason": f"unreadable health file {path}: {exc}"}))
+        return EXIT_NO_SERVICE
+    service = report.get("service") or {}
+    # A pid is a process only with its create_time: a stale file from a crashed run, whose pid
+    # now belongs to someone else, must read as down.
+    if report.get("status") != "down" and not same_process(service.get("pid"), service.get("create_time")):
+        report["status"] = "down"
+        report["reason"] = "the process that wrote this health file is gone"
+    else:
+        age = time.time() - float(service.get("updated") or 0)
+        if report.get("status") == "healthy" and age > max_age:
+            report["status"] = "degraded"
+            report["reason"] = f"the health file was last refreshed {age:.1f} s ago"
+    print(json.dumps(report, indent=1, sort_keys=True))
+    return EXIT_HEALTHY if report.get("status") == "healthy" else EXIT_UNHEALTHY
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mplog", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run a small scientific batch pipeline that logs through mplog")
+    demo.add_argument("--workers", type=int, default=4)
+    demo.add_argument("--items", type=int, default=200, help="items per stage")
+    demo.add_argument("--dir", default="mplog-demo-logs", help="where the logs go")
+    demo.add_argument("--start-method", default=None, choices=("fork", "spawn", "forkserver"))
+    health = sub.add_parser("health", help="print a service's health; exit 0 healthy, 1 not, 2 none")
+    health.add_argument("directory")
+    health.add_argument("--name", default="run")
+    health.add_argument("--max-age", type=float, default=5.0,
+                        help="seconds after which an unrefreshed health file is stale (default 5)")
+    args = parser.parse_args(argv)
+    if args.command == "health":
+        return health_command(args.directory, args.name, args.max_age)
+    from ._demo import run_demo
+    if args.workers < 1 or args.items < 1:
+        parser.error("--workers and --items must be at least 1")
+    return run_demo(args.dir, args.workers, args.items, args.start_method)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Module-level task functions for the pipeline tests (spawn/forkserver pickle them by name)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Tuple
+
+import mplog
+
+
+def log_n(args: Tuple[str, int]) -> int:
+    """Log ``n`` numbered records from this process at INFO; return the pid."""
+    tag, n = args
+    log = logging.getLogger("t.worker")
+    for i in range(n):
+        log.info("%s item %d", tag, i)
+    return os.getpid()
+
+
+def log_levels(tag: str) -> int:
+    log = logging.getLogger("t.levels")
+    log.debug("%s debug", tag)
+    log.info("%s info", tag)
+    log.warning("%s warning", tag)
+    log.log(5, "%s level5", tag)
+    log.debug("%s user", tag, extra={"is_user_message": True})
+    return os.getpid()
+
+
+def root_handlers(_: Any) -> Tuple[int, list]:
+    root = logging.getLogger()
+    return os.getpid(), [type(h).__name__ for h in root.handlers]
+
+
+def log_exception(tag: str) -> int:
+    log = logging.getLogger("t.exc")
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError as inner:
+            raise ValueError("bad input") from inner
+    except ValueError:
+        log.exception("%s failed", tag)
+    return os.getpid()
+
+
+def process_target(config: Any, tag: str, n: int) -> None:
+    """For plain multiprocessing.Process children."""
+    mplog.worker_init(config)
+    log_n((tag, n))
+
+
+def nested_pool(args: Tuple[str, str, int]) -> int:
+    """A worker that starts its own pool; the grandchildren log to the same service."""
+    import multiprocessing
+    method, tag, n = args
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(2, **mplog.pool_kwargs()) as pool:
+        pool.map(log_n, [(f"{tag}-{k}", n) for k in range(2)])
+    return os.getpid()
+
+
+def threads_with_context(tag: str) -> int:
+    log = logging.getLogger("t.ctx")
+
+    def run(k: int) -> None:
+        with mplog.context(task=f"{tag}-{k}"):
+            log.info("%s thread %d", tag, k)
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    return os.getpid()
