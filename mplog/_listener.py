@@ -147,7 +147,7 @@ class Listener:
             self.counters.add("replaced_listener")
             self._full.append(self.full.format(Record(
                 time.time(), logging.ERROR, "ERROR", "mplog", f"<record could not be formatted: {exc!r}>")))
-        if logging.WARNING <= levelno < logging.ERROR:
+        if logging.WARNING <= levelno < logging.ERROR and rec.name != "mplog":
             key = rec.msg.split("\n", 1)[0][:200]
             if key in self.warnings or len(self.warnings) < _MAX_DISTINCT_WARNINGS:
                 self.warnings[key] = self.warnings.get(key, 0) + 1

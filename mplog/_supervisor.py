@@ -295,30 +295,43 @@ class Supervisor:
         return True
 
     def stop(self, deadline: float, send_stop: Any) -> None:
-        """Drain and stop the listener by ``deadline``; escalate SIGTERM then SIGKILL after it."""
+        """Drain and stop the listener by ``deadline``; escalate SIGTERM then SIGKILL after it.
+
+        A listener that dies instead of stopping cleanly (killed before or during the stop) is
+        replaced while time remains, so the backlog in the FIFO still reaches the files.
+        """
         with self._lock:
             if self.state == "stopped":
                 return
             self.state = "stopping"
-            proc = self.proc
-            if proc is None or proc.popen.poll() is not None:
-                if proc is not None:
-                    self._on_exit_quiet(proc)
-                # A backlog waits in the FIFO: start a listener just to drain it, if time allows.
-                if deadline - time.monotonic() > 0.5:
-                    try:
-                        reason = self.last_exit["name"] if self.last_exit else None
-                        proc = self._spawn(restart_reason=reason)
-                        self.proc = proc
-                        self.restarts += 1 if reason else 0
-                    except OSError:
-                        proc = None
+            self._restart_at = None
         self._wake()
-        if proc is not None:
+        if self._thread is not None:
+            self._thread.join(max(0.0, min(1.0, deadline - time.monotonic())))
+        for _attempt in range(3):
+            with self._lock:
+                proc = self.proc
+                if proc is not None and proc.popen.poll() is not None:
+                    self._on_exit_quiet(proc)
+                    proc = None
+                if proc is None:
+                    if deadline - time.monotonic() < 0.5:
+                        break
+                    reason = self.last_exit["name"] if self.last_exit else None
+                    try:
+                        proc = self.proc = self._spawn(restart_reason=reason)
+                    except OSError:
+                        break
+                    if reason:
+                        self.restarts += 1
             budget = max(0.0, deadline - time.monotonic() - 0.3)
-            sent = send_stop(budget, deadline)
-            if sent:
+            if send_stop(budget, deadline):
                 self._wait_exit(proc, deadline)
+            rc = proc.popen.poll()
+            if rc is None or rc == 0:
+                break
+        proc = self.proc
+        if proc is not None:
             if proc.popen.poll() is None:
                 proc.popen.terminate()
                 self._wait_exit(proc, time.monotonic() + 0.2)
@@ -329,8 +342,7 @@ class Supervisor:
             if rc not in (0, None):
                 self.last_exit = {"name": exit_name(rc), "returncode": rc, "time": time.time()}
             proc.close()
-        if self._thread is not None:
-            self._thread.join(max(0.05, min(0.5, deadline - time.monotonic() + 0.3)))
+            self.proc = None
         with self._lock:
             self.counters.set("state", STATE_STOPPED)
             self.state = "stopped"
