@@ -93,8 +93,8 @@ class FrameParser:
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._streams: Dict[Tuple[int, int], Tuple[int, List[bytes], float]] = {}
-        self._orphans: Dict[Tuple[int, int], int] = {}  # stream -> seq already counted torn
+        self._streams: Dict[Tuple[int, int, int], Tuple[List[bytes], float]] = {}
+        self._orphans: Dict[Tuple[int, int, int], None] = {}  # broken records already counted
         self.malformed = 0
         self.skipped_bytes = 0
         self._in_garbage = False
@@ -171,40 +171,37 @@ class FrameParser:
         self.skipped_bytes += n
 
     def _chunk(self, kind: int, pid: int, tid: int, seq: int, payload: bytes) -> Optional[bytes]:
-        key = (pid, tid)
-        current = self._streams.get(key)
+        # Streams are keyed by message, not by thread: a signal handler may log a whole record
+        # between two chunks of its own thread's record, and both must survive.
+        key = (pid, tid, seq)
         if kind == K_FIRST:
-            if current is not None:  # the writer started a new record: the old one is torn
-                self.torn += 1
-            self._streams[key] = (seq, [payload], time.monotonic())
+            self._streams[key] = ([payload], time.monotonic())
             return None
-        if current is None or current[0] != seq:
-            # A continuation without its start: the start died with a previous listener, or the
-            # writer restarted. Count each broken record once, however many chunks it had left.
-            if current is not None:
-                self.torn += 1
-                del self._streams[key]
-            if self._orphans.get(key) != seq:
-                self._orphans[key] = seq
+        current = self._streams.get(key)
+        if current is None:
+            # A continuation without its start: the start died with a previous listener, or was
+            # expired as torn already. Count each broken record once, however many chunks remain.
+            if key not in self._orphans:
+                if len(self._orphans) >= 4096:
+                    self._orphans.clear()
+                self._orphans[key] = None
                 self.torn += 1
             return None
-        current[1].append(payload)
+        current[0].append(payload)
         if kind == K_LAST:
             del self._streams[key]
-            return b"".join(current[1])
-        self._streams[key] = (seq, current[1], time.monotonic())
+            return b"".join(current[0])
+        self._streams[key] = (current[0], time.monotonic())
         return None
 
-    def expire(self, is_alive: Callable[[int], bool], idle: float = 5.0) -> int:
+    def expire(self, is_alive: Callable[[int], bool], idle: float = 30.0) -> int:
         """Count as torn the partial records of writers that are gone, or idle for ``idle`` s."""
         now = time.monotonic()
-        dead = [k for k, (_s, _p, t) in self._streams.items() if not is_alive(k[0]) or now - t > idle]
+        dead = [k for k, (_p, t) in self._streams.items() if now - t > idle or not is_alive(k[0])]
         for key in dead:
-            # Remember the seq, so chunks that still arrive for it are not counted a second time.
-            self._orphans[key] = self._streams.pop(key)[0]
+            del self._streams[key]
+            self._orphans[key] = None  # chunks that still arrive for it are not counted again
         self.torn += len(dead)
-        if len(self._orphans) > 1024:
-            self._orphans.clear()
         return len(dead)
 
     def close(self) -> int:
