@@ -80,7 +80,11 @@ class Listener:
         self.simple = SimplifiedFormatter(stamps)
         self.full = FullFormatter(stamps)
         self.parser = FrameParser()
-        self.read_size = max(16384, self.flush_count * 256)
+        # A kill loses what was read and not yet written: keep one read near one flush window
+        # (records' frames are rarely under 128 bytes).
+        self.read_size = max(4096, self.flush_count * 128)
+        # Fault injection for the tests: exit with status 1 on a record with this message.
+        self.exit_on: Optional[str] = os.environ.get("MPLOG_TEST_EXIT_ON") or None
         self.warnings: Dict[str, int] = {}
         self.reply_fd: int = cfg.get("reply_fd", -1)
         self.stopping = False
@@ -250,6 +254,8 @@ class Listener:
                     c.add("replaced_listener")
                     rec = Record(time.time(), logging.WARNING, "WARNING", "mplog",
                                  f"<undecodable record from pid {_pid}: {exc}>")
+                if self.exit_on is not None and rec.msg == self.exit_on:
+                    os._exit(1)
                 self.handle(rec)
             elif kind == K_FLUSH:
                 self.write_batch()

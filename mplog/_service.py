@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Union
 
 from ._config import ServiceConfig, WorkerConfig
 from ._counters import STATE_STOPPED, Counters
-from ._supervisor import Supervisor
+from ._supervisor import Supervisor, write_health_file
 from ._transport import K_FLUSH, K_REOPEN, K_STOP, FifoWriter, set_pipe_size
 from ._worker import MPQueueHandler, _service_read_fds, install, uninstall, worker_init
 
@@ -237,6 +237,11 @@ class LogService:
             if supervisor is not None:
                 supervisor.stop(deadline, send_stop)
             self._final = self._compute_health(final=True)
+            try:
+                # A probe must read "down" now, not the last running report.
+                write_health_file(self.health_path, self._final)
+            except OSError:
+                pass
             self._cleanup()
             return self._final
 
@@ -285,7 +290,7 @@ class LogService:
         """A JSON-serialisable report: status, listener, restarts, queue, records, files."""
         if self._final is not None:
             return dict(self._final)
-        if not self._started:
+        if self._supervisor is None or self._counters is None:
             return {"status": "down", "records": {"sent": 0, "written": 0, "dropped": 0, "lost": 0},
                     "queue": {"depth": 0, "capacity": self.config.queue_size}}
         return self._compute_health(final=False)

@@ -159,6 +159,7 @@ class Supervisor:
         self.proc = proc
         self.state = "running"
         self.counters.set("state", STATE_RUNNING)
+        self._next_health = time.monotonic() + self.config.health_interval  # the service writes the first
         self._thread = threading.Thread(target=self._run, name="mplog-supervisor", daemon=True)
         self._thread.start()
 

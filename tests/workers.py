@@ -75,3 +75,23 @@ def threads_with_context(tag: str) -> int:
     for t in ts:
         t.join(30)
     return os.getpid()
+
+
+def log_until(config: Any, tag: str, stop: Any, out_dir: str, size: int = 0) -> None:
+    """Log numbered records until ``stop`` is set; write the count sent to ``out_dir/tag``."""
+    mplog.worker_init(config)
+    log = logging.getLogger("t.load")
+    pad = "p" * size
+    i = 0
+    while not stop.is_set():
+        for _ in range(50):
+            log.info("%s item %d%s", tag, i, pad)
+            i += 1
+    with open(os.path.join(out_dir, tag), "w") as f:
+        f.write(str(i))
+
+
+def log_big(config: Any, size: int) -> None:
+    """Log one record of ``size`` bytes (a worker to be killed in the middle of it)."""
+    mplog.worker_init(config)
+    logging.getLogger("t.big").info("big %s", "B" * size)

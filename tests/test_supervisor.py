@@ -1,0 +1,286 @@
+"""The supervisor: restarts after real SIGKILLs (idle and under load), torn records, backoff and
+the degraded state, exact accounting, health, and the health CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import mplog
+from conftest import app_blocks, read_blocks, simplified_lines, wait_for
+
+import workers
+
+FAST = dict(restart_backoff_initial=0.01, restart_backoff_max=0.05, degraded_restarts=1000)
+
+
+def _listener_pid(svc):
+    return svc.health()["listener"]["pid"]
+
+
+def _kill_and_wait_restart(svc, sig=signal.SIGKILL):
+    old = _listener_pid(svc)
+    os.kill(old, sig)
+    return wait_for(lambda: (lambda h: h["listener"]["pid"] if h["listener"]["alive"] and h["listener"]["pid"] != old
+                             else None)(svc.health()), timeout=15, what="a restarted listener")
+
+
+def _restart_notices(svc):
+    return [b["message"] for b in read_blocks(svc.full_path)
+            if b["logger"] == "mplog" and b["message"].startswith("listener restarted")]
+
+
+def test_idle_kill_restarts_and_logging_resumes(service, ctx):
+    """The trap of a plain multiprocessing.Queue: a listener killed while waiting. Here the next
+    records from live processes reach the files, and the exit is named in both logs."""
+    svc = service(**FAST)
+    logging.getLogger("a").info("before")
+    assert svc.flush(10)
+    with ctx.Pool(2, **svc.pool_kwargs()) as pool:
+        pool.map(workers.log_n, [("warm", 1)])
+        _kill_and_wait_restart(svc)
+        pool.map(workers.log_n, [(f"after{k}", 20) for k in range(2)])
+    logging.getLogger("a").info("main after")
+    assert svc.flush(10)
+    msgs = [b["message"] for b in app_blocks(svc.full_path)]
+    for k in range(2):
+        assert [m for m in msgs if m.startswith(f"after{k} ")] == [f"after{k} item {i}" for i in range(20)]
+    assert msgs[-1] == "main after"
+    assert _restart_notices(svc) == ["listener restarted after SIGKILL(-9); 0 records lost"]
+    assert any("WARNING: listener restarted after SIGKILL(-9); 0 records lost" in ln
+               for ln in simplified_lines(svc.simplified_path))
+    h = svc.health()
+    assert h["restarts"] == 1 and h["last_exit"]["name"] == "SIGKILL(-9)"
+
+
+@pytest.mark.parametrize("how, name", [("SIGTERM", "SIGTERM(-15)"), ("exit", "EXIT(1)")])
+def test_other_exits_named(service, monkeypatch, how, name):
+    monkeypatch.setenv("MPLOG_TEST_EXIT_ON", "please exit")
+    svc = service(**FAST)
+    old = _listener_pid(svc)
+    if how == "SIGTERM":
+        os.kill(old, signal.SIGTERM)
+    else:
+        logging.getLogger("x").info("please exit")
+    wait_for(lambda: svc.health()["restarts"] == 1 and svc.health()["listener"]["alive"], what="restart")
+    logging.getLogger("x").info("after")
+    assert svc.flush(10)
+    assert svc.health()["last_exit"]["name"] == name
+    notices = _restart_notices(svc)
+    assert len(notices) == 1 and notices[0].startswith(f"listener restarted after {name}; ")
+
+
+def _check_accounting(svc, out_dir: Path, tags, extra_sent=0):
+    """sent = written + dropped + lost, and the files agree with the counters record by record."""
+    final = svc.stop()
+    r = final["records"]
+    sent_by_workers = sum(int((out_dir / t).read_text()) for t in tags)
+    assert r["sent"] == sent_by_workers + extra_sent
+    assert r["sent"] == r["written"] + r["dropped"] + r["lost"] + r["diverted"]
+    blocks = app_blocks(svc.full_path)
+    assert len(blocks) == r["written"]
+    seen = set()
+    for b in blocks:
+        m = re.fullmatch(r"(\S+) item (\d+)", b["message"])
+        assert m, b["message"]  # nothing torn or garbled in the file
+        key = (m.group(1), int(m.group(2)))
+        assert key not in seen, f"duplicated record {key}"
+        seen.add(key)
+    return final
+
+
+def test_fifty_kills_under_load_never_deadlock(service, ctx, tmp_path):
+    """SIGKILL the listener 50 times while 3 workers log as fast as they can: the pipeline
+    finishes, records flow after every restart, and every record is accounted for exactly."""
+    svc = service(**FAST)
+    stop = ctx.Event()
+    tags = [f"w{k}" for k in range(3)]
+    procs = [ctx.Process(target=workers.log_until, args=(svc.worker_config, t, stop, str(tmp_path)))
+             for t in tags]
+    for p in procs:
+        p.start()
+    try:
+        wait_for(lambda: svc.health()["records"]["written"] > 1000, what="load")
+        for _ in range(50):
+            _kill_and_wait_restart(svc)
+            written = svc.health()["records"]["written"]
+            wait_for(lambda: svc.health()["records"]["written"] > written, timeout=15,
+                     what="records written after the restart")
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    final = _check_accounting(svc, tmp_path, tags)
+    r = final["records"]
+    assert final["restarts"] == 50
+    notices = _restart_notices(svc)
+    assert len(notices) == 50
+    reported = sum(int(re.search(r"; (\d+) records lost", n).group(1)) for n in notices)
+    assert reported == r["lost_with_listener"]
+    # A kill loses at most what the listener held: one read, about one flush window each.
+    for n in notices:
+        assert int(re.search(r"; (\d+) records lost", n).group(1)) <= 2 * svc.config.flush_count
+    assert r["lost"] == r["lost_with_listener"] + r["torn"] + r["unattributed_lost"]
+
+
+def test_fifty_idle_kills(service):
+    svc = service(**FAST)
+    log = logging.getLogger("idle")
+    for i in range(50):
+        _kill_and_wait_restart(svc)
+        log.info("after kill %d", i)
+    assert svc.flush(10)
+    assert [b["message"] for b in app_blocks(svc.full_path)] == [f"after kill {i}" for i in range(50)]
+    assert svc.health()["records"]["lost"] == 0
+
+
+def test_worker_killed_mid_record_of_megabytes(service, ctx, tmp_path):
+    """A worker SIGKILLed half-way through an 8 MB record: other processes keep logging, the file
+    holds no fragment of it, and the torn record is counted as lost."""
+    svc = service(queue_size=100, **FAST)
+    listener = _listener_pid(svc)
+    os.kill(listener, signal.SIGSTOP)  # let the pipe fill, so the writer is stuck mid-record
+    try:
+        p = ctx.Process(target=workers.log_big, args=(svc.worker_config, 8 * 1024 * 1024))
+        p.start()
+        wait_for(lambda: svc.health()["queue"]["bytes"] >= svc.health()["queue"]["capacity_bytes"] - 4096,
+                 timeout=60, what="the writer to fill the pipe")
+        p.kill()
+        p.join(10)
+    finally:
+        os.kill(listener, signal.SIGCONT)
+    stop = ctx.Event()
+    stop.set()
+    with ctx.Pool(2, **svc.pool_kwargs()) as pool:
+        pool.map(workers.log_n, [(f"other{k}", 100) for k in range(2)])
+    logging.getLogger("m").info("main still logs")
+    assert svc.flush(20)
+    wait_for(lambda: svc.health()["records"]["torn"] == 1, timeout=10, what="the torn record to be counted")
+    blocks = app_blocks(svc.full_path)
+    assert not any("BBBB" in b["message"] for b in blocks)
+    msgs = [b["message"] for b in blocks]
+    assert msgs.count("main still logs") == 1 and len(msgs) == 201
+    final = svc.stop()
+    r = final["records"]
+    assert r["sent"] == 202 and r["written"] == 201 and r["lost"] == 1 and r["torn"] == 1
+    assert "BBBBBBBB" not in svc.full_path.read_text()
+
+
+def test_backoff_then_degraded_then_recovered(service, capfd):
+    """More than `degraded_restarts` restarts in the window: degraded, records go to stderr; a
+    listener that then stays up for the longest backoff brings the service back."""
+    svc = service(restart_backoff_initial=0.05, restart_backoff_max=0.5, degraded_restarts=2, degraded_window=60)
+    for _ in range(3):
+        _kill_and_wait_restart(svc)
+    h = svc.health()
+    assert h["status"] == "degraded" and h["restarts"] == 3
+    logging.getLogger("d").warning("while degraded")
+    assert "WARNING: while degraded" in capfd.readouterr().err
+    assert svc.health()["records"]["diverted"] == 1
+    wait_for(lambda: svc.health()["status"] == "healthy", timeout=15, what="recovery")
+    logging.getLogger("d").info("recovered")
+    assert svc.flush(10)
+    assert [b["message"] for b in app_blocks(svc.full_path)] == ["recovered"]
+    r = svc.stop()["records"]
+    assert r["sent"] == r["written"] + r["diverted"] == 2
+
+
+def test_backoff_grows_exponentially(service, capfd):
+    svc = service(restart_backoff_initial=0.05, restart_backoff_max=0.4, degraded_restarts=100)
+    for _ in range(4):
+        _kill_and_wait_restart(svc)
+    delays = [float(x) for x in re.findall(r"restarting in ([\d.]+) s", capfd.readouterr().err)]
+    assert delays == [0.1, 0.1, 0.2, 0.4] or delays == [0.1, 0.1, 0.2, 0.4][:len(delays)]
+
+
+def test_health_fields_and_json(service):
+    svc = service()
+    logging.getLogger("h").info("x")
+    assert svc.flush(10)
+    h = svc.health()
+    json.dumps(h)
+    assert h["status"] == "healthy"
+    for key in ("pid", "alive", "status", "cpu_percent", "rss_bytes", "num_fds", "uptime_s"):
+        assert key in h["listener"]
+    listener = psutil.Process(h["listener"]["pid"])
+    assert h["listener"]["alive"] and h["listener"]["num_fds"] == listener.num_fds()
+    assert h["listener"]["rss_bytes"] > 1_000_000
+    assert set(h["records"]) >= {"sent", "written", "dropped", "lost"}
+    assert h["records"]["sent"] == h["records"]["written"] == 1
+    assert h["queue"] == {**h["queue"], "depth": 0, "capacity": 10000}
+    assert h["files"]["full"]["size_bytes"] == svc.full_path.stat().st_size
+    assert h["files"]["simplified"]["path"] == str(svc.simplified_path)
+    assert 0 <= h["last_write_age_s"] < 60
+    assert h["restarts"] == 0 and h["last_exit"] is None
+
+
+def _cli(directory, *args):
+    return subprocess.run([sys.executable, "-m", "mplog", "health", str(directory), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_health_file_and_cli_exit_codes(service, tmp_path):
+    assert _cli(tmp_path / "nothing").returncode == 2
+    svc = service()
+    # The supervisor refreshes the file every second (atomic replace, not world-writable).
+    first = json.loads(svc.health_path.read_text())["service"]["updated"]
+    wait_for(lambda: json.loads(svc.health_path.read_text())["service"]["updated"] > first, what="a refresh")
+    assert svc.health_path.stat().st_mode & 0o022 == 0
+    ok = _cli(svc.config.directory)
+    assert ok.returncode == 0, ok.stdout
+    assert json.loads(ok.stdout)["status"] == "healthy"
+    listener = _listener_pid(svc)
+    os.kill(listener, signal.SIGSTOP)
+    try:
+        logging.getLogger("c").info("stuck")
+        wait_for(lambda: _cli(svc.config.directory).returncode == 1, timeout=15, what="degraded via the CLI")
+    finally:
+        os.kill(listener, signal.SIGCONT)
+    svc.stop()
+    down = _cli(svc.config.directory)
+    assert down.returncode == 1 and json.loads(down.stdout)["status"] == "down"
+
+
+STALE = """
+import sys, logging, mplog
+svc = mplog.LogService(sys.argv[1])
+svc.start()
+svc.supervisor_health = svc.health_path.read_text()
+print(svc.health()["listener"]["pid"], flush=True)
+sys.stdin.read()
+"""
+
+
+def test_stale_health_file_of_crashed_run_reads_down(tmp_path):
+    """The main process is SIGKILLed: its last health file said healthy, but the pid is gone."""
+    script = tmp_path / "app.py"
+    script.write_text(STALE)
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "logs")], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        listener = psutil.Process(int(p.stdout.readline()))
+        assert json.loads((tmp_path / "logs" / "run.health.json").read_text())["status"] == "healthy"
+        p.kill()
+        p.wait(10)
+        listener.wait(10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+        p.stdin.close()
+        p.stdout.close()
+    res = _cli(tmp_path / "logs")
+    assert res.returncode == 1
+    assert json.loads(res.stdout)["status"] == "down"
+    assert "gone" in json.loads(res.stdout)["reason"]
