@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 
 from ._record import Record
 
-__all__ = ["clean", "Timestamps", "SimplifiedFormatter", "FullFormatter", "SEPARATOR"]
+__all__ = ["clean", "clean_inline", "colour", "Timestamps", "SimplifiedFormatter", "FullFormatter", "SEPARATOR"]
 
 SEPARATOR = "-" * 72
 
@@ -29,6 +29,13 @@ def _escape(m: "re.Match[str]") -> str:
         return "\\r"
     code = ord(ch)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def clean_inline(text: str) -> str:
+    """For a header field: escape newlines too, so the header stays one line."""
+    if text.isprintable():
+        return text
+    return _UNSAFE.sub(_escape, text).replace("\n", "\\n").replace("\t", "\\t")
 
 
 def clean(text: str, indent: str) -> str:
@@ -69,7 +76,7 @@ class SimplifiedFormatter:
         if rec.exc_summary:
             msg = f"{msg} ({clean(rec.exc_summary, '    ')})"
         if rec.levelno >= logging.WARNING:
-            return f"[{self.stamps.second(rec.created)}] {clean(rec.levelname, '')}: {msg}\n"
+            return f"[{self.stamps.second(rec.created)}] {clean_inline(rec.levelname)}: {msg}\n"
         return f"[{self.stamps.second(rec.created)}] {msg}\n"
 
 
@@ -80,17 +87,24 @@ class FullFormatter:
         self.stamps = stamps or Timestamps()
 
     def format(self, rec: Record) -> str:
-        path = rec.pathname or ""
+        path = rec.pathname
         filename = path.rsplit("/", 1)[-1] if path else "?"
-        parts = [
-            f"[{self.stamps.millis(rec.created)}] [{clean(rec.levelname, '')}] [{clean(rec.name, '')}] "
-            f"[{clean(rec.processName, '')}:{rec.process}] [{clean(filename, '')}:{rec.lineno}]\n"
-            f"  Message: {clean(rec.msg, '           ')}\n"
-        ]
+        head = (f"[{self.stamps.millis(rec.created)}] [{rec.levelname}] [{rec.name}] "
+                f"[{rec.processName}:{rec.process}] [{filename}:{rec.lineno}]")
+        if not head.isprintable():  # one check in C for the five fields; escape only if needed
+            head = (f"[{self.stamps.millis(rec.created)}] [{clean_inline(rec.levelname)}] "
+                    f"[{clean_inline(rec.name)}] [{clean_inline(rec.processName)}:{rec.process}] "
+                    f"[{clean_inline(filename)}:{rec.lineno}]")
+        msg = rec.msg
+        if not msg.isprintable():
+            msg = clean(msg, "           ")
+        if not (rec.extras or rec.exc_text or rec.stack_info):
+            return f"{head}\n  Message: {msg}\n{SEPARATOR}\n"
+        parts = [f"{head}\n  Message: {msg}\n"]
         if rec.extras:
             parts.append("  Context:\n")
             for key, value in rec.extras.items():
-                parts.append(f"    {clean(key, '      ')}: {clean(value, '      ')}\n")
+                parts.append(f"    {clean_inline(key)}: {clean(value, '      ')}\n")
         if rec.exc_text:
             parts.append("  " + clean(rec.exc_text, "  ") + "\n")
         if rec.stack_info:

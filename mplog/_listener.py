@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ._counters import Counters
 from ._format import FullFormatter, SimplifiedFormatter, Timestamps, clean, colour
-from ._record import Record, deserialize
+from ._record import Record, deserialize, make_record
 from ._transport import K_FLUSH, K_NOTICE, K_RECORD, K_REOPEN, K_STOP, FrameParser
 
 __all__ = ["Listener", "main"]
@@ -139,22 +139,23 @@ class Listener:
 
     # -- records -------------------------------------------------------------------------
     def handle(self, rec: Record) -> None:
-        levelno = rec.levelno
         try:
-            self._full.append(self.full.format(rec))
+            levelno = rec.levelno
+            full = self.full.format(rec)
             if levelno >= self.simplified_level or rec.user:
                 line = self.simple.format(rec)
                 self._simp.append(line)
                 if self.console is not None and levelno >= self.console:
                     self._cons.append(colour(line, levelno) if self.console_colour else line)
-        except Exception as exc:  # a formatter bug must cost one record, not the listener
+            self._full.append(full)
+            if logging.WARNING <= levelno < logging.ERROR and rec.name != "mplog":
+                key = rec.msg.split("\n", 1)[0][:200]
+                if key in self.warnings or len(self.warnings) < _MAX_DISTINCT_WARNINGS:
+                    self.warnings[key] = self.warnings.get(key, 0) + 1
+        except Exception as exc:  # a bad field or a formatter bug costs one record, not the listener
             self.counters.add("replaced_listener")
-            self._full.append(self.full.format(Record(
-                time.time(), logging.ERROR, "ERROR", "mplog", f"<record could not be formatted: {exc!r}>")))
-        if logging.WARNING <= levelno < logging.ERROR and rec.name != "mplog":
-            key = rec.msg.split("\n", 1)[0][:200]
-            if key in self.warnings or len(self.warnings) < _MAX_DISTINCT_WARNINGS:
-                self.warnings[key] = self.warnings.get(key, 0) + 1
+            self._full.append(self.full.format(make_record(
+                time.time(), logging.ERROR, "mplog", f"<record could not be formatted: {exc!r}>")))
         self._n += 1
         if self._n >= self.flush_count:
             self.write_batch()
@@ -216,8 +217,8 @@ class Listener:
     def notice(self, msg: str, levelno: int = logging.WARNING) -> None:
         """Write one of mplog's own records, straight into the files (not counted as sent)."""
         self.write_batch()
-        rec = Record(time.time(), levelno, logging.getLevelName(levelno), "mplog", msg,
-                     __file__, 0, "listener", "mplog-listener", os.getpid(), "MainThread", user=True)
+        rec = make_record(time.time(), levelno, "mplog", msg, pathname=__file__, funcName="listener",
+                          processName="mplog-listener", process=os.getpid(), threadName="MainThread", user=True)
         saved = self._n
         self.handle(rec)
         self._n = saved  # not an application record: do not count it as written
@@ -241,22 +242,22 @@ class Listener:
     def dispatch(self, messages: List[Tuple[int, int, int, int, bytes]]) -> None:
         c = self.counters
         records = 0
-        for kind, _pid, _tid, _seq, payload in messages:
+        handle = self.handle
+        for kind, pid, _tid, _seq, payload in messages:
             if kind == K_RECORD:
+                if not records:
+                    # Count what was taken from the pipe before doing anything slow with it.
+                    c.add("received", sum(1 for m in messages if m[0] == K_RECORD))
                 records += 1
-        if records:
-            c.add("received", records)
-        for kind, _pid, _tid, _seq, payload in messages:
-            if kind == K_RECORD:
                 try:
                     rec = deserialize(payload)
                 except ValueError as exc:
                     c.add("replaced_listener")
-                    rec = Record(time.time(), logging.WARNING, "WARNING", "mplog",
-                                 f"<undecodable record from pid {_pid}: {exc}>")
+                    rec = make_record(time.time(), logging.WARNING, "mplog",
+                                      f"<undecodable record from pid {pid}: {exc}>")
                 if self.exit_on is not None and rec.msg == self.exit_on:
                     os._exit(1)
-                self.handle(rec)
+                handle(rec)
             elif kind == K_FLUSH:
                 self.write_batch()
                 token = struct.unpack("<q", payload[:8])[0] if len(payload) >= 8 else 0

@@ -15,9 +15,10 @@ import logging
 import marshal
 import reprlib
 import traceback
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
-__all__ = ["USER_MESSAGE_KEY", "serialize", "deserialize", "Record", "safe_text", "exception_summary"]
+__all__ = ["USER_MESSAGE_KEY", "serialize", "deserialize", "Record", "make_record", "safe_text",
+           "exception_summary"]
 
 USER_MESSAGE_KEY = "is_user_message"
 _VERSION = 1
@@ -135,34 +136,35 @@ def serialize(record: logging.LogRecord, context: Optional[Dict[str, Any]] = Non
         return marshal.dumps(fixed), failures + 1
 
 
-class Record:
-    """What the listener formats: the fields of a LogRecord that crossed the pipe."""
+class Record(NamedTuple):
+    """What the listener formats: the fields of a LogRecord that crossed the pipe. A tuple, so
+    decoding is ``marshal.loads`` plus one ``tuple.__new__``."""
 
-    __slots__ = ("created", "levelno", "levelname", "name", "msg", "pathname", "lineno",
-                 "funcName", "processName", "process", "threadName", "exc_text", "exc_summary",
-                 "stack_info", "extras", "user")
+    version: int
+    created: float
+    levelno: int
+    levelname: str
+    name: str
+    msg: str
+    pathname: str = ""
+    lineno: int = 0
+    funcName: str = ""
+    processName: str = ""
+    process: int = 0
+    threadName: str = ""
+    exc_text: Optional[str] = None
+    exc_summary: Optional[str] = None
+    stack_info: Optional[str] = None
+    extras: Optional[Dict[str, str]] = None
+    user: bool = False
 
-    def __init__(self, created: float, levelno: int, levelname: str, name: str, msg: str,
-                 pathname: str = "", lineno: int = 0, funcName: str = "", processName: str = "",
-                 process: int = 0, threadName: str = "", exc_text: Optional[str] = None,
-                 exc_summary: Optional[str] = None, stack_info: Optional[str] = None,
-                 extras: Optional[Dict[str, str]] = None, user: bool = False) -> None:
-        self.created = created
-        self.levelno = levelno
-        self.levelname = levelname
-        self.name = name
-        self.msg = msg
-        self.pathname = pathname
-        self.lineno = lineno
-        self.funcName = funcName
-        self.processName = processName
-        self.process = process
-        self.threadName = threadName
-        self.exc_text = exc_text
-        self.exc_summary = exc_summary
-        self.stack_info = stack_info
-        self.extras = extras
-        self.user = user
+
+def make_record(created: float, levelno: int, name: str, msg: str, **fields: Any) -> Record:
+    """A record made in the listener itself (a notice or a placeholder)."""
+    return Record(_VERSION, created, levelno, logging.getLevelName(levelno), name, msg, **fields)
+
+
+_make = Record._make
 
 
 def deserialize(payload: bytes) -> Record:
@@ -173,11 +175,7 @@ def deserialize(payload: bytes) -> Record:
         raise ValueError(f"undecodable record: {exc}") from None
     if type(fields) is not tuple or len(fields) != 17 or fields[0] != _VERSION:
         raise ValueError("record of an unknown shape")
-    rec = Record(*fields[1:])
-    # Types are checked where the formatter relies on them; a bad one is a malformed record.
-    if not (isinstance(rec.created, (int, float)) and isinstance(rec.levelno, int)
-            and isinstance(rec.msg, str) and isinstance(rec.name, str)
-            and isinstance(rec.levelname, str)
-            and (rec.extras is None or isinstance(rec.extras, dict))):
-        raise ValueError("record with fields of the wrong type")
+    # Field types are not checked here: the listener formats each record inside its own
+    # try/except, so a record with a field of the wrong type becomes a counted placeholder.
+    rec = _make(fields)
     return rec

@@ -49,6 +49,7 @@ MAGIC = b"\xd3\x6c"  # arbitrary; two bytes that are not printable ASCII nor com
 # magic(2) crc32(4) | kind(1) flags(1) length(2) pid(4) tid(4) seq(4): the CRC covers from kind on.
 _HEAD = struct.Struct("<2sI")
 _TAIL = struct.Struct("<BBHIII")
+_WHOLE = struct.Struct("<2sIBBHIII")  # both, for the reader: one unpack per frame
 HEADER_SIZE = _HEAD.size + _TAIL.size  # 22
 FRAME_MAX = min(PIPE_BUF, 4096)
 PAYLOAD_MAX = FRAME_MAX - HEADER_SIZE
@@ -118,22 +119,22 @@ class FrameParser:
         buf = self._buf
         if buf:
             buf += data
-            data_view = buf
-        else:
-            data_view = data  # common case: the read ended on a frame boundary, no copy
+            data = bytes(buf)
+        view = memoryview(data)  # zero-copy slices for the CRC
         out: List[Tuple[int, int, int, int, bytes]] = []
+        append = out.append
         pos = 0
-        end = len(data_view)
-        unpack_tail = _TAIL.unpack_from
+        end = len(data)
+        unpack = _WHOLE.unpack_from
         crc32 = zlib.crc32
         while end - pos >= HEADER_SIZE:
-            if data_view[pos:pos + 2] != MAGIC:
-                nxt = data_view.find(MAGIC, pos + 1)
-                skip_to = nxt if nxt >= 0 else max(pos, end - 1)
+            magic, crc, kind, _flags, length, pid, tid, seq = unpack(data, pos)
+            if magic != MAGIC:
+                nxt = data.find(MAGIC, pos + 1)
+                skip_to = nxt if nxt >= 0 else max(pos + 1, end - 1)
                 self._skip(skip_to - pos)
                 pos = skip_to
                 continue
-            kind, _flags, length, pid, tid, seq = unpack_tail(data_view, pos + 6)
             if length > PAYLOAD_MAX or kind not in _KINDS:
                 self._skip(1)
                 pos += 1
@@ -141,24 +142,21 @@ class FrameParser:
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 break  # incomplete: wait for more bytes
-            crc = struct.unpack_from("<I", data_view, pos + 2)[0]
-            if crc32(data_view[pos + 6:stop]) != crc:
+            if crc32(view[pos + 6:stop]) != crc:
                 self._skip(1)
                 pos += 1
                 continue
-            payload = bytes(data_view[pos + HEADER_SIZE:stop])
+            payload = data[pos + HEADER_SIZE:stop]
             pos = stop
             self._in_garbage = False
             if kind == K_RECORD or kind >= K_FLUSH:
-                out.append((kind, pid, tid, seq, payload))
+                append((kind, pid, tid, seq, payload))
             else:
                 done = self._chunk(kind, pid, tid, seq, payload)
                 if done is not None:
-                    out.append((K_RECORD, pid, tid, seq, done))
-        if pos < end:
-            self._buf = bytearray(data_view[pos:])
-        else:
-            self._buf = bytearray()
+                    append((K_RECORD, pid, tid, seq, done))
+        view.release()
+        self._buf = bytearray(data[pos:]) if pos < end else bytearray()
         return out
 
     def _skip(self, n: int) -> None:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
 import logging.handlers
@@ -565,10 +566,14 @@ class StdlibCookbook(Setup):
 
     def stop(self, deadline: float) -> None:
         self.release.set()
-        self.proc.join(max(0.1, min(10.0, deadline - time.monotonic())))
-        if self.proc.exitcode not in (0, None):
+        self.proc.join(max(1.0, min(10.0, deadline - time.monotonic())))
+        if self.proc.is_alive():  # it never got the sentinel (a failed run): end it
+            self.proc.kill()
+            self.proc.join(2.0)
+            self.notes.append("killed the cookbook listener process")
+        elif self.proc.exitcode != 0:
             self.notes.append(f"cookbook listener exit code {self.proc.exitcode}")
-        self.queue.cancel_join_thread()  # the sentinel is consumed; never hang at exit
+        self.queue.cancel_join_thread()  # never hang at exit on the sentinel's feeder
 
 
 class MplogSetup(Setup):
@@ -616,6 +621,13 @@ class MplogSetup(Setup):
 
     def stop(self, deadline: float) -> None:
         final = self.svc.stop()
+        self.extra["health_final"] = {"records": final.get("records"), "restarts": final.get("restarts"),
+                                      "last_exit": final.get("last_exit")}
+        rec = final.get("records", {})
+        if not self._pids:  # the run failed before verification: nothing to compare
+            self.notes.append(f"mplog final health after the failed run (workers killed): sent={rec.get('sent')} "
+                              f"written={rec.get('written')} dropped={rec.get('dropped')} lost={rec.get('lost')}")
+            return
         # Once more after stop(): the files must still hold every record exactly once (and the
         # listener's closing notice must be well-formed).
         full, firsts = verify_mplog_full(self.full_path, self.procs, self.n, self._pids)
@@ -626,9 +638,6 @@ class MplogSetup(Setup):
             self.notes.append(f"after stop(): lost/dup/torn {after['lost']}/{after['dup']}/{after['torn']} "
                               f"(at flush: {'/'.join(map(str, self._at_flush))}); "
                               f"full {full['bad_examples']} simplified {simple['bad_examples']}")
-        self.extra["health_final"] = {"records": final.get("records"), "restarts": final.get("restarts"),
-                                      "last_exit": final.get("last_exit")}
-        rec = final.get("records", {})
         expected = self.procs * (self.n + WARMUP)
         if rec.get("written") != expected or rec.get("dropped") or rec.get("lost"):
             self.notes.append(f"mplog final health: sent={rec.get('sent')} written={rec.get('written')} "
@@ -839,6 +848,13 @@ def coordinate(spec: Dict[str, Any]) -> Dict[str, Any]:
     except BaseException as exc:  # noqa: B036
         result["error"] = f"{phase}: {type(exc).__name__}: {exc}"
         result["traceback"] = traceback.format_exc()
+        # Workers first (a stopping mplog service would divert their backlog to stderr), then
+        # the setup's own writer.
+        for p in workers:
+            if p.is_alive():
+                p.kill()
+        for p in workers:
+            p.join(2.0)
         if s is not None and phase not in ("stop",):
             try:
                 s.stop(time.monotonic() + 5.0)
@@ -851,6 +867,12 @@ def coordinate(spec: Dict[str, Any]) -> Dict[str, Any]:
                 p.join(2.0)
                 if s is not None:
                     s.notes.append(f"killed worker {p.name}")
+        for p in multiprocessing.active_children():  # anything else we started and still runs
+            if p.is_alive():
+                p.kill()
+                p.join(2.0)
+                if s is not None:
+                    s.notes.append(f"killed leftover process {p.name}")
         if s is not None:
             result["notes"] = s.notes
             result["extra"] = s.extra
@@ -865,6 +887,9 @@ def child_main(spec_json: str) -> None:
     except BaseException as exc:  # noqa: B036
         result = {"setup": spec.get("setup"), "procs": spec.get("procs"), "ok": False,
                   "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    # Free the queues, events and barriers now, so their semaphores are unlinked (under spawn
+    # and forkserver the resource tracker would otherwise warn about leaked semaphores).
+    gc.collect()
     with open(spec["result_path"], "w") as f:
         json.dump(result, f)
     sys.stdout.flush()
@@ -953,6 +978,29 @@ def _safe_pgid(pid: int) -> Optional[int]:
         return os.getpgid(pid)
     except OSError:
         return None
+
+
+def mplog_source() -> str:
+    """Where mplog is imported from, and its git state: others may be editing it."""
+    try:
+        import mplog
+    except Exception as exc:  # noqa: BLE001
+        return f"not importable: {exc}"
+    pkg = os.path.dirname(os.path.abspath(mplog.__file__))
+    text = f"{mplog.__version__} from {pkg}"
+    try:
+        root = subprocess.run(["git", "-C", pkg, "rev-parse", "--show-toplevel"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        if root:
+            head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", pkg], capture_output=True,
+                                   text=True, timeout=10).stdout.split("\n")
+            changed = [line[3:] for line in dirty if line.strip()]
+            text += f" (git {head}" + (f", uncommitted changes in {', '.join(changed)})" if changed else ", clean)")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return text
 
 
 def skip_reason(setup: str, start_method: str) -> Optional[str]:
@@ -1131,6 +1179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "records_per_worker": args.records, "procs": procs_list,
         "versions": versions(),
+        "mplog_source": mplog_source(),
     }
     print(f"mplog benchmark  {header['date']}")
     print(f"Python {header['python']} ({sys.executable})  {header['platform']}")
@@ -1139,6 +1188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{args.records} records per worker; workers {procs_list}; warm-up {WARMUP} records per worker; "
           f"timeout {args.timeout:.0f} s per setup; repeats {args.repeat}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()))
+    print(f"mplog {header['mplog_source']}")
     active = []
     skipped = {}
     for s in setups:

@@ -40,10 +40,11 @@ if __name__ == "__main__":
     svc.start()
     with multiprocessing.get_context(method).Pool(2, **svc.pool_kwargs()) as pool:
         pool.map(workers.log_n, [("exit%d" % k, 2500) for k in range(2)])
+    listener = svc.health()["listener"]["pid"]
     if mode == "kill-listener":
-        os.kill(svc.health()["listener"]["pid"], 9)
+        os.kill(listener, 9)
     logging.getLogger("app").info("last words")
-    print("LISTENER", svc.health()["listener"]["pid"], flush=True)
+    print("LISTENER", listener, flush=True)
     # no stop(): the exit hook must drain and stop the service
 """
 
