@@ -30,10 +30,11 @@ import itertools
 import os
 import select
 import struct
-import threading
 import time
 import zlib
+from threading import get_native_id
 from typing import Callable, Dict, List, Optional, Tuple
+from zlib import crc32
 
 __all__ = [
     "FRAME_MAX", "PAYLOAD_MAX", "K_RECORD", "K_FIRST", "K_MORE", "K_LAST", "K_FLUSH", "K_STOP",
@@ -64,7 +65,7 @@ F_GETPIPE_SZ = getattr(__import__("fcntl"), "F_GETPIPE_SZ", 1032)
 
 def _frame(kind: int, pid: int, tid: int, seq: int, payload: bytes) -> bytes:
     tail = _TAIL.pack(kind, 0, len(payload), pid, tid, seq)
-    return _HEAD.pack(MAGIC, zlib.crc32(payload, zlib.crc32(tail))) + tail + payload
+    return _HEAD.pack(MAGIC, crc32(payload, crc32(tail))) + tail + payload
 
 
 def encode_frames(kind: int, pid: int, tid: int, seq: int, payload: bytes) -> List[bytes]:
@@ -263,16 +264,34 @@ class FifoWriter:
             except OSError:
                 pass
 
-    def write_frames(self, kind: int, payload: bytes, deadline: Optional[float],
+    def write_record(self, kind: int, payload: bytes, timeout: Optional[float],
                      give_up: Callable[[], bool] = lambda: False) -> bool:
-        """Write one message. ``deadline`` None blocks (checking ``give_up`` while waiting).
+        """Write one message; ``timeout`` None blocks (checking ``give_up`` while waiting).
 
-        Returns False if the first frame found no room before the deadline (nothing was
-        written: the caller counts a drop). Once the first frame of a chunked record is in, the
-        rest are written with blocking waits, so a started record is finished, not torn, unless
-        ``give_up`` says the service is gone. Raises OSError for a broken channel.
+        Returns False if the first frame found no room in time (nothing was written: the caller
+        counts a drop). Once the first frame of a chunked record is in, the rest are written with
+        blocking waits, so a started record is finished, not torn, unless ``give_up`` says the
+        service is gone. Raises OSError for a broken channel.
         """
-        frames = encode_frames(kind, self.pid, threading.get_native_id(), next(self._seq) & 0xFFFFFFFF, payload)
+        if len(payload) <= PAYLOAD_MAX:  # the hot path: one frame, one write, no allocation spree
+            tail = _TAIL.pack(kind, 0, len(payload), self.pid, get_native_id(), next(self._seq) & 0xFFFFFFFF)
+            frame = _HEAD.pack(MAGIC, crc32(payload, crc32(tail))) + tail + payload
+            try:
+                os.write(self.fd, frame)
+                return True
+            except BlockingIOError:
+                pass
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if not self._wait(deadline, give_up):
+                    return False
+                try:
+                    os.write(self.fd, frame)
+                    return True
+                except BlockingIOError:
+                    continue
+        deadline = None if timeout is None else time.monotonic() + timeout
+        frames = encode_frames(kind, self.pid, get_native_id(), next(self._seq) & 0xFFFFFFFF, payload)
         first = True
         for frame in frames:
             while True:
@@ -286,6 +305,12 @@ class FifoWriter:
                         raise BrokenPipeError(errno.EPIPE, "service stopped while writing a record")
             first = False
         return True
+
+    def write_frames(self, kind: int, payload: bytes, deadline: Optional[float],
+                     give_up: Callable[[], bool] = lambda: False) -> bool:
+        """``write_record`` with an absolute deadline (for control messages)."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.write_record(kind, payload, timeout, give_up)
 
     def _wait(self, deadline: Optional[float], give_up: Callable[[], bool]) -> bool:
         while True:

@@ -107,12 +107,13 @@ class Channel:
     put = put_nowait
 
     def put_payload(self, payload: bytes, failures: int = 0) -> None:
-        try:
-            counters = self._attach()
-        except OSError:
-            self._to_stderr(payload, "[UNDELIVERED] ")
-            return
-        words = counters.words
+        if self._pid < 0 or self._counters is None:  # first use, or first use after a fork
+            try:
+                self._attach()
+            except OSError:
+                self._to_stderr(payload, "[UNDELIVERED] ")
+                return
+        words = self._counters.words  # type: ignore[union-attr]
         slot = self._slot
         with self._lock:
             words[slot + _SENT] += 1
@@ -126,9 +127,8 @@ class Channel:
         if writer is None:
             self._divert(words, slot, payload)
             return
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
         try:
-            ok = writer.write_frames(K_RECORD, payload, deadline, self._give_up)
+            ok = writer.write_record(K_RECORD, payload, self._timeout, self._give_up)
         except OSError:
             # EPIPE: every reader is gone (service stopped). Tell the user rather than lose it.
             self._divert(words, slot, payload)
@@ -190,6 +190,18 @@ class MPQueueHandler(logging.handlers.QueueHandler):
     def enqueue(self, prepared: Any) -> None:  # type: ignore[override]
         payload, failures = prepared
         self.queue.put_payload(payload, failures)
+
+    def handle(self, record: logging.LogRecord) -> Any:
+        # Handler.handle() takes the handler's lock around emit(); ours needs none (each frame is
+        # one atomic write, and the counters have their own lock), so skip it on the hot path.
+        if self.filters:
+            rv = self.filter(record)
+            if not rv:
+                return rv
+            if isinstance(rv, logging.LogRecord):
+                record = rv
+        self.emit(record)
+        return record
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

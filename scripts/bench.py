@@ -17,6 +17,14 @@ process so that no setup inherits another's logging state):
   concurrent-log-handler  ConcurrentRotatingFileHandler in every worker               (if importable)
   multiprocessing-logging install_mp_handler() around a FileHandler (fork only)      (if importable)
 
+Workers are ``multiprocessing`` processes of the chosen start method that first run what a pool
+initializer would (for mplog: ``svc.pool_kwargs()``), then log 100 warm-up records, wait at a
+barrier and are released together by one Event (plain Processes rather than a Pool, so that each
+worker gets exactly one task and the barrier cannot deadlock). Every record is
+``logger.info("w%d processed item %d of %d: loss=%.6f", wid, i, n, x)`` (the loguru equivalent
+for loguru), with the stdlib format ``%(asctime)s %(levelname)s %(processName)s %(name)s:
+%(message)s``.
+
 What is measured, per setup and worker count P (each worker logs N records):
 
 * records/s: P*N / (time from the moment the workers are released together, after start-up and
@@ -39,6 +47,11 @@ What is measured, per setup and worker count P (each worker logs N records):
   dup = extra copies, torn = lines/blocks that are not a well-formed record. For mplog both the
   full log (blocks) and the simplified log (lines) are checked and the counts are added up.
 
+The machine may be shared: for each run the CPU that *other* processes used during the
+measurement window is printed ("noise"); use --repeat K to run everything K times (interleaved)
+and keep the run with the median records/s. The header says which mplog was measured (path, git
+commit, uncommitted changes).
+
 Every setup is bounded by --timeout seconds: its whole process group is killed and the setup is
 reported as failed. Nothing here asserts on speed: this is a measurement script.
 """
@@ -46,6 +59,7 @@ reported as failed. Nothing here asserts on speed: this is a measurement script.
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import gc
 import json
@@ -172,7 +186,7 @@ def worker_setup(setup: str, arg: Any) -> Tuple[Callable[..., Any], str, str, Ca
         return info, MSG, WARM_MSG, drain_feeder
     if setup == "mplog":
         import mplog
-        mplog.worker_init(arg)
+        arg["initializer"](*arg["initargs"])  # svc.pool_kwargs(), as a Pool would call it
         if mplog.current_config() is None:
             raise RuntimeError("mplog.worker_init did not install the handler (see stderr)")
         return info, MSG, WARM_MSG, nothing
@@ -228,6 +242,7 @@ def worker_main(setup: str, wid: int, n: int, arg: Any, barrier: Any, go: Any, c
         t_end = time.perf_counter()
         cpu1 = time.process_time_ns()
         durs.sort()
+        slow = durs[bisect.bisect_right(durs, 1_000_000):]  # calls over 1 ms: blocked or preempted
         conn.send({
             "ok": True, "wid": wid, "pid": os.getpid(),
             "t_start": t_start, "t_calls": t_calls, "t_end": t_end,
@@ -237,6 +252,8 @@ def worker_main(setup: str, wid: int, n: int, arg: Any, barrier: Any, go: Any, c
             "max_us": durs[-1] / 1000.0,
             "mean_us": sum(durs) / n / 1000.0,
             "timer_ns": overhead[len(overhead) // 2],
+            "slow_calls": len(slow),
+            "slow_share": sum(slow) / 1e9 / max(1e-9, t_calls - t_start),
             "peak_rss_mb": peak_rss_mb(),
         })
     except BaseException:  # noqa: B036 - report anything, the coordinator decides
@@ -590,7 +607,7 @@ class MplogSetup(Setup):
         self.listener_pid = self.svc.health()["listener"]["pid"]
 
     def worker_arg(self) -> Any:
-        return self.svc.worker_config
+        return self.svc.pool_kwargs()
 
     def settle(self, deadline: float) -> None:
         if not self.svc.flush(timeout=max(1.0, deadline - time.monotonic())):
@@ -715,6 +732,16 @@ SETUP_CLASSES = {
 }
 
 
+def system_busy_s() -> Optional[float]:
+    """CPU-seconds all cores spent busy, machine-wide (to see other tenants' load)."""
+    try:
+        import psutil
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+    except Exception:
+        return None
+
+
 def proc_cpu_s(pid: Optional[int]) -> Optional[float]:
     if pid is None:
         return None
@@ -789,6 +816,7 @@ def coordinate(spec: Dict[str, Any]) -> Dict[str, Any]:
             reset_peak_rss(wpid)
         reset_peak_rss()
         cpu_w0 = proc_cpu_s(wpid)
+        busy0 = system_busy_s()
         cpu_self0 = self_cpu_s()
         cpu_main0 = time.thread_time()
         phase = "logging"
@@ -800,6 +828,7 @@ def coordinate(spec: Dict[str, Any]) -> Dict[str, Any]:
         t_drained = time.perf_counter()
         cpu_main1 = time.thread_time()
         cpu_self1 = self_cpu_s()
+        busy1 = system_busy_s()
         cpu_w1 = proc_cpu_s(wpid)
         phase = "measure"
         if s.writer == "workers":
@@ -821,7 +850,17 @@ def coordinate(spec: Dict[str, Any]) -> Dict[str, Any]:
                 writer_rss = peak_rss_mb(wpid)
             else:
                 writer_rss = peak_rss_mb()
+        ours = (sum(r["cpu_s"] for r in res) + (cpu_self1 - cpu_self0)
+                + ((cpu_w1 or 0.0) - (cpu_w0 or 0.0) if wpid is not None else 0.0))
+        foreign = None
+        if busy0 is not None and busy1 is not None:
+            window = (t_drained - t0) * (os.cpu_count() or 1)
+            foreign = max(0.0, (busy1 - busy0) - ours) / window if window > 0 else None
         result.update({
+            "foreign_cpu_share": foreign,
+            # JSON only: with more workers than cores, preemption lands in these as much as blocking.
+            "calls_over_1ms": sorted(r["slow_calls"] for r in res)[len(res) // 2],
+            "time_share_calls_over_1ms": sorted(r["slow_share"] for r in res)[len(res) // 2],
             "seconds": elapsed,
             "rate": total / elapsed if elapsed > 0 else None,
             "caller_med_us": med[len(med) // 2],
@@ -1240,6 +1279,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("notes:")
             for setup, n in notes:
                 print(f"  {setup}: {n}")
+        ok_rows = [r for r in rows if r.get("ok")]
+        if ok_rows:
+            print("CPU used by other processes on the machine during each measurement (noise): "
+                  + ", ".join(f"{r['setup']} {_fmt(r.get('foreign_cpu_share'), '.0%')}" for r in ok_rows))
         if any(r.get("repeats") for r in rows):
             print("records/s of every repeat: " + "; ".join(f"{r['setup']} {r.get('repeats')}" for r in rows))
         tables.append({"procs": procs, "rows": rows, "ratios": rat})
