@@ -48,7 +48,8 @@ What is measured, per setup and worker count P (each worker logs N records):
   full log (blocks) and the simplified log (lines) are checked and the counts are added up.
 
 The machine may be shared: for each run the CPU that *other* processes used during the
-measurement window is printed ("noise"); use --repeat K to run everything K times (interleaved)
+measurement window is printed ("noise"; "-" for windows under 0.5 s, which /proc/stat's 10 ms
+ticks cannot resolve); use --repeat K to run everything K times (interleaved)
 and keep the run with the median records/s. The header says which mplog was measured (path, git
 commit, uncommitted changes).
 
@@ -853,9 +854,10 @@ def coordinate(spec: Dict[str, Any]) -> Dict[str, Any]:
         ours = (sum(r["cpu_s"] for r in res) + (cpu_self1 - cpu_self0)
                 + ((cpu_w1 or 0.0) - (cpu_w0 or 0.0) if wpid is not None else 0.0))
         foreign = None
-        if busy0 is not None and busy1 is not None:
+        if busy0 is not None and busy1 is not None and t_drained - t0 >= 0.5:
+            # /proc/stat counts in 10 ms ticks: a shorter window says nothing.
             window = (t_drained - t0) * (os.cpu_count() or 1)
-            foreign = max(0.0, (busy1 - busy0) - ours) / window if window > 0 else None
+            foreign = min(1.0, max(0.0, (busy1 - busy0) - ours) / window)
         result.update({
             "foreign_cpu_share": foreign,
             # JSON only: with more workers than cores, preemption lands in these as much as blocking.
@@ -1173,7 +1175,7 @@ def pick_median(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     if not ok:
         return runs[-1]
     ok.sort(key=lambda r: r["rate"])
-    chosen = dict(ok[len(ok) // 2])
+    chosen = dict(ok[(len(ok) - 1) // 2])  # the lower middle for an even count: never flatter
     if len(runs) > 1:
         chosen["repeats"] = [round(r["rate"]) if r.get("ok") else None for r in runs]
     return chosen
@@ -1191,7 +1193,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="also write the tables as Markdown (to FILE, or to stdout)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per setup (default 300)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="run everything K times, interleaved; show the run with the median records/s")
+                        help="run everything K times, interleaved; show the run with the median records/s "
+                             "(the lower middle one for an even K)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
@@ -1280,18 +1283,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             for setup, n in notes:
                 print(f"  {setup}: {n}")
         ok_rows = [r for r in rows if r.get("ok")]
+        noise = ", ".join(f"{r['setup']} {_fmt(r.get('foreign_cpu_share'), '.0%')}" for r in ok_rows)
         if ok_rows:
-            print("CPU used by other processes on the machine during each measurement (noise): "
-                  + ", ".join(f"{r['setup']} {_fmt(r.get('foreign_cpu_share'), '.0%')}" for r in ok_rows))
+            print("CPU used by other processes on the machine during each measurement (noise): " + noise)
         if any(r.get("repeats") for r in rows):
             print("records/s of every repeat: " + "; ".join(f"{r['setup']} {r.get('repeats')}" for r in rows))
         tables.append({"procs": procs, "rows": rows, "ratios": rat})
-        md.append(f"**{title}**\n\n{markdown_table(rows)}\n\n" + "\n".join(f"- mplog {k}: {v}" for k, v in rat))
+        md.append(f"**{title}**\n\n{markdown_table(rows)}\n\n" + "\n".join(f"- mplog {k}: {v}" for k, v in rat)
+                  + (f"\n- CPU used by other processes during each measurement: {noise}" if ok_rows else ""))
 
     if args.markdown:
-        text = (f"Python {header['python']}, {args.start_method}, {header['cores']} cores, {header['date'][:10]}; "
-                "caller cost = median over workers of per-call median/p99; * = writer is a thread of the "
-                "main process.\n\n" + "\n\n".join(md) + "\n")
+        text = (f"Python {header['python']}, {args.start_method}, {header['cores']} cores, {header['date'][:10]}, "
+                f"mplog {header['mplog_source']}; caller cost = median over workers of per-call median/p99; "
+                "* = writer is a thread of the main process.\n\n" + "\n\n".join(md) + "\n")
         if args.markdown == "-":
             print()
             print(text)
