@@ -260,6 +260,7 @@ class Listener:
                 handle(rec)
             elif kind == K_FLUSH:
                 self.write_batch()
+                self._sync_parser_counts()  # a flush() caller may read the counters next
                 token = struct.unpack("<q", payload[:8])[0] if len(payload) >= 8 else 0
                 if token > c.get("flushed_token"):
                     c.set("flushed_token", token)
