@@ -780,7 +780,7 @@ def coordinate(spec: Dict[str, Any]) -> Dict[str, Any]:
     result: Dict[str, Any] = {"setup": setup, "procs": procs, "records": procs * n, "ok": False,
                               "start_method": spec["start_method"]}
     ctx = multiprocessing.get_context(spec["start_method"])
-    tmp = tempfile.mkdtemp(prefix=f"mplog-bench-{setup}-")
+    tmp = tempfile.mkdtemp(prefix="logs-", dir=spec["tmp"])
     workers: List[Any] = []
     s: Optional[Setup] = None
     phase = "start"
@@ -954,10 +954,11 @@ def _group_alive(pgid: int) -> bool:
 
 
 def run_setup(setup: str, procs: int, args: argparse.Namespace) -> Dict[str, Any]:
-    fd, result_path = tempfile.mkstemp(prefix="mplog-bench-result-", suffix=".json")
-    os.close(fd)
+    # The driver owns the temporary directory, so it is removed even when the coordinator is killed.
+    tmp = tempfile.mkdtemp(prefix=f"mplog-bench-{setup}-")
+    result_path = os.path.join(tmp, "result.json")
     spec = {"setup": setup, "procs": procs, "records": args.records, "start_method": args.start_method,
-            "timeout": args.timeout, "result_path": result_path}
+            "timeout": args.timeout, "result_path": result_path, "tmp": tmp}
     out = tempfile.TemporaryFile()
     started = time.monotonic()
     popen = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec)],
@@ -998,10 +999,7 @@ def run_setup(setup: str, procs: int, args: argparse.Namespace) -> Dict[str, Any
                   "error": ("timed out after %.0f s: process group killed" % (time.monotonic() - started))
                   if timed_out else f"coordinator exited with {popen.returncode} without a result"}
     finally:
-        try:
-            os.unlink(result_path)
-        except OSError:
-            pass
+        shutil.rmtree(tmp, ignore_errors=True)
     out.seek(0)
     text = out.read().decode("utf-8", "replace")
     out.close()
