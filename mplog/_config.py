@@ -92,6 +92,14 @@ class ServiceConfig:
     degraded_restarts: int = 5
     degraded_window: float = 60.0
     health_interval: float = 1.0
+    simplified_format: Optional[str] = None
+    full_format: Optional[str] = None
+    datefmt: Optional[str] = None
+    file_mode: Optional[int] = None
+    rotate_bytes: Optional[int] = None
+    rotate_interval: Optional[float] = None
+    backup_count: int = 5
+    compress: bool = False
 
     @property
     def simplified_path(self) -> Path:
@@ -141,6 +149,39 @@ class ServiceConfig:
             if options["overflow"] not in OVERFLOW_POLICIES:
                 raise ValueError(f"overflow: expected one of {', '.join(OVERFLOW_POLICIES)}, got {options['overflow']!r}")
             values["overflow"] = options["overflow"]
+        for key in ("simplified_format", "full_format", "datefmt"):
+            value = options.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{key}: expected a format string, got {value!r}")
+            if key != "datefmt" and not (key == "full_format" and value == "jsonl"):
+                try:
+                    logging.Formatter(value)  # validates the %-style syntax
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ValueError(f"{key}: not a usable logging format string: {value!r} ({exc})") from None
+            values[key] = value
+        if options.get("file_mode") is not None:
+            mode = options["file_mode"]
+            if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+                raise ValueError(f"file_mode: expected permission bits like 0o640, got {mode!r}")
+            values["file_mode"] = mode
+        if options.get("rotate_bytes") is not None:
+            values["rotate_bytes"] = _positive("rotate_bytes", options["rotate_bytes"], integer=True)
+        if options.get("rotate_interval") is not None:
+            interval = options["rotate_interval"]
+            named = {"hourly": 3600.0, "daily": 86400.0}
+            if isinstance(interval, str):
+                if interval not in named:
+                    raise ValueError(f"rotate_interval: expected seconds, 'hourly' or 'daily', got {interval!r}")
+                interval = named[interval]
+            values["rotate_interval"] = float(_positive("rotate_interval", interval))
+        if "backup_count" in options:
+            values["backup_count"] = _positive("backup_count", options["backup_count"], integer=True, allow_zero=True)
+        if "compress" in options:
+            if not isinstance(options["compress"], bool):
+                raise ValueError(f"compress: expected True or False, got {options['compress']!r}")
+            values["compress"] = options["compress"]
         if "capture_warnings" in options:
             if not isinstance(options["capture_warnings"], bool):
                 raise ValueError(f"capture_warnings: expected True or False, got {options['capture_warnings']!r}")

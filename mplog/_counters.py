@@ -22,10 +22,11 @@ FIELDS = (
     "magic", "state", "received", "written", "pending", "full_start", "full_expected",
     "simp_start", "simp_expected", "torn", "malformed", "lost_listener", "last_write_ns",
     "flushed_token", "listener_pid", "slots_used", "replaced_listener", "stderr_records",
-    "write_errors", "rotations", "pending_base",
+    "write_errors", "rotations", "pending_base", "error_ns", "reopens",
 )
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 HEADER_WORDS = 64
+_TEXT_WORD, _TEXT_BYTES = 40, 192  # words 40..63: the listener's last error, as UTF-8
 SLOT_FIELDS = ("pid", "sent", "dropped", "replaced", "diverted")
 SLOT_WORDS = 8
 MAX_SLOTS = 1 << 16
@@ -88,6 +89,15 @@ class Counters:
     def add(self, name: str, value: int = 1) -> None:
         # Only the field's single owner process calls this; see the module docstring.
         self.words[_INDEX[name]] += value
+
+    def set_text(self, text: str) -> None:
+        data = text.encode("utf-8", "replace")[:_TEXT_BYTES - 1]
+        start = 8 * _TEXT_WORD
+        self._mm[start:start + _TEXT_BYTES] = data + b"\0" * (_TEXT_BYTES - len(data))
+
+    def get_text(self) -> str:
+        start = 8 * _TEXT_WORD
+        return self._mm[start:start + _TEXT_BYTES].split(b"\0", 1)[0].decode("utf-8", "replace")
 
     # -- per-process slots ----------------------------------------------------------------
     def claim_slot(self, pid: int) -> int:

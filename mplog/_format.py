@@ -113,6 +113,80 @@ class FullFormatter:
         return "".join(parts)
 
 
+class _Fields(dict):  # type: ignore[type-arg]
+    """An extra that a record lacks formats as ``-`` instead of failing the record."""
+
+    def __missing__(self, key: str) -> str:
+        return "-"
+
+
+class _LenientFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return self._fmt % _Fields(record.__dict__) if self._fmt else record.getMessage()
+
+
+class StdlibFormatter:
+    """A user's ``logging.Formatter`` format string, applied to a Record in the listener.
+
+    The Record becomes a LogRecord (message already formatted, extras as attributes), so every
+    ``%(attr)s`` of the standard library works, ``%(sample)s`` for an extra key too. The result
+    is cleaned like our own formats: it cannot forge a line.
+    """
+
+    def __init__(self, fmt: str, datefmt: Optional[str] = None, indent: str = "    ") -> None:
+        self.formatter = _LenientFormatter(fmt, datefmt)
+        self.indent = indent
+
+    def format(self, rec: Record) -> str:
+        attrs = {
+            "name": rec.name, "msg": rec.msg, "args": None, "levelname": rec.levelname,
+            "levelno": rec.levelno, "pathname": rec.pathname,
+            "filename": rec.pathname.rsplit("/", 1)[-1] if rec.pathname else "?",
+            "module": (rec.pathname.rsplit("/", 1)[-1].rsplit(".", 1)[0]) if rec.pathname else "?",
+            "lineno": rec.lineno, "funcName": rec.funcName, "created": rec.created,
+            "msecs": (rec.created % 1) * 1000, "process": rec.process, "processName": rec.processName,
+            "threadName": rec.threadName, "exc_text": rec.exc_text, "stack_info": rec.stack_info,
+        }
+        if rec.extras:
+            for key, value in rec.extras.items():
+                attrs.setdefault(key, value)
+        record = logging.makeLogRecord(attrs)
+        text = self.formatter.format(record)
+        return clean(text, self.indent) + "\n"
+
+
+_JSON_FIXED = ("timestamp", "level", "logger", "process", "pid", "thread", "file", "line", "function",
+               "message", "exception", "stack")
+
+
+class JsonFormatter:
+    """``full_format="jsonl"``: one JSON object per line, every extra key at the top level
+    (prefixed ``extra_`` if it would shadow a fixed key)."""
+
+    def __init__(self) -> None:
+        import json
+        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def format(self, rec: Record) -> str:
+        created = rec.created
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(created))
+        ts += f".{int((created % 1) * 1000):03d}" + time.strftime("%z", time.localtime(created))
+        obj = {
+            "timestamp": ts, "level": rec.levelname, "logger": rec.name, "process": rec.processName,
+            "pid": rec.process, "thread": rec.threadName,
+            "file": rec.pathname, "line": rec.lineno, "function": rec.funcName, "message": rec.msg,
+            "exception": rec.exc_text, "stack": rec.stack_info,
+        }
+        if rec.extras:
+            for key, value in rec.extras.items():
+                obj["extra_" + key if key in obj else key] = value
+        line = self._dumps(obj)
+        # JSON leaves these unescaped, but they end lines for some readers (str.splitlines).
+        if "\u2028" in line or "\u2029" in line:
+            line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+        return line + "\n"
+
+
 FormatFunc = Callable[[Record], str]
 _LEVEL_COLOURS: Dict[int, str] = {
     logging.DEBUG: "\x1b[2m", logging.INFO: "", logging.WARNING: "\x1b[33m",

@@ -31,7 +31,8 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._counters import Counters
-from ._format import FullFormatter, SimplifiedFormatter, Timestamps, clean, colour
+from ._files import Compressor, LogFile
+from ._format import FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour
 from ._record import Record, deserialize, make_record
 from ._transport import K_FLUSH, K_NOTICE, K_RECORD, K_REOPEN, K_STOP, FrameParser
 
@@ -54,17 +55,23 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _open_log(path: str) -> Tuple[int, int]:
-    # Append only, never truncate: a restarted listener and a second run both continue the file.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    return fd, os.fstat(fd).st_size
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _make_formatters(cfg: Dict[str, Any], stamps: Timestamps) -> Tuple[Any, Any]:
+    simple: Any = SimplifiedFormatter(stamps)
+    full: Any = FullFormatter(stamps)
+    if cfg.get("simplified_format"):
+        simple = StdlibFormatter(cfg["simplified_format"], cfg.get("datefmt"))
+    if cfg.get("full_format") == "jsonl":
+        full = JsonFormatter()
+    elif cfg.get("full_format"):
+        full = StdlibFormatter(cfg["full_format"], cfg.get("datefmt"))
+    return simple, full
 
 
 class Listener:
@@ -76,9 +83,16 @@ class Listener:
         self.flush_count = cfg["flush_count"]
         self.console: Optional[int] = cfg.get("console")
         self.console_colour = bool(cfg.get("console_colour"))
-        stamps = Timestamps()
-        self.simple = SimplifiedFormatter(stamps)
-        self.full = FullFormatter(stamps)
+        self.simple, self.full = _make_formatters(cfg, Timestamps())
+        mode = cfg.get("file_mode")
+        self.simp = LogFile(cfg["simplified_path"], mode)
+        self.fullf = LogFile(cfg["full_path"], mode)
+        self.rotate_bytes: Optional[int] = cfg.get("rotate_bytes")
+        self.rotate_interval: Optional[float] = cfg.get("rotate_interval")
+        self.backup_count: int = cfg.get("backup_count", 5)
+        self.compressor = Compressor() if cfg.get("compress") else None
+        self.reopen_requested = False
+        self.error: Optional[str] = None
         self.parser = FrameParser()
         # A kill loses what was read and not yet written: keep one read near one flush window
         # (records' frames are rarely under 128 bytes).
@@ -97,15 +111,55 @@ class Listener:
 
     # -- files ---------------------------------------------------------------------------
     def open_files(self) -> None:
-        self.simp_fd, self.simp_size = _open_log(self.cfg["simplified_path"])
-        self.full_fd, self.full_size = _open_log(self.cfg["full_path"])
+        """Open both files; a failure is reported (degraded, records to stderr), not fatal."""
+        for f in (self.simp, self.fullf):
+            try:
+                f.open()
+            except OSError as exc:
+                self._error(f"cannot open {f.path}: {exc.strerror or exc}")
 
     def close_files(self) -> None:
-        for fd in (self.simp_fd, self.full_fd):
+        self.simp.close()
+        self.fullf.close()
+
+    def _error(self, text: str) -> None:
+        c = self.counters
+        if text != self.error:
             try:
-                os.close(fd)
+                _write_all(2, f"mplog: {text}\n".encode("utf-8", "backslashreplace"))
             except OSError:
                 pass
+        self.error = text
+        c.set_text(text)
+        c.set("error_ns", time.time_ns())
+
+    def housekeeping(self) -> None:
+        """Once a second: follow logrotate (moved, deleted, truncated), rotate, retry errors."""
+        c = self.counters
+        for f in (self.simp, self.fullf):
+            if f.fd < 0 or f.moved() or self.reopen_requested:
+                try:
+                    f.open()
+                    c.add("reopens")
+                except OSError as exc:
+                    f.close()
+                    self._error(f"cannot open {f.path}: {exc.strerror or exc}")
+                continue
+            f.check_truncated()
+            due = ((self.rotate_bytes is not None and f.size >= self.rotate_bytes)
+                   or (self.rotate_interval is not None and time.time() - f.opened_at >= self.rotate_interval))
+            if due and f.size > 0:
+                self.rotate(f)
+        self.reopen_requested = False
+        if self.error is not None and self.simp.fd >= 0 and self.fullf.fd >= 0:
+            pass  # cleared by the next successful write
+
+    def rotate(self, f: LogFile) -> None:
+        try:
+            f.rotate(self.backup_count, self.compressor)
+            self.counters.add("rotations")
+        except OSError as exc:
+            self._error(f"cannot rotate {f.path}: {exc.strerror or exc}")
 
     def settle_previous(self) -> int:
         """Settle the batch a killed listener announced, count what it held; return the loss."""
@@ -114,21 +168,19 @@ class Listener:
         pending = c.get("pending")
         if pending:
             if c.get("written") == c.get("pending_base"):  # it died before counting the batch
-                if self.full_size >= c.get("full_expected"):
+                if self.fullf.size >= c.get("full_expected"):
                     c.add("written", pending)  # the write went through
                 else:
                     c.add("lost_listener", pending)
                     lost += pending
                     # Cut a torn tail so the files hold only whole blocks.
-                    for path, start, size in ((self.cfg["full_path"], c.get("full_start"), self.full_size),
-                                              (self.cfg["simplified_path"], c.get("simp_start"), self.simp_size)):
-                        if start < size:
+                    for f, start in ((self.fullf, c.get("full_start")), (self.simp, c.get("simp_start"))):
+                        if f.fd >= 0 and start < f.size:
                             try:
-                                os.truncate(path, start)
+                                os.ftruncate(f.fd, start)
+                                f.size = start
                             except OSError:
                                 pass
-                    self.full_size = os.fstat(self.full_fd).st_size
-                    self.simp_size = os.fstat(self.simp_fd).st_size
             c.set("pending", 0)
         # Whatever the previous listener had read but not written died with it.
         held = c.get("received") - c.get("written") - c.get("lost_listener") - c.get("stderr_records")
@@ -171,48 +223,57 @@ class Listener:
         self._simp.clear()
         self._cons.clear()
         self._n = 0
-        c = self.counters
-        if n:
-            # Announce the batch before writing it: see the module docstring.
-            c.set("pending_base", c.get("written"))
-            c.set("full_start", self.full_size)
-            c.set("full_expected", self.full_size + len(full))
-            c.set("simp_start", self.simp_size)
-            c.set("simp_expected", self.simp_size + len(simp))
-            c.set("pending", n)
-        try:
-            if simp:
-                _write_all(self.simp_fd, simp)
-                self.simp_size += len(simp)
-            _write_all(self.full_fd, full)
-            self.full_size += len(full)
-        except OSError as exc:
-            self._write_failed(exc, full, n)
-        else:
-            if n:
-                c.add("written", n)
-        c.set("pending", 0)
-        c.set("last_write_ns", time.time_ns())
+        self._write(full, simp, n)
         if cons:
             try:
                 _write_all(2, cons.encode("utf-8", "backslashreplace"))
             except OSError:
                 pass
 
+    def _write(self, full: bytes, simp: bytes, n: int) -> None:
+        """Write one batch to both files, announced first in the counters so that a listener
+        killed half-way can be settled exactly by the next one (``n`` 0: a notice, uncounted)."""
+        c = self.counters
+        if n:
+            c.set("pending_base", c.get("written"))
+            c.set("full_start", self.fullf.size)
+            c.set("full_expected", self.fullf.size + len(full))
+            c.set("simp_start", self.simp.size)
+            c.set("simp_expected", self.simp.size + len(simp))
+            c.set("pending", n)
+        try:
+            if simp:
+                self.simp.write(simp)
+            self.fullf.write(full)
+        except OSError as exc:
+            self._write_failed(exc, full, n)
+        else:
+            if n:
+                c.add("written", n)
+            if self.rotate_bytes is not None:
+                for f in (self.simp, self.fullf):
+                    if f.size >= self.rotate_bytes:
+                        self.rotate(f)
+            if self.error is not None:
+                self.error = None
+                c.set_text("")
+                c.set("error_ns", 0)
+        c.set("pending", 0)
+        c.set("last_write_ns", time.time_ns())
+
     def _write_failed(self, exc: OSError, full: bytes, n: int) -> None:
+        # Disk full, EIO, EFBIG, a file we cannot reopen: the records go to stderr, counted as
+        # diverted, and the next batch tries the file again (it resumes when space returns).
         c = self.counters
         c.add("write_errors")
-        c.add("stderr_records", n)
-        try:
-            _write_all(2, f"mplog: cannot write the log files ({exc}); {n} record(s) follow on stderr\n".encode()
-                       + full)
-        except OSError:
-            pass
-        try:
-            self.full_size = os.fstat(self.full_fd).st_size
-            self.simp_size = os.fstat(self.simp_fd).st_size
-        except OSError:
-            pass
+        path = getattr(exc, "filename", None) or self.cfg["full_path"]
+        self._error(f"cannot write {path}: {exc.strerror or exc}")
+        if n:
+            c.add("stderr_records", n)
+            try:
+                _write_all(2, full)
+            except OSError:
+                pass
 
     def notice(self, msg: str, levelno: int = logging.WARNING) -> None:
         """Write one of mplog's own records, straight into the files (not counted as sent)."""
@@ -221,22 +282,19 @@ class Listener:
                           processName="mplog-listener", process=os.getpid(), threadName="MainThread", user=True)
         saved = self._n
         self.handle(rec)
-        self._n = saved  # not an application record: do not count it as written
+        self._n = saved
         full = "".join(self._full).encode("utf-8", "backslashreplace")
         simp = "".join(self._simp).encode("utf-8", "backslashreplace")
+        cons = "".join(self._cons)
         self._full.clear()
         self._simp.clear()
-        cons = "".join(self._cons)
         self._cons.clear()
-        try:
-            _write_all(self.simp_fd, simp)
-            self.simp_size += len(simp)
-            _write_all(self.full_fd, full)
-            self.full_size += len(full)
-            if cons:
+        self._write(full, simp, 0)
+        if cons:
+            try:
                 _write_all(2, cons.encode("utf-8", "backslashreplace"))
-        except OSError:
-            pass
+            except OSError:
+                pass
 
     # -- the loop ------------------------------------------------------------------------
     def dispatch(self, messages: List[Tuple[int, int, int, int, bytes]]) -> None:
@@ -271,8 +329,8 @@ class Listener:
                 self.stop_deadline = time.monotonic() + max(0.0, budget)
             elif kind == K_REOPEN:
                 self.write_batch()
-                self.close_files()
-                self.open_files()
+                self.reopen_requested = True
+                self.housekeeping()
             elif kind == K_NOTICE:
                 self.notice(payload.decode("utf-8", "backslashreplace"))
         self._sync_parser_counts()
@@ -368,8 +426,9 @@ class Listener:
                     busy = True
                 self.write_batch()
             now = time.monotonic()
-            if now - last_housekeeping >= 1.0:
+            if now - last_housekeeping >= 1.0 or self.reopen_requested:
                 last_housekeeping = now
+                self.housekeeping()
                 self.parser.expire(_pid_alive)
                 self._sync_parser_counts()
                 if parent_fd < 0 and os.getppid() != parent:
@@ -410,14 +469,24 @@ class Listener:
                 summary += f"\n   ... and {len(warned) - 50} more"
         self.notice(summary, logging.INFO)
         self.close_files()
+        if self.compressor is not None:
+            self.compressor.close(5.0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     # Before anything else: Ctrl-C goes to the whole process group, and must not lose the tail.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A file size limit (RLIMIT_FSIZE) must give EFBIG, which we handle, not kill us.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     argv = sys.argv[1:] if argv is None else argv
     cfg = json.loads(argv[0])
     listener = Listener(cfg)
+    if hasattr(signal, "SIGHUP"):
+        # logrotate's postrotate convention: SIGHUP means reopen the files.
+        def _hup(_signum: int, _frame: Any) -> None:
+            listener.reopen_requested = True
+        signal.signal(signal.SIGHUP, _hup)
     return listener.run()
 
 

@@ -53,9 +53,12 @@ def _check_directory(directory: Path, files: Any) -> None:
         raise PermissionError(errno.EACCES, "the log directory is not writable", str(directory))
     for path in files:
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except FileNotFoundError:
             continue
+        if stat.S_ISLNK(st.st_mode):
+            # The listener opens with O_NOFOLLOW: a link planted at the log path is never followed.
+            raise OSError(errno.ELOOP, "the log file is a symbolic link; refusing to follow it", str(path))
         if not stat.S_ISREG(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "the log file exists and is not a regular file", str(path))
         if not os.access(path, os.W_OK):
@@ -164,6 +167,9 @@ class LogService:
             "level": cfg.level, "simplified_level": cfg.simplified_level,
             "flush_count": cfg.flush_count, "flush_interval": cfg.flush_interval,
             "console": cfg.console, "console_colour": bool(colour),
+            "simplified_format": cfg.simplified_format, "full_format": cfg.full_format, "datefmt": cfg.datefmt,
+            "file_mode": cfg.file_mode, "rotate_bytes": cfg.rotate_bytes, "rotate_interval": cfg.rotate_interval,
+            "backup_count": cfg.backup_count, "compress": cfg.compress,
         }
         self._supervisor = Supervisor(cfg, self._counters, fifo, counters_path, listener_opts)
         self._supervisor.health_source = self.health
@@ -320,7 +326,7 @@ class LogService:
         stalled = (not final) and supervisor.progress_stalled(written, in_flight)
         if final or supervisor.state == "stopped":
             status = "down"
-        elif supervisor.degraded or stalled or not listener["alive"] or snap["write_errors"] and diverted:
+        elif supervisor.degraded or stalled or not listener["alive"] or snap["error_ns"]:
             status = "degraded"
         else:
             status = "healthy"
@@ -352,10 +358,15 @@ class LogService:
                         "diverted": diverted, "torn": snap["torn"], "lost_with_listener": snap["lost_listener"],
                         "unattributed_lost": unattributed, "replaced": snap["replaced"] + snap["replaced_listener"],
                         "malformed_frames": snap["malformed"]},
+            "rotations": snap["rotations"],
+            "reopens": snap["reopens"],
             "last_write_age_s": (round(time.time() - last_write_ns / 1e9, 3) if last_write_ns else None),
             "files": files,
             "processes": snap["processes"],
         }
+        if snap["error_ns"]:
+            report["last_error"] = {"message": counters.get_text(), "time": snap["error_ns"] / 1e9}
+            report["reason"] = report["last_error"]["message"]
         if stalled:
             report["reason"] = "records are waiting and none was written for 2 s"
         return report

@@ -238,6 +238,14 @@ def set_pipe_size(fd: int, size: int) -> int:
         return 65536
 
 
+def _never() -> bool:
+    return False
+
+
+def _nothing() -> None:
+    pass
+
+
 class Full(Exception):
     """The pipe had no room within the allowed wait."""
 
@@ -265,19 +273,21 @@ class FifoWriter:
                 pass
 
     def write_record(self, kind: int, payload: bytes, timeout: Optional[float],
-                     give_up: Callable[[], bool] = lambda: False) -> bool:
+                     give_up: Callable[[], bool] = _never, on_sent: Callable[[], None] = _nothing) -> bool:
         """Write one message; ``timeout`` None blocks (checking ``give_up`` while waiting).
 
         Returns False if the first frame found no room in time (nothing was written: the caller
         counts a drop). Once the first frame of a chunked record is in, the rest are written with
         blocking waits, so a started record is finished, not torn, unless ``give_up`` says the
-        service is gone. Raises OSError for a broken channel.
+        service is gone. Raises OSError for a broken channel. ``on_sent`` runs as soon as the
+        first frame is in the pipe: from then on the record counts as sent.
         """
         if len(payload) <= PAYLOAD_MAX:  # the hot path: one frame, one write, no allocation spree
             tail = _TAIL.pack(kind, 0, len(payload), self.pid, get_native_id(), next(self._seq) & 0xFFFFFFFF)
             frame = _HEAD.pack(MAGIC, crc32(payload, crc32(tail))) + tail + payload
             try:
                 os.write(self.fd, frame)
+                on_sent()
                 return True
             except BlockingIOError:
                 pass
@@ -287,6 +297,7 @@ class FifoWriter:
                     return False
                 try:
                     os.write(self.fd, frame)
+                    on_sent()
                     return True
                 except BlockingIOError:
                     continue
@@ -303,11 +314,13 @@ class FifoWriter:
                         if first:
                             return False
                         raise BrokenPipeError(errno.EPIPE, "service stopped while writing a record")
-            first = False
+            if first:
+                on_sent()
+                first = False
         return True
 
     def write_frames(self, kind: int, payload: bytes, deadline: Optional[float],
-                     give_up: Callable[[], bool] = lambda: False) -> bool:
+                     give_up: Callable[[], bool] = _never) -> bool:
         """``write_record`` with an absolute deadline (for control messages)."""
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.write_record(kind, payload, timeout, give_up)

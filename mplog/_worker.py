@@ -115,9 +115,8 @@ class Channel:
                 return
         words = self._counters.words  # type: ignore[union-attr]
         slot = self._slot
-        with self._lock:
-            words[slot + _SENT] += 1
-            if failures:
+        if failures:
+            with self._lock:
                 words[slot + _REPLACED] += failures
         state = words[1]
         if state == STATE_DEGRADED or state == STATE_STOPPED:
@@ -128,18 +127,25 @@ class Channel:
             self._divert(words, slot, payload)
             return
         try:
-            ok = writer.write_record(K_RECORD, payload, self._timeout, self._give_up)
+            ok = writer.write_record(K_RECORD, payload, self._timeout, self._give_up, self._count_sent)
         except OSError:
             # EPIPE: every reader is gone (service stopped). Tell the user rather than lose it.
             self._divert(words, slot, payload)
             return
         if not ok:
             with self._lock:
+                words[slot + _SENT] += 1
                 words[slot + _DROPPED] += 1
             if self.config.overflow == "stderr":
                 self._to_stderr(payload, "[DROPPED] ")
             else:
                 self._note_drop()
+
+    def _count_sent(self) -> None:
+        # Counted once the first frame is in the pipe, not before: a process killed while it
+        # waited for room never sent anything (its logging call never returned).
+        with self._lock:
+            self._counters.words[self._slot + _SENT] += 1  # type: ignore[union-attr]
 
     def _give_up(self) -> bool:
         # A blocked writer stops waiting once the service can no longer drain the pipe.
@@ -148,6 +154,7 @@ class Channel:
 
     def _divert(self, words: Any, slot: int, payload: bytes) -> None:
         with self._lock:
+            words[slot + _SENT] += 1
             words[slot + _DIVERTED] += 1
         self._to_stderr(payload, "")
 
@@ -215,6 +222,7 @@ class MPQueueHandler(logging.handlers.QueueHandler):
             channel = self.queue
             counters = channel._attach()
             with channel._lock:
+                counters.words[channel._slot + _SENT] += 1
                 counters.words[channel._slot + _DROPPED] += 1
             channel._note_drop()
         except Exception:
