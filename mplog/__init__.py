@@ -10,19 +10,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._config import WorkerConfig
+from ._console import progress
 from ._worker import MPQueueHandler, context, current_config, pool_kwargs, worker_init
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._service import LogService
+    from ._service import LogService, ServiceHandler
 
 __all__ = [
     "LogService",
     "MPQueueHandler",
+    "ServiceHandler",
     "WorkerConfig",
     "__version__",
     "context",
     "current_config",
     "pool_kwargs",
+    "progress",
     "worker_init",
 ]
 
@@ -32,7 +35,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # Workers import this package to run worker_init; they should not pay for the service side
     # (psutil, subprocess). The main process gets LogService on first use.
-    if name == "LogService":
-        from ._service import LogService
-        return LogService
+    if name in ("LogService", "ServiceHandler"):
+        from . import _service
+        return getattr(_service, name)
     raise AttributeError(f"module 'mplog' has no attribute {name!r}")

@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a small scientific batch pipeline that logs through mplog")
     demo.add_argument("--workers", type=int, default=4)
-    demo.add_argument("--items", type=int, default=200, help="items per stage")
+    demo.add_argument("--items", type=int, default=400, help="items per stage")
     demo.add_argument("--dir", default="mplog-demo-logs", help="where the logs go")
     demo.add_argument("--start-method", default=None, choices=("fork", "spawn", "forkserver"))
     health = sub.add_parser("health", help="print a service's health; exit 0 healthy, 1 not, 2 none")

@@ -32,8 +32,10 @@ def align(item: Tuple[int, float]) -> Tuple[int, float]:
     idx, value = item
     wlog = logging.getLogger("demo.align")
     with mplog.context(stage="align", sample=f"S{idx:04d}"):
-        score = sum(math.sin(value * k) for k in range(2000))
+        score = sum(math.sin(value * k) for k in range(40000)) / 20.0
         wlog.debug("aligned sample %d: raw score %.4f", idx, score)
+        if idx % 40 == 2:
+            wlog.info("sample S%04d needed a second pass", idx)
         if idx == 42:
             try:
                 raise ValueError(f"sample S{idx:04d}: reference contig missing")
@@ -60,7 +62,8 @@ def run_demo(directory: str, workers: int, items: int, start_method: Optional[st
         data = list(range(items))
         for stage in (load, align, score):
             with ProcessPoolExecutor(workers, mp_context=ctx, **svc.pool_kwargs()) as pool:
-                data = list(pool.map(stage, data, chunksize=max(1, items // (workers * 4))))
+                results = pool.map(stage, data, chunksize=max(1, items // (workers * 8)))
+                data = list(mplog.progress(results, total=len(data), desc=f"{stage.__name__:>5}"))
             log.info("stage %s done: %d items", stage.__name__, len(data))
         log.info("mean score %.4f", sum(data) / len(data))
         svc.flush()

@@ -42,7 +42,8 @@ def clean(text: str, indent: str) -> str:
     """Escape what could fool a reader or a terminal; indent continuation lines."""
     if text.isprintable():  # the common case, checked in C
         return text
-    text = _UNSAFE.sub(_escape, text.replace("\r\n", "\n"))
+    # A trailing newline (py.warnings messages end with one) would only add an empty line.
+    text = _UNSAFE.sub(_escape, text.replace("\r\n", "\n").rstrip("\n"))
     return text.replace("\n", "\n" + indent)
 
 

@@ -83,6 +83,7 @@ class Listener:
         self.flush_count = cfg["flush_count"]
         self.console: Optional[int] = cfg.get("console")
         self.console_colour = bool(cfg.get("console_colour"))
+        self.console_fd: int = cfg.get("console_fd", 2) if cfg.get("console_fd") is not None else 2
         self.simple, self.full = _make_formatters(cfg, Timestamps())
         mode = cfg.get("file_mode")
         self.simp = LogFile(cfg["simplified_path"], mode)
@@ -225,10 +226,15 @@ class Listener:
         self._n = 0
         self._write(full, simp, n)
         if cons:
-            try:
-                _write_all(2, cons.encode("utf-8", "backslashreplace"))
-            except OSError:
-                pass
+            self._console(cons)
+
+    def _console(self, text: str) -> None:
+        # Non-blocking pipe to the main process: if it is not reading, the echo is skipped;
+        # the record itself is in the files.
+        try:
+            _write_all(self.console_fd, text.encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass
 
     def _write(self, full: bytes, simp: bytes, n: int) -> None:
         """Write one batch to both files, announced first in the counters so that a listener
@@ -291,10 +297,7 @@ class Listener:
         self._cons.clear()
         self._write(full, simp, 0)
         if cons:
-            try:
-                _write_all(2, cons.encode("utf-8", "backslashreplace"))
-            except OSError:
-                pass
+            self._console(cons)
 
     # -- the loop ------------------------------------------------------------------------
     def dispatch(self, messages: List[Tuple[int, int, int, int, bytes]]) -> None:

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from ._config import ServiceConfig, WorkerConfig
-from ._counters import STATE_STOPPED, Counters
+from ._counters import Counters
 from ._supervisor import Supervisor, write_health_file
 from ._transport import K_FLUSH, K_REOPEN, K_STOP, FifoWriter, set_pipe_size
-from ._worker import MPQueueHandler, _service_read_fds, install, uninstall, worker_init
+from ._worker import MPQueueHandler, _service_read_fds, uninstall, worker_init
 
-__all__ = ["LogService"]
+__all__ = ["LogService", "ServiceHandler"]
 
 _BYTES_PER_RECORD = 100  # how queue_size becomes a pipe size (see README: Transport)
 
@@ -87,6 +87,7 @@ class LogService:
         self._tokens = itertools.count(1)
         self._flush_lock = threading.Lock()
         self._ps_main: Any = None
+        self._saved_signals: list = []
 
     # -- paths and configs -----------------------------------------------------------------
     @property
@@ -219,6 +220,37 @@ class LogService:
                 return False
             return supervisor.wait_flushed(token, deadline, send)
 
+    def install_signal_handlers(self, signals: Any = None) -> None:
+        """Opt in: on SIGTERM or SIGINT, stop the service (every record logged before the signal
+        is written), then let the signal do what it did before: SIGINT raises KeyboardInterrupt,
+        SIGTERM ends the process with the usual status. A library takes no signal by default;
+        call this from the main thread. ``stop()`` puts the previous handlers back."""
+        import signal as _signal
+        chosen = signals if signals is not None else (_signal.SIGTERM, _signal.SIGINT)
+        for signum in chosen:
+            previous = _signal.getsignal(signum)
+
+            def handler(num: int, frame: Any, previous: Any = previous) -> None:
+                self.stop()
+                if callable(previous):
+                    previous(num, frame)  # default_int_handler raises KeyboardInterrupt
+                elif previous != _signal.SIG_IGN:
+                    _signal.signal(num, _signal.SIG_DFL)
+                    os.kill(os.getpid(), num)
+
+            _signal.signal(signum, handler)
+            self._saved_signals.append((signum, previous))
+
+    def _restore_signals(self) -> None:
+        import signal as _signal
+        while self._saved_signals:
+            signum, previous = self._saved_signals.pop()
+            try:
+                if _signal.getsignal(signum) is not previous:
+                    _signal.signal(signum, previous if previous is not None else _signal.SIG_DFL)
+            except (ValueError, OSError):  # not the main thread: leave it
+                pass
+
     def reopen(self) -> None:
         """Ask the listener to reopen the log files (after an external logrotate)."""
         self._send_control(K_REOPEN, b"", time.monotonic() + 1.0)
@@ -234,6 +266,7 @@ class LogService:
             self._stopped = True
             deadline = time.monotonic() + self.config.shutdown_timeout
             self._restore_root()
+            self._restore_signals()
             atexit.unregister(self._at_exit)
 
             def send_stop(budget: float, dl: float) -> bool:
@@ -382,4 +415,25 @@ class LogService:
         return f"<LogService {self.config.directory}/{self.config.name} {state}>"
 
 
-_ = (install, STATE_STOPPED)
+
+
+class ServiceHandler(MPQueueHandler):
+    """A handler that starts its own ``LogService``: the way to declare mplog in
+    ``logging.config.dictConfig`` (or YAML), or ``fileConfig`` INI files::
+
+        "handlers": {"mplog": {"class": "mplog.ServiceHandler", "directory": "logs",
+                               "name": "run", "simplified_level": "INFO"}}
+
+    Every keyword is a ``LogService`` option. The service is stopped at exit (or call
+    ``handler.service.stop()``); ``handler.service`` gives ``pool_kwargs()`` for the pools.
+    """
+
+    def __init__(self, directory: Union[str, "os.PathLike[str]"], name: str = "run", **options: Any) -> None:
+        self.service = LogService(directory, name, **options).start()
+        own = self.service._handler
+        assert own is not None
+        logging.getLogger().removeHandler(own)  # the config decides where this handler goes
+        super().__init__(self.service.worker_config)
+
+    def close(self) -> None:
+        super().close()

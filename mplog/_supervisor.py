@@ -32,6 +32,7 @@ from typing import Any, Deque, Dict, Optional
 import psutil
 
 from ._config import ServiceConfig
+from ._console import emit
 from ._counters import (STATE_DEGRADED, STATE_RUNNING, STATE_STOPPED, STATE_STOPPING, Counters)
 
 __all__ = ["Supervisor", "exit_name", "read_health_file"]
@@ -103,6 +104,10 @@ class Supervisor:
         self._cond = threading.Condition(self._lock)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._reply_r, self._reply_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Console lines come back from the listener and are printed here, in the main process,
+        # so that they cooperate with progress bars (see _console).
+        self._console_r, self._console_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._console_tail = b""
         self._thread: Optional[threading.Thread] = None
         self._progress = (0, time.monotonic())  # (written, when it last moved)
         self._health_lock = threading.Lock()
@@ -113,7 +118,7 @@ class Supervisor:
         life_r, life_w = os.pipe2(os.O_CLOEXEC)
         cfg = dict(self.listener_opts)
         cfg.update(reply_fd=self._reply_w, lifeline_fd=life_w, parent_pid=os.getpid(),
-                   restart_reason=restart_reason)
+                   restart_reason=restart_reason, console_fd=self._console_w)
         env = dict(os.environ)
         # The listener must import this very copy of mplog, installed or not.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +126,7 @@ class Supervisor:
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "mplog._listener", json.dumps(cfg)],
-                stdin=subprocess.DEVNULL, pass_fds=(self._reply_w, life_w), env=env, close_fds=True)
+                stdin=subprocess.DEVNULL, pass_fds=(self._reply_w, life_w, self._console_w), env=env, close_fds=True)
         finally:
             os.close(life_w)
         return _Process(popen, life_r)
@@ -148,6 +153,20 @@ class Supervisor:
             pass
         with self._cond:
             self._cond.notify_all()
+
+    def drain_console(self) -> None:
+        try:
+            while True:
+                data = os.read(self._console_r, 65536)
+                if not data:
+                    break
+                data = self._console_tail + data
+                cut = data.rfind(b"\n") + 1
+                self._console_tail = data[cut:]
+                if cut:
+                    emit(data[:cut].decode("utf-8", "replace"))
+        except (BlockingIOError, OSError):
+            pass
 
     def start(self) -> None:
         """Start the listener and wait until it has the files open. Raises OSError if it can't."""
@@ -192,7 +211,7 @@ class Supervisor:
             timeout = max(0.0, self._next_health - now)
             if restart_at is not None:
                 timeout = min(timeout, max(0.0, restart_at - now))
-            fds = [self._wake_r, self._reply_r]
+            fds = [self._wake_r, self._reply_r, self._console_r]
             if proc is not None:
                 fds.append(proc.sentinel)
             try:
@@ -207,6 +226,8 @@ class Supervisor:
                     pass
             if self._reply_r in r:
                 self._drain_reply()
+            if self._console_r in r:
+                self.drain_console()
             with self._lock:
                 if self.state in ("stopping", "stopped"):
                     return
@@ -344,10 +365,11 @@ class Supervisor:
                 self.last_exit = {"name": exit_name(rc), "returncode": rc, "time": time.time()}
             proc.close()
             self.proc = None
+        self.drain_console()  # the stop summary, if it is echoed
         with self._lock:
             self.counters.set("state", STATE_STOPPED)
             self.state = "stopped"
-        for fd in (self._wake_r, self._wake_w, self._reply_r, self._reply_w):
+        for fd in (self._wake_r, self._wake_w, self._reply_r, self._reply_w, self._console_r, self._console_w):
             try:
                 os.close(fd)
             except OSError:

@@ -95,3 +95,8 @@ def log_big(config: Any, size: int) -> None:
     """Log one record of ``size`` bytes (a worker to be killed in the middle of it)."""
     mplog.worker_init(config)
     logging.getLogger("t.big").info("big %s", "B" * size)
+
+
+def short_task(i: int) -> int:
+    logging.getLogger("t.churn").info("task %d", i)
+    return os.getpid()

@@ -1,0 +1,214 @@
+"""Console echo and progress bars, checked byte by byte on a real pseudo-terminal; the
+demo; dictConfig/fileConfig; structlog; signal handlers."""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import mplog
+from conftest import app_blocks, wait_for
+
+
+def _run_in_pty(args, timeout=120, env=None):
+    """Run a command with stderr and stdout on a pty; return (exit status, bytes written)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, "timed out"
+            r, _, _ = select.select([master], [], [], min(left, 1.0))
+            if r:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the other side is closed
+                    break
+                if not data:
+                    break
+                out += data
+            elif proc.poll() is not None:
+                break
+        return proc.wait(10), out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        os.close(master)
+
+
+def test_demo_on_a_terminal_bar_and_lines_do_not_shred(tmp_path):
+    env = dict(os.environ)
+    env.pop("NO_COLOR", None)
+    status, out = _run_in_pty([sys.executable, "-m", "mplog", "demo", "--dir", str(tmp_path / "d"),
+                               "--items", "120", "--workers", "2"], env=env)
+    assert status == 0, out[-2000:]
+    text = out.decode("utf-8", "replace").replace("\r\n", "\n")
+    # Every log line that reached the console starts after a cleared line (or a newline),
+    # never in the middle of a bar.
+    for m in re.finditer(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\]", text):
+        before = text[max(0, m.start() - 12):m.start()]
+        assert m.start() == 0 or before.endswith(("\n", "\r\x1b[K", "\x1b[33m", "\x1b[31m", "\x1b[2m", "\x1b[1;31m")), repr(before)
+    assert "\x1b[31m" in text  # the ERROR line is coloured on a terminal
+    assert re.search(r"align \[#+\] 120/120", text)
+    assert "simplified log:" in text and "stop summary:" in text and '"status": "healthy"' in text
+    assert (tmp_path / "d" / "demo.debug.log").stat().st_size > 0
+
+
+def test_console_plain_when_not_a_terminal_or_no_color(tmp_path):
+    script = tmp_path / "c.py"
+    script.write_text(textwrap.dedent("""
+        import logging, sys, mplog
+        with mplog.LogService(sys.argv[1], console="WARNING") as svc:
+            logging.getLogger("c").info("not echoed")
+            logging.getLogger("c").error("echoed \\x1b]0;pwned\\x07 %s", "end")
+    """))
+    for env_extra in ({}, {"NO_COLOR": "1"}):
+        env = dict(os.environ, **env_extra)
+        if env_extra:
+            status, out = _run_in_pty([sys.executable, str(script), str(tmp_path / "l")], env=env)
+            err = out.decode()
+        else:
+            p = subprocess.run([sys.executable, str(script), str(tmp_path / "l")], capture_output=True, text=True,
+                               timeout=60, env=env)
+            status, err = p.returncode, p.stderr
+        assert status == 0
+        assert "not echoed" not in err
+        line = [ln for ln in err.splitlines() if "echoed" in ln][0]
+        assert line.endswith("ERROR: echoed \\x1b]0;pwned\\x07 end")  # escaped: cannot retitle the terminal
+        assert "\x1b" not in err  # no colour either
+
+
+def test_dictconfig_declares_a_service(tmp_path):
+    logging.config.dictConfig({
+        "version": 1,
+        "handlers": {"mplog": {"class": "mplog.ServiceHandler", "directory": str(tmp_path / "dc"),
+                               "name": "cfg", "simplified_level": "WARNING"}},
+        "root": {"level": "DEBUG", "handlers": ["mplog"]},
+    })
+    root = logging.getLogger()
+    handler = [h for h in root.handlers if isinstance(h, mplog.ServiceHandler)][0]
+    try:
+        logging.getLogger("dc").debug("declared in a dict")
+        logging.getLogger("dc").warning("also simplified")
+        assert handler.service.flush(10)
+    finally:
+        handler.service.stop()
+        root.removeHandler(handler)
+    svc = handler.service
+    assert [b["message"] for b in app_blocks(svc.full_path)] == ["declared in a dict", "also simplified"]
+    assert "WARNING: also simplified" in svc.simplified_path.read_text()
+    assert "declared in a dict" not in svc.simplified_path.read_text()
+
+
+def test_fileconfig_ini(tmp_path):
+    ini = tmp_path / "logging.ini"
+    ini.write_text(textwrap.dedent(f"""
+        [loggers]
+        keys=root
+        [handlers]
+        keys=mplog
+        [formatters]
+        keys=
+        [logger_root]
+        level=INFO
+        handlers=mplog
+        [handler_mplog]
+        class=mplog.ServiceHandler
+        args=({str(tmp_path / 'ini')!r}, 'ini')
+    """))
+    logging.config.fileConfig(ini, disable_existing_loggers=False)
+    root = logging.getLogger()
+    handler = [h for h in root.handlers if isinstance(h, mplog.ServiceHandler)][0]
+    try:
+        logging.getLogger("ini").info("from ini")
+        assert handler.service.flush(10)
+    finally:
+        handler.service.stop()
+        root.removeHandler(handler)
+    assert [b["message"] for b in app_blocks(handler.service.full_path)] == ["from ini"]
+
+
+def test_structlog_through_the_standard_library(service):
+    structlog = pytest.importorskip("structlog")
+    structlog.configure(
+        processors=[structlog.stdlib.add_log_level, structlog.processors.KeyValueRenderer(key_order=["event"])],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    try:
+        svc = service()
+        structlog.get_logger("sl").info("hello", sample="S7", n=3)
+        assert svc.flush(10)
+    finally:
+        structlog.reset_defaults()
+    blocks = app_blocks(svc.full_path)
+    assert len(blocks) == 1 and blocks[0]["logger"] == "sl" and blocks[0]["level"] == "INFO"
+    assert blocks[0]["message"] == "event='hello' sample='S7' n=3 level='info'"
+
+
+SIG_APP = """
+import logging, os, sys, time
+import mplog
+svc = mplog.LogService(sys.argv[1])
+svc.start()
+if sys.argv[2] == "handlers":
+    svc.install_signal_handlers()
+log = logging.getLogger("sig")
+i = 0
+while True:
+    log.info("n %d", i)
+    i += 1
+    if i == 2000:
+        print(svc.health()["listener"]["pid"], flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode, sig", [("handlers", signal.SIGTERM), ("handlers", signal.SIGINT),
+                                       ("none", signal.SIGTERM)])
+def test_signal_during_heavy_logging(tmp_path, mode, sig):
+    """With install_signal_handlers(): stopped cleanly, usual exit status. Without: the process
+    dies at once, yet every record it logged is in the kernel, and the listener drains them
+    and exits by itself (no orphan)."""
+    script = tmp_path / "s.py"
+    script.write_text(SIG_APP)
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "l"), mode], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        import psutil
+        listener = psutil.Process(int(p.stdout.readline()))
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+        listener.wait(15)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+    if sig == signal.SIGINT:
+        assert p.returncode == -signal.SIGINT and "KeyboardInterrupt" in err  # what Python does on Ctrl-C
+    else:
+        assert p.returncode == -signal.SIGTERM
+    msgs = [b["message"] for b in app_blocks(tmp_path / "l" / "run.debug.log")]
+    assert len(msgs) >= 2000
+    assert msgs == [f"n {i}" for i in range(len(msgs))]  # a gap-free prefix: nothing lost
+    summary = (tmp_path / "l" / "run.log").read_text()
+    if mode == "handlers":
+        assert f"mplog stopped: {len(msgs)} records written, 0 dropped, 0 lost" in summary
+    else:
+        assert "the application exited without stopping the log service" in summary
