@@ -32,7 +32,7 @@ import select
 import struct
 import time
 import zlib
-from threading import get_native_id
+from threading import get_ident
 from typing import Callable, Dict, List, Optional, Tuple
 from zlib import crc32
 
@@ -283,7 +283,9 @@ class FifoWriter:
         first frame is in the pipe: from then on the record counts as sent.
         """
         if len(payload) <= PAYLOAD_MAX:  # the hot path: one frame, one write, no allocation spree
-            tail = _TAIL.pack(kind, 0, len(payload), self.pid, get_native_id(), next(self._seq) & 0xFFFFFFFF)
+            # (pid, seq) identifies a message (seq is per process, shared by its threads); the
+            # thread id is informative. threading.get_native_id() would cost a gettid syscall.
+            tail = _TAIL.pack(kind, 0, len(payload), self.pid, get_ident() & 0xFFFFFFFF, next(self._seq) & 0xFFFFFFFF)
             frame = _HEAD.pack(MAGIC, crc32(payload, crc32(tail))) + tail + payload
             try:
                 os.write(self.fd, frame)
@@ -302,7 +304,7 @@ class FifoWriter:
                 except BlockingIOError:
                     continue
         deadline = None if timeout is None else time.monotonic() + timeout
-        frames = encode_frames(kind, self.pid, get_native_id(), next(self._seq) & 0xFFFFFFFF, payload)
+        frames = encode_frames(kind, self.pid, get_ident() & 0xFFFFFFFF, next(self._seq) & 0xFFFFFFFF, payload)
         first = True
         for frame in frames:
             while True:
