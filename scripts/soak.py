@@ -1,0 +1,898 @@
+#!/usr/bin/env python3
+"""Soak test: N workers log at a steady rate for a long time while the listener and workers are
+SIGKILLed at random and the files are rotated; then every record in every file is verified and
+the service's accounting is checked against the files.
+
+    python scripts/soak.py                        # 10 minutes, 8 workers x 500 records/s
+    python scripts/soak.py --duration 60          # the short one, for CI
+    python scripts/soak.py --duration 120 --kill-listener-every 10 --seed 7 --keep
+
+What runs:
+
+* ``--workers`` plain ``multiprocessing.Process`` workers (``--start-method``, default
+  forkserver) call ``mplog.worker_init(cfg)`` and log ``--rate`` records/s each, paced, with
+  unique and self-checking messages ``w{id}.{gen} seq {i} len {n} chk {crc32} {body}``
+  (every ``--big-every``-th record has a body of ``--big-size`` characters, so it crosses
+  several frames). ``gen`` counts the replacements of worker ``id``. Each worker reports how many
+  records it has logged to its own small file every 100 records (atomic replace) and when it
+  stops; a SIGKILLed worker's true count is between its last report and 100 more.
+* The main process SIGKILLs the listener every ``--kill-listener-every`` s and a random worker
+  every ``--kill-worker-every`` s (both with random jitter, x0.5..x1.5) and replaces the
+  worker; every ``--rotate-every`` s (a shorter run: once, at half-time) it rotates the logs
+  like logrotate's ``create`` mode (rename both files to ``.<k>``, create empty ones,
+  ``svc.reopen()``). It logs one
+  ``main event`` record per action. Every 5 s it prints a status line.
+* At the end: workers are stopped (stop file, bounded join), ``svc.flush()``,
+  ``final = svc.stop()``. Then every full log (rotated and current) is parsed block by block
+  and every simplified log line by line, and these are checked (PASS/FAIL each; exit 1 on any
+  FAIL):
+
+    - every block and line parses, every worker record is intact (body, CRC, the pid of the
+      worker that logged it), no record appears twice, none beyond what its worker logged;
+    - application records in the full logs == ``written``; the simplified logs hold exactly the
+      same records;
+    - ``sent == written + dropped + diverted + lost`` and
+      ``lost == torn + lost_with_listener + unattributed_lost``, with ``unattributed_lost == 0``
+      (every loss is a counted loss);
+    - the "N records lost" of the restart notices add up to ``lost_with_listener``; one notice
+      per restart; one restart per listener kill; the stop summary's count == ``written``;
+    - ``sent`` agrees with the workers' own reports; the records missing from the files are no
+      more than ``lost + dropped + diverted``;
+    - no worker died that we did not kill; ``flush()`` before stop returned True;
+    - the listener's and the main process's fd counts did not grow.
+
+It never hangs: every wait is bounded, a watchdog ends the run (exit 3) if the run and stop
+phases overrun by minutes, and every child is killed on the way out (also on Ctrl-C / SIGTERM,
+which end the chaos early and still verify what was written). Exit status: 0 all PASS,
+1 a FAIL, 2 bad usage, 3 watchdog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+import zlib
+from typing import Any, Dict, List, Optional, Tuple
+
+import psutil
+
+import mplog
+
+NAME = "soak"
+WORKER_LOGGER = "soak.worker"
+MAIN_LOGGER = "soak.main"
+REPORT_EVERY = 100
+SMALL_BODY = 24
+STATUS_EVERY = 5.0
+SEP = b"-" * 72
+
+
+# -- the records ---------------------------------------------------------------------------------
+def record_body(wid: int, gen: int, seq: int, size: int) -> str:
+    unit = f"{wid}:{gen}:{seq}/"
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+def record_message(wid: int, gen: int, seq: int, size: int) -> str:
+    head = f"w{wid}.{gen} seq {seq} len {size}"
+    body = record_body(wid, gen, seq, size)
+    chk = zlib.crc32(f"{head} {body}".encode())
+    return f"{head} chk {chk:08x} {body}"
+
+
+WORKER_MSG = re.compile(rb"^w(\d+)\.(\d+) seq (\d+) len (\d+) chk ([0-9a-f]{8}) (.*)$", re.S)
+MAIN_MSG = re.compile(rb"^main event (\d+): ")
+
+
+def check_worker_message(m: "re.Match[bytes]") -> bool:
+    wid, gen, seq, size = (int(m.group(i)) for i in range(1, 5))
+    body = m.group(6)
+    if len(body) != size or body != record_body(wid, gen, seq, size).encode():
+        return False
+    head = f"w{wid}.{gen} seq {seq} len {size}".encode()
+    return zlib.crc32(head + b" " + body) == int(m.group(5), 16)
+
+
+# -- the worker process --------------------------------------------------------------------------
+def write_report(path: str, count: int, done: bool) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{count} {int(done)} {os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def read_report(path: str) -> Tuple[int, bool]:
+    try:
+        with open(path) as f:
+            count, done, _pid = f.read().split()
+        return int(count), done == "1"
+    except (OSError, ValueError):
+        return 0, False
+
+
+def worker_main(cfg: Any, wid: int, gen: int, rate: float, stop_path: str, report_path: str,
+                big_every: int, big_size: int) -> None:
+    # Ctrl-C goes to the whole process group: the main process decides how workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mplog.worker_init(cfg)
+    log = logging.getLogger(WORKER_LOGGER)
+    parent = os.getppid()  # the main process, or the forkserver: both go when the run goes
+    interval = 1.0 / rate
+    seq = 0
+    write_report(report_path, 0, False)
+    t0 = time.monotonic()
+    next_check = 0.0
+    while True:
+        now = time.monotonic()
+        if now >= next_check:
+            next_check = now + 0.1
+            if os.path.exists(stop_path) or os.getppid() != parent:
+                break
+        due = t0 + seq * interval
+        if due > now:
+            time.sleep(min(due - now, 0.1))
+            continue
+        if now - due > 1.0:  # more than 1 s behind (an overloaded machine): no catch-up burst
+            t0 = now - seq * interval
+        size = big_size if big_every and seq % big_every == big_every - 1 else SMALL_BODY
+        log.info(record_message(wid, gen, seq, size))
+        seq += 1
+        if seq % REPORT_EVERY == 0:
+            write_report(report_path, seq, False)
+    write_report(report_path, seq, True)
+
+
+# -- the main process ----------------------------------------------------------------------------
+class Worker:
+    def __init__(self, wid: int, gen: int, proc: Any, report_path: str) -> None:
+        self.wid = wid
+        self.gen = gen
+        self.proc = proc
+        self.pid: Optional[int] = proc.pid
+        self.report_path = report_path
+        self.killed = False       # by us, SIGKILL
+        self.unexpected: Optional[str] = None  # died on its own: how
+        self.unstoppable = False  # did not stop when asked; killed at the end
+        self.exitcode: Optional[int] = None
+        self.count = 0            # reported
+        self.done = False         # the report is final (clean exit)
+
+    @property
+    def key(self) -> Tuple[int, int]:
+        return (self.wid, self.gen)
+
+
+def listener_snapshot(health: Dict[str, Any]) -> Dict[str, Any]:
+    info = health.get("listener") or {}
+    return {"pid": info.get("pid"), "alive": info.get("alive"), "rss": info.get("rss_bytes"),
+            "fds": info.get("num_fds"), "uptime": info.get("uptime_s")}
+
+
+def mb(n: Optional[int]) -> str:
+    return "?" if n is None else f"{n / 1048576:.1f} MB"
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace, directory: str) -> None:
+        self.args = args
+        self.dir = directory
+        self.rng = random.Random(args.seed)
+        self.ctx = multiprocessing.get_context(args.start_method)
+        self.reports = os.path.join(directory, f"{NAME}-reports")
+        self.stop_path = os.path.join(self.reports, "STOP")
+        self.svc: Any = None
+        self.workers: Dict[int, Worker] = {}
+        self.history: List[Worker] = []
+        self.main_log = logging.getLogger(MAIN_LOGGER)
+        self.main_events = 0
+        self.listener_kills = 0
+        self.listener_kill_skipped = 0
+        self.worker_kills = 0
+        self.rotations = 0
+        self.rotated: List[Tuple[str, str]] = []  # (full, simplified) per rotation, in order
+        self.start_listener: Dict[str, Any] = {}
+        self.end_listener: Dict[str, Any] = {}
+        self.max_rss = 0
+        self.max_fds = 0
+        self.main_fds_start: Optional[int] = None
+        self.main_fds_end: Optional[int] = None
+        self.flushed: Optional[bool] = None
+        self.final: Optional[Dict[str, Any]] = None
+        self.elapsed = 0.0
+        self.interrupted: Optional[str] = None
+        self.t0 = time.monotonic()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def event(self, text: str) -> None:
+        """One verifiable application record from the main process."""
+        self.main_log.info("main event %d: %s", self.main_events, text)
+        self.main_events += 1
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:7.1f}s] {text}", flush=True)
+
+    # -- workers ----------------------------------------------------------------------------------
+    def start_worker(self, wid: int, gen: int) -> Worker:
+        report = os.path.join(self.reports, f"w{wid}.{gen}")
+        a = self.args
+        proc = self.ctx.Process(target=worker_main, name=f"soak-w{wid}.{gen}", daemon=True,
+                                args=(self.svc.worker_config, wid, gen, a.rate, self.stop_path, report,
+                                      a.big_every, a.big_size))
+        proc.start()
+        w = Worker(wid, gen, proc, report)
+        self.workers[wid] = w
+        self.history.append(w)
+        return w
+
+    def reap(self, w: Worker, timeout: float) -> None:
+        w.proc.join(timeout)
+        w.exitcode = w.proc.exitcode
+        if w.exitcode is not None:
+            w.count, w.done = read_report(w.report_path)
+            w.proc.close()
+
+    def kill_worker(self) -> None:
+        alive = [w for w in self.workers.values() if w.proc.is_alive()]
+        if not alive:
+            return
+        w = self.rng.choice(alive)
+        try:
+            os.kill(w.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        w.killed = True
+        self.reap(w, 5.0)
+        self.worker_kills += 1
+        self.event(f"killed worker w{w.wid}.{w.gen} pid {w.pid} (exit {w.exitcode}) after {w.count}+ records")
+        self.start_worker(w.wid, w.gen + 1)
+
+    def check_workers(self) -> None:
+        for w in list(self.workers.values()):
+            if w.proc.exitcode is not None and not w.killed:
+                self.reap(w, 1.0)
+                w.unexpected = f"exit code {w.exitcode}"
+                self.say(f"UNEXPECTED: worker w{w.wid}.{w.gen} pid {w.pid} died ({w.unexpected}); replacing it")
+                self.event(f"worker w{w.wid}.{w.gen} died unexpectedly ({w.unexpected})")
+                self.start_worker(w.wid, w.gen + 1)
+
+    def stop_workers(self, timeout: float) -> None:
+        with open(self.stop_path, "w"):
+            pass
+        deadline = time.monotonic() + timeout
+        for w in self.workers.values():
+            self.reap(w, max(0.0, deadline - time.monotonic()))
+        for w in self.workers.values():
+            if w.exitcode is None:
+                w.unstoppable = True
+                try:
+                    os.kill(w.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.reap(w, 5.0)
+            elif w.exitcode != 0 and not w.killed:
+                w.unexpected = f"exit code {w.exitcode} at stop"
+
+    def kill_everything(self) -> None:
+        """Last resort on the way out: no child of ours survives the script."""
+        for w in self.history:
+            try:
+                if w.proc.exitcode is None:
+                    os.kill(w.proc.pid, signal.SIGKILL)
+                    w.proc.join(2.0)
+            except (ValueError, OSError, AssertionError):
+                pass
+
+    # -- the listener and the files --------------------------------------------------------------
+    def kill_listener(self) -> bool:
+        snap = listener_snapshot(self.svc.health())
+        if not snap["alive"] or not snap["pid"]:
+            self.listener_kill_skipped += 1
+            return False  # restarting: try again shortly
+        try:
+            os.kill(snap["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        self.listener_kills += 1
+        self.event(f"killed listener pid {snap['pid']} (kill {self.listener_kills})")
+        return True
+
+    def rotate(self) -> None:
+        self.rotations += 1
+        k = self.rotations
+        moved = []
+        for path in (str(self.svc.full_path), str(self.svc.simplified_path)):
+            target = f"{path}.{k}"
+            try:
+                os.rename(path, target)
+            except FileNotFoundError:
+                target = ""
+            moved.append(target)
+            # logrotate "create": a new empty file, then tell the program.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.close(fd)
+        self.rotated.append((moved[0], moved[1]))
+        self.svc.reopen()
+        self.event(f"rotated the logs to .{k}")
+
+    def sample(self, health: Dict[str, Any]) -> Dict[str, Any]:
+        snap = listener_snapshot(health)
+        if snap["rss"]:
+            self.max_rss = max(self.max_rss, snap["rss"])
+        if snap["fds"]:
+            self.max_fds = max(self.max_fds, snap["fds"])
+        return snap
+
+    def live_listener_health(self, timeout: float = 15.0) -> Dict[str, Any]:
+        """health(), once a listener is up (one may have just been killed): bounded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            h = self.svc.health()
+            if listener_snapshot(h)["fds"] or time.monotonic() >= deadline:
+                return h
+            time.sleep(0.1)
+
+    def status(self, elapsed: float) -> None:
+        h = self.svc.health()
+        snap = self.sample(h)
+        r = h["records"]
+        rate = r["sent"] / elapsed if elapsed > 0 else 0.0
+        self.say(f"{elapsed:6.0f}/{self.args.duration:.0f}s {h['status']:<8} sent {r['sent']:>9} "
+                 f"written {r['written']:>9} ({rate:,.0f}/s) lost {r['lost']} dropped {r['dropped']} "
+                 f"diverted {r['diverted']} depth {h['queue']['depth']} restarts {h['restarts']} | "
+                 f"listener {snap['pid']} rss {mb(snap['rss'])} fds {snap['fds']} | kills L{self.listener_kills} "
+                 f"W{self.worker_kills} rot {self.rotations}")
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        a = self.args
+        os.makedirs(self.reports, exist_ok=True)
+        self.svc = mplog.LogService(self.dir, name=NAME, shutdown_timeout=a.shutdown_timeout)
+        self.svc.start()
+        self.say(f"service started: listener pid {self.svc.health()['listener']['pid']}, logs in {self.dir}")
+        self.event("soak started")
+        for wid in range(a.workers):
+            self.start_worker(wid, 0)
+        if not self.svc.flush(30.0):
+            self.say("warning: the first flush did not complete within 30 s")
+        # Measure once the workers log and the listener has settled into its steady state.
+        time.sleep(1.0)
+        self.start_listener = self.sample(self.live_listener_health())
+        self.main_fds_start = psutil.Process().num_fds()
+        self.say(f"start: listener pid {self.start_listener['pid']} rss {mb(self.start_listener['rss'])} "
+                 f"fds {self.start_listener['fds']}; main process fds {self.main_fds_start}")
+
+        def jitter(every: float) -> float:
+            return every * self.rng.uniform(0.5, 1.5)
+
+        start = time.monotonic()
+        inf = float("inf")
+        next_lkill = start + jitter(a.kill_listener_every) if a.kill_listener_every > 0 else inf
+        next_wkill = start + jitter(a.kill_worker_every) if a.kill_worker_every > 0 else inf
+        # A run shorter than the rotation period still rotates once, at half-time.
+        next_rot = start + min(a.rotate_every, a.duration / 2) if a.rotate_every > 0 else inf
+        next_status = start + STATUS_EVERY
+        end = start + a.duration
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= end:
+                    break
+                self.check_workers()
+                if now >= next_lkill:
+                    next_lkill = (now + jitter(a.kill_listener_every)) if self.kill_listener() else now + 0.5
+                if now >= next_wkill:
+                    self.kill_worker()
+                    next_wkill = now + jitter(a.kill_worker_every)
+                if now >= next_rot:
+                    self.rotate()
+                    next_rot = max(next_rot + a.rotate_every, now)
+                if now >= next_status:
+                    self.status(now - start)
+                    next_status += STATUS_EVERY
+                wake = min(next_lkill, next_wkill, next_rot, next_status, end)
+                time.sleep(min(0.25, max(0.0, wake - time.monotonic())))
+        except KeyboardInterrupt:
+            self.interrupted = "interrupted (Ctrl-C / SIGTERM): chaos ended early"
+            self.say(self.interrupted + "; stopping and verifying what was written")
+        self.elapsed = time.monotonic() - start
+        self.check_workers()
+        self.end_listener = self.sample(self.live_listener_health())
+        self.main_fds_end = psutil.Process().num_fds()
+        self.say(f"end: listener pid {self.end_listener['pid']} rss {mb(self.end_listener['rss'])} "
+                 f"fds {self.end_listener['fds']} (up {self.end_listener['uptime']} s); main process fds "
+                 f"{self.main_fds_end}")
+        self.event("soak stopping")
+        self.stop_workers(15.0)
+        self.flushed = self.svc.flush(30.0)
+        self.final = self.svc.stop()
+        self.say(f"stopped: {self.final['records']}")
+
+
+# -- verification --------------------------------------------------------------------------------
+HEADER = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\] \[(?:[A-Z]+|Level \d+)\] \[([^\]]*)\] "
+                    rb"\[[^\]]*:(\d+)\] \[[^\]]*:\d+\]$")
+SIMPLE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] (.*)$", re.S)
+RESTART = re.compile(rb"^listener restarted after (\S+); (\d+) records lost$")
+SUMMARY = re.compile(rb"^mplog stopped: (\d+) records written, (\d+) dropped, (\d+) lost")
+
+
+class Tally:
+    """How many times each (worker, gen, seq) was seen: one bytearray per (worker, gen)."""
+
+    def __init__(self) -> None:
+        self.counts: Dict[Tuple[int, int], bytearray] = {}
+        self.records = 0
+        self.dups = 0
+        self.dup_examples: List[str] = []
+
+    def add(self, key: Tuple[int, int], seq: int) -> None:
+        arr = self.counts.get(key)
+        if arr is None:
+            arr = self.counts[key] = bytearray(max(1024, seq + 1))
+        elif seq >= len(arr):
+            arr.extend(bytes(max(seq + 1 - len(arr), len(arr))))
+        if arr[seq]:
+            self.dups += 1
+            if len(self.dup_examples) < 5:
+                self.dup_examples.append(f"w{key[0]}.{key[1]} seq {seq}")
+        if arr[seq] < 255:
+            arr[seq] += 1
+        self.records += 1
+
+    def present(self, key: Tuple[int, int]) -> Tuple[int, int]:
+        """(distinct seqs present, highest seq present + 1)."""
+        arr = self.counts.get(key)
+        if arr is None:
+            return 0, 0
+        distinct = len(arr) - arr.count(0)
+        top = len(arr.rstrip(b"\0"))
+        return distinct, top
+
+    def same_as(self, other: "Tally") -> bool:
+        keys = set(self.counts) | set(other.counts)
+        for k in keys:
+            a = bytes(self.counts.get(k, b"")).rstrip(b"\0")
+            b = bytes(other.counts.get(k, b"")).rstrip(b"\0")
+            if a != b:
+                return False
+        return True
+
+
+class Verification:
+    def __init__(self, pids: Dict[Tuple[int, int], Optional[int]]) -> None:
+        self.pids = pids
+        self.full = Tally()
+        self.simple = Tally()
+        self.files: List[Tuple[str, int]] = []
+        self.blocks = 0
+        self.app_records = 0         # blocks of any logger but mplog
+        self.main_records = 0
+        self.main_seen: Dict[int, int] = {}
+        self.other_app = 0
+        self.garbled = 0             # lines/blocks that do not parse
+        self.bad_records = 0         # worker records that parse but are not intact
+        self.examples: List[str] = []
+        self.restart_notices = 0
+        self.restart_lost = 0
+        self.restart_reasons: Dict[str, int] = {}
+        self.summaries: List[Tuple[int, int, int]] = []
+        self.other_notices: List[str] = []
+        self.simple_lines = 0
+        self.simple_garbled = 0
+        self.simple_main = 0
+        self.simple_restart_notices = 0
+
+    def bad(self, what: str, path: str, lineno: int, line: bytes) -> None:
+        if len(self.examples) < 8:
+            self.examples.append(f"{what} at {os.path.basename(path)}:{lineno}: {line[:160]!r}")
+
+    # -- full logs: blocks -------------------------------------------------------------------------
+    def full_log(self, path: str) -> None:
+        self.files.append((path, os.path.getsize(path)))
+        header: Optional["re.Match[bytes]"] = None
+        body: List[bytes] = []
+        start_line = 0
+        lineno = 0
+        resync = False
+        with open(path, "rb") as f:
+            for raw in f:
+                lineno += 1
+                if not raw.endswith(b"\n"):
+                    self.garbled += 1
+                    self.bad("unterminated last line", path, lineno, raw)
+                    header = None
+                    break
+                line = raw[:-1]
+                if header is None:
+                    m = HEADER.match(line)
+                    if m is None:
+                        if not resync:  # one garbled region counts once
+                            self.garbled += 1
+                            self.bad("not a block header", path, lineno, line)
+                            resync = True
+                        continue
+                    resync = False
+                    header, body, start_line = m, [], lineno
+                elif line == SEP:
+                    self.block(header, body, path, start_line)
+                    header = None
+                elif line.startswith(b"  "):
+                    body.append(line)
+                else:
+                    self.garbled += 1
+                    self.bad("unindented line inside a block", path, lineno, line)
+                    header = None
+                    resync = True
+        if header is not None:
+            self.garbled += 1
+            self.bad("unterminated block", path, start_line, header.group(0))
+
+    def block(self, header: "re.Match[bytes]", body: List[bytes], path: str, lineno: int) -> None:
+        self.blocks += 1
+        if not body or not body[0].startswith(b"  Message: "):
+            self.garbled += 1
+            self.bad("block without a message", path, lineno, header.group(0))
+            return
+        logger = header.group(1)
+        msg = body[0][11:]
+        if logger == b"mplog":
+            text = b"\n".join([msg] + [b[11:] for b in body[1:] if b.startswith(b"           ")])
+            m = RESTART.match(text)
+            if m:
+                self.restart_notices += 1
+                self.restart_lost += int(m.group(2))
+                reason = m.group(1).decode()
+                self.restart_reasons[reason] = self.restart_reasons.get(reason, 0) + 1
+                return
+            m = SUMMARY.match(text)
+            if m:
+                self.summaries.append((int(m.group(1)), int(m.group(2)), int(m.group(3))))
+                return
+            self.other_notices.append(f"{os.path.basename(path)}:{lineno}: {text[:200]!r}")
+            return
+        self.app_records += 1
+        if logger == WORKER_LOGGER.encode():
+            m = WORKER_MSG.match(msg)
+            if m is None or len(body) != 1:
+                self.bad_records += 1
+                self.bad("malformed worker record", path, lineno, msg)
+                return
+            key = (int(m.group(1)), int(m.group(2)))
+            if not check_worker_message(m) or self.pids.get(key) != int(header.group(2)):
+                self.bad_records += 1
+                self.bad("corrupt or misattributed worker record", path, lineno, header.group(0) + b" " + msg)
+                return
+            self.full.add(key, int(m.group(3)))
+        elif logger == MAIN_LOGGER.encode():
+            m = MAIN_MSG.match(msg)
+            if m is None:
+                self.bad_records += 1
+                self.bad("malformed main record", path, lineno, msg)
+                return
+            self.main_records += 1
+            n = int(m.group(1))
+            self.main_seen[n] = self.main_seen.get(n, 0) + 1
+        else:
+            self.other_app += 1
+            self.bad(f"record of an unexpected logger {logger!r}", path, lineno, msg)
+
+    # -- simplified logs: lines --------------------------------------------------------------------
+    def simplified_log(self, path: str) -> None:
+        self.files.append((path, os.path.getsize(path)))
+        lineno = 0
+        with open(path, "rb") as f:
+            for raw in f:
+                lineno += 1
+                if not raw.endswith(b"\n"):
+                    self.simple_garbled += 1
+                    self.bad("unterminated last line", path, lineno, raw)
+                    break
+                line = raw[:-1]
+                if line.startswith(b"    "):  # a continuation (the stop summary's warnings)
+                    continue
+                m = SIMPLE_LINE.match(line)
+                if m is None:
+                    self.simple_garbled += 1
+                    self.bad("not a simplified line", path, lineno, line)
+                    continue
+                self.simple_lines += 1
+                text = m.group(1)
+                if text.startswith(b"w"):
+                    wm = WORKER_MSG.match(text)
+                    if wm is None or not check_worker_message(wm):
+                        self.simple_garbled += 1
+                        self.bad("corrupt worker line", path, lineno, line)
+                        continue
+                    self.simple.add((int(wm.group(1)), int(wm.group(2))), int(wm.group(3)))
+                elif MAIN_MSG.match(text):
+                    self.simple_main += 1
+                elif text.startswith(b"WARNING: listener restarted after "):
+                    self.simple_restart_notices += 1
+                elif text.startswith(b"mplog stopped: "):
+                    pass
+                else:
+                    self.simple_garbled += 1
+                    self.bad("unexpected simplified line", path, lineno, line)
+
+
+def verify(soak: Soak) -> bool:
+    final = soak.final
+    assert final is not None
+    rec = final["records"]
+    svc = soak.svc
+    v = Verification({w.key: w.pid for w in soak.history})
+    t_parse = time.monotonic()
+    full_paths = [f for f, _s in soak.rotated if f] + [str(svc.full_path)]
+    simple_paths = [s for _f, s in soak.rotated if s] + [str(svc.simplified_path)]
+    for p in full_paths:
+        if os.path.exists(p):
+            v.full_log(p)
+    for p in simple_paths:
+        if os.path.exists(p):
+            v.simplified_log(p)
+    t_parse = time.monotonic() - t_parse
+
+    # What the workers say they logged, against what the files hold.
+    clean_logged = killed_low = killed_high = 0
+    gaps = beyond = 0
+    beyond_examples: List[str] = []
+    for w in soak.history:
+        distinct, top = v.full.present(w.key)
+        clean = w.done and not w.killed and not w.unstoppable
+        if clean:
+            low = high = w.count
+        else:  # killed: it logged at least its last report, at most REPORT_EVERY more
+            low, high = max(w.count, top), w.count + REPORT_EVERY
+        if clean:
+            clean_logged += w.count
+        else:
+            killed_low += low
+            killed_high += high
+        if top > high:
+            beyond += 1
+            if len(beyond_examples) < 5:
+                beyond_examples.append(f"w{w.wid}.{w.gen}: seq {top - 1} in the files, reported {w.count}")
+        # Missing: below what a clean worker reported; below its highest record for a killed one.
+        gaps += max(0, w.count - distinct) if clean else max(0, min(top, high) - distinct)
+    main_missing = soak.main_events - len(v.main_seen)
+    main_dups = sum(n - 1 for n in v.main_seen.values() if n > 1)
+    worker_sent = rec["sent"] - soak.main_events  # the main process logs nothing else
+    killed_sent = worker_sent - clean_logged
+    in_files = v.full.records + v.main_records + v.other_app
+
+    checks: List[Tuple[bool, str]] = []
+
+    def check(ok: bool, text: str) -> None:
+        checks.append((bool(ok), text))
+
+    check(soak.interrupted is None, "the chaos ran for the requested duration"
+          + (f" ({soak.interrupted}, after {soak.elapsed:.1f} s)" if soak.interrupted else ""))
+    unexpected = [w for w in soak.history if w.unexpected]
+    unstoppable = [w for w in soak.history if w.unstoppable]
+    check(not unexpected and not unstoppable,
+          f"every worker death was one of our kills (unexpected exits {len(unexpected)}"
+          + (": " + ", ".join(f"w{w.wid}.{w.gen} {w.unexpected}" for w in unexpected[:5]) if unexpected else "")
+          + f"; did not stop when asked {len(unstoppable)})")
+    check(soak.flushed is True, f"svc.flush() before stop returned True (got {soak.flushed})")
+    check(v.garbled == 0, f"every block of the full logs parses (garbled {v.garbled})")
+    check(v.simple_garbled == 0, f"every line of the simplified logs parses (garbled {v.simple_garbled})")
+    check(v.bad_records == 0 and v.other_app == 0,
+          f"every application record is intact and ours: body, CRC, pid (bad {v.bad_records}, "
+          f"foreign {v.other_app})")
+    check(v.full.dups == 0 and main_dups == 0,
+          f"no record twice in the full logs (duplicates {v.full.dups + main_dups}"
+          + (": " + ", ".join(v.full.dup_examples) if v.full.dup_examples else "") + ")")
+    check(v.simple.dups == 0, f"no record twice in the simplified logs (duplicates {v.simple.dups})")
+    check(in_files == rec["written"],
+          f"application records in the files == written ({in_files} vs {rec['written']}, "
+          f"difference {in_files - rec['written']:+d})")
+    check(v.simple.same_as(v.full) and v.simple_main == v.main_records,
+          f"the simplified logs hold the same records as the full logs ({v.simple.records + v.simple_main} vs "
+          f"{v.full.records + v.main_records})")
+    total = rec["written"] + rec["dropped"] + rec["diverted"] + rec["lost"]
+    check(rec["sent"] == total,
+          f"sent == written + dropped + diverted + lost ({rec['sent']} vs {total})")
+    counted = rec["torn"] + rec["lost_with_listener"] + rec["unattributed_lost"]
+    check(rec["lost"] == counted,
+          f"lost == torn + lost_with_listener + unattributed_lost ({rec['lost']} vs {rec['torn']} + "
+          f"{rec['lost_with_listener']} + {rec['unattributed_lost']})")
+    check(rec["unattributed_lost"] == 0,
+          f"unattributed_lost == 0: lost equals the counted losses (unattributed {rec['unattributed_lost']})")
+    check(v.restart_lost == rec["lost_with_listener"],
+          f"sum of 'N records lost' in the restart notices == lost_with_listener ({v.restart_lost} vs "
+          f"{rec['lost_with_listener']})")
+    check(v.restart_notices == final["restarts"] == soak.listener_kills,
+          f"one restart per listener kill and one notice per restart (kills {soak.listener_kills}, "
+          f"restarts {final['restarts']}, notices {v.restart_notices})")
+    summary_ok = len(v.summaries) == 1 and v.summaries[0][0] == rec["written"]
+    check(summary_ok and not v.other_notices,
+          f"one stop summary, its count == written, no other notice ({v.summaries}; other notices "
+          f"{len(v.other_notices)})")
+    check(killed_low <= killed_sent <= killed_high and clean_logged <= worker_sent,
+          f"sent agrees with the workers' reports (clean workers {clean_logged}; killed workers: sent "
+          f"{killed_sent}, reports allow {killed_low}..{killed_high})")
+    check(beyond == 0, f"no record beyond what its worker logged ({beyond}"
+          + (": " + ", ".join(beyond_examples) if beyond_examples else "") + ")")
+    missing = gaps + max(0, main_missing)
+    allowed = rec["lost"] + rec["dropped"] + rec["diverted"]
+    check(missing <= allowed, f"records missing from the files <= lost + dropped + diverted ({missing} <= {allowed})")
+    lf0, lf1 = soak.start_listener.get("fds"), soak.end_listener.get("fds")
+    check(lf0 is not None and lf1 is not None and lf1 <= lf0 + 2,
+          f"listener fds did not grow (start {lf0}, end {lf1})")
+    mf0, mf1 = soak.main_fds_start, soak.main_fds_end
+    check(mf0 is not None and mf1 is not None and mf1 <= mf0 + 3,
+          f"main process fds did not grow (start {mf0}, end {mf1})")
+
+    # -- the report --------------------------------------------------------------------------------
+    a = soak.args
+    sizes = sum(s for _p, s in v.files)
+    print()
+    print("=" * 100)
+    print(f"mplog soak report: {soak.elapsed:.1f} s of chaos (requested {a.duration:g}), {a.workers} workers x "
+          f"{a.rate:g} records/s, start method {a.start_method}, seed {a.seed}")
+    if soak.interrupted:
+        print(f"NOTE: {soak.interrupted}")
+    print(f"logs: {soak.dir}")
+    print(f"chaos: listener kills {soak.listener_kills} (postponed {soak.listener_kill_skipped} while it was "
+          f"restarting), worker kills {soak.worker_kills} ({len(soak.history)} worker generations), "
+          f"rotations {soak.rotations} (listener reopens {final.get('reopens', '?')}), unexpected worker exits "
+          f"{len(unexpected)}")
+    print(f"records (final health):  sent {rec['sent']}   written {rec['written']}   dropped {rec['dropped']}   "
+          f"diverted {rec['diverted']}   lost {rec['lost']}")
+    print(f"  lost = torn {rec['torn']} + lost_with_listener {rec['lost_with_listener']} + "
+          f"unattributed_lost {rec['unattributed_lost']}")
+    print(f"  replaced {rec.get('replaced')}   malformed_frames {rec.get('malformed_frames')}   "
+          f"achieved rate {rec['sent'] / max(soak.elapsed, 1e-9):,.0f} records/s")
+    print(f"restarts {final['restarts']} (last exit {(final.get('last_exit') or {}).get('name')}); restart "
+          f"notices {v.restart_notices} {v.restart_reasons}, records lost in them {v.restart_lost}")
+    s0, s1 = soak.start_listener, soak.end_listener
+    print(f"listener at start: pid {s0.get('pid')} rss {mb(s0.get('rss'))} fds {s0.get('fds')}   "
+          f"at end: pid {s1.get('pid')} rss {mb(s1.get('rss'))} fds {s1.get('fds')} (up {s1.get('uptime')} s)   "
+          f"max seen: rss {mb(soak.max_rss)} fds {soak.max_fds}")
+    print(f"main process fds: start {mf0} end {mf1}")
+    print(f"files: {len(v.files)} ({len(full_paths)} full, {len(simple_paths)} simplified), {mb(sizes)}, "
+          f"parsed in {t_parse:.1f} s; full-log blocks {v.blocks}: application {in_files} (worker "
+          f"{v.full.records}, main {v.main_records}, other {v.other_app}), mplog notices "
+          f"{v.blocks - in_files}; simplified lines {v.simple_lines}")
+    print(f"workers: clean exits logged {clean_logged}; records missing from the files {missing} "
+          f"(main events missing {max(0, main_missing)})")
+    for e in v.examples:
+        print(f"  example: {e}")
+    for n in v.other_notices[:5]:
+        print(f"  other notice: {n}")
+    print("checks:")
+    for ok, text in checks:
+        print(f"  {'PASS' if ok else 'FAIL'}  {text}")
+    passed = all(ok for ok, _t in checks)
+    print(f"RESULT: {'PASS' if passed else 'FAIL'} ({sum(ok for ok, _t in checks)}/{len(checks)} checks passed)")
+    print("=" * 100, flush=True)
+    return passed
+
+
+# -- entry point ---------------------------------------------------------------------------------
+def mplog_source() -> str:
+    """Where mplog is imported from, and its git state: others may be editing it."""
+    pkg = os.path.dirname(os.path.abspath(mplog.__file__))
+    text = f"mplog {mplog.__version__} from {pkg}"
+    try:
+        root = subprocess.run(["git", "-C", pkg, "rev-parse", "--show-toplevel"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        if root:
+            head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", pkg], capture_output=True,
+                                   text=True, timeout=10).stdout.split("\n")
+            changed = [line[3:] for line in dirty if line.strip()]
+            text += f" (git {head}" + (f", uncommitted changes in {', '.join(changed)})" if changed else ", clean)")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return text
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--duration", type=float, default=600.0, help="seconds of chaos (default 600)")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--rate", type=float, default=500.0, help="records/s per worker (default 500)")
+    p.add_argument("--kill-listener-every", type=float, default=20.0, metavar="S",
+                   help="SIGKILL the listener every S s, x0.5..x1.5 jitter (0: never; default 20)")
+    p.add_argument("--kill-worker-every", type=float, default=15.0, metavar="S",
+                   help="SIGKILL a random worker every S s, jittered, and replace it (0: never; default 15)")
+    p.add_argument("--rotate-every", type=float, default=60.0, metavar="S",
+                   help="rotate the logs every S s; a shorter run rotates once, at half-time (0: never; default 60)")
+    p.add_argument("--big-every", type=int, default=250, metavar="N",
+                   help="every N-th record of a worker is big (several frames; 0: never; default 250)")
+    p.add_argument("--big-size", type=int, default=9000, metavar="CHARS")
+    p.add_argument("--start-method", default="forkserver", choices=multiprocessing.get_all_start_methods())
+    p.add_argument("--shutdown-timeout", type=float, default=10.0, help="LogService shutdown_timeout")
+    p.add_argument("--dir", help="log directory (default: a new temporary one, removed after a PASS)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary log directory")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    args = p.parse_args(argv)
+    if args.workers < 1 or args.rate <= 0 or args.duration <= 0:
+        p.error("--workers, --rate and --duration must be positive")
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(1 << 31)
+
+    if args.dir:
+        directory = os.path.abspath(args.dir)
+        os.makedirs(directory, exist_ok=True)
+        leftovers = [n for n in os.listdir(directory) if n.startswith(NAME + ".") or n == f"{NAME}-reports"]
+        if leftovers:
+            print(f"soak: {directory} already holds {sorted(leftovers)[:4]}...: the files are appended to, "
+                  "which would mix runs; use an empty directory", file=sys.stderr)
+            return 2
+        temporary = False
+    else:
+        directory = tempfile.mkdtemp(prefix="mplog-soak-")
+        temporary = True
+    if args.start_method == "fork":
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # 3.12+: fork with threads
+
+    def on_sigterm(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    print(f"mplog soak: {args.duration:g} s, {args.workers} workers x {args.rate:g} records/s, start method "
+          f"{args.start_method}, listener kill ~{args.kill_listener_every:g} s, worker kill "
+          f"~{args.kill_worker_every:g} s, rotation {args.rotate_every:g} s, seed {args.seed}, logs in {directory}",
+          flush=True)
+    print(f"testing {mplog_source()}", flush=True)
+
+    soak = Soak(args, directory)
+
+    # Watchdog: the run and the stop are bounded; if they overrun anyway, kill everything and exit 3.
+    def watchdog() -> None:
+        print(f"soak: WATCHDOG: the run did not finish within {budget:.0f} s; killing every child", file=sys.stderr,
+              flush=True)
+        soak.kill_everything()
+        try:
+            pid = listener_snapshot(soak.svc.health())["pid"] if soak.svc is not None else None
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+        except Exception:
+            pass
+        os._exit(3)
+
+    budget = args.duration + 180.0
+    timer = threading.Timer(budget, watchdog)
+    timer.daemon = True
+    timer.start()
+    passed = False
+    try:
+        soak.run()
+        timer.cancel()
+        passed = verify(soak)
+    except KeyboardInterrupt:
+        print("soak: interrupted again: aborting without verification", file=sys.stderr)
+        return 1
+    finally:
+        timer.cancel()
+        soak.kill_everything()
+        if soak.svc is not None:
+            try:
+                soak.svc.stop()
+            except Exception as exc:
+                print(f"soak: stopping the service failed: {exc!r}", file=sys.stderr)
+        if temporary and passed and not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+        elif temporary:
+            print(f"soak: logs kept in {directory}", flush=True)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
