@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 __all__ = ["OVERFLOW_POLICIES", "ServiceConfig", "WorkerConfig", "parse_level"]
 
@@ -100,6 +100,8 @@ class ServiceConfig:
     rotate_interval: Optional[float] = None
     backup_count: int = 5
     compress: bool = False
+    syslog: Optional[Tuple[str, int]] = None
+    syslog_level: int = logging.DEBUG
 
     @property
     def simplified_path(self) -> Path:
@@ -182,6 +184,21 @@ class ServiceConfig:
             if not isinstance(options["compress"], bool):
                 raise ValueError(f"compress: expected True or False, got {options['compress']!r}")
             values["compress"] = options["compress"]
+        if options.get("syslog") is not None:
+            target = options["syslog"]
+            if isinstance(target, str):
+                host, _, port_text = target.rpartition(":")
+                try:
+                    target = (host, int(port_text))
+                except ValueError:
+                    raise ValueError(f"syslog: expected 'host:port' or (host, port), got {options['syslog']!r}") from None
+            if (not isinstance(target, (tuple, list)) or len(target) != 2 or not isinstance(target[0], str)
+                    or not target[0] or isinstance(target[1], bool) or not isinstance(target[1], int)
+                    or not 0 < target[1] < 65536):
+                raise ValueError(f"syslog: expected 'host:port' or (host, port), got {options['syslog']!r}")
+            values["syslog"] = (target[0], target[1])
+        if "syslog_level" in options:
+            values["syslog_level"] = parse_level("syslog_level", options["syslog_level"])
         if "capture_warnings" in options:
             if not isinstance(options["capture_warnings"], bool):
                 raise ValueError(f"capture_warnings: expected True or False, got {options['capture_warnings']!r}")

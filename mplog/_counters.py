@@ -22,12 +22,14 @@ FIELDS = (
     "magic", "state", "received", "written", "pending", "full_start", "full_expected",
     "simp_start", "simp_expected", "torn", "malformed", "lost_listener", "last_write_ns",
     "flushed_token", "listener_pid", "slots_used", "replaced_listener", "stderr_records",
-    "write_errors", "rotations", "pending_base", "error_ns", "reopens",
+    "write_errors", "rotations", "pending_base", "error_ns", "reopens", "full_ino", "simp_ino",
+    "syslog_connected", "syslog_forwarded", "syslog_dropped", "syslog_lost", "syslog_pending",
+    "syslog_reconnects", "syslog_resets",
 )
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 HEADER_WORDS = 64
 _TEXT_WORD, _TEXT_BYTES = 40, 192  # words 40..63: the listener's last error, as UTF-8
-SLOT_FIELDS = ("pid", "sent", "dropped", "replaced", "diverted")
+SLOT_FIELDS = ("pid", "sent", "dropped", "replaced", "diverted", "writing")
 SLOT_WORDS = 8
 MAX_SLOTS = 1 << 16
 _MAGIC = 0x6D706C6F67310001
@@ -127,6 +129,7 @@ class Counters:
             "dropped": sum(words[start + 2:stop:SLOT_WORDS]),
             "replaced": sum(words[start + 3:stop:SLOT_WORDS]),
             "diverted": sum(words[start + 4:stop:SLOT_WORDS]),
+            "in_doubt": sum(words[start + 5:stop:SLOT_WORDS]),
             "processes": used,
         }
 
@@ -134,3 +137,21 @@ class Counters:
         snap = {name: self.words[i] for name, i in _INDEX.items()}
         snap.update(self.slot_totals())
         return snap
+
+
+def settle_accounts(sent: int, written: int, dropped: int, diverted: int, counted_lost: int,
+                    in_doubt: int) -> Dict[str, int]:
+    """Close ``sent = written + dropped + diverted + lost`` once the pipe is drained.
+
+    ``sent`` is counted right after a record's first frame is in the pipe; a writer killed in
+    between leaves its record *in doubt* (its slot's ``writing`` stays up): written, but never
+    counted as sent. Those, up to ``in_doubt``, are added to ``sent``. Whatever is still missing
+    was lost without a counter seeing it (``unattributed``); a surplus no writer can explain
+    (a foreign writer on the FIFO) is ``unexplained`` rather than hidden.
+    """
+    residual = written + dropped + diverted + counted_lost - sent
+    recovered = min(max(residual, 0), in_doubt)
+    sent += recovered
+    missing = sent - written - dropped - diverted - counted_lost
+    return {"sent": sent, "lost": counted_lost + max(missing, 0), "unattributed": max(missing, 0),
+            "in_doubt_sent": recovered, "unexplained": max(-missing, 0)}

@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._counters import Counters
+from ._counters import Counters, settle_accounts
 from ._files import Compressor, LogFile
 from ._format import FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour
 from ._record import Record, deserialize, make_record
@@ -94,6 +94,15 @@ class Listener:
         self.compressor = Compressor() if cfg.get("compress") else None
         self.reopen_requested = False
         self.error: Optional[str] = None
+        self.forwarder: Any = None
+        if cfg.get("syslog"):
+            from ._syslog import SyslogForwarder
+            host, port = cfg["syslog"]
+            self.forwarder = SyslogForwarder(host, int(port), level=cfg.get("syslog_level") or logging.DEBUG)
+            # Counters are cumulative over listener restarts; a killed listener's buffered
+            # syslog messages are gone with it (its files' copy is not).
+            self._syslog_base = {k: self.counters.get("syslog_" + k)
+                                 for k in ("forwarded", "dropped", "lost", "reconnects", "resets")}
         self.parser = FrameParser()
         # A kill loses what was read and not yet written: keep one read near one flush window
         # (records' frames are rarely under 128 bytes).
@@ -152,8 +161,17 @@ class Listener:
             if due and f.size > 0:
                 self.rotate(f)
         self.reopen_requested = False
-        if self.error is not None and self.simp.fd >= 0 and self.fullf.fd >= 0:
-            pass  # cleared by the next successful write
+        self.publish_syslog()
+
+    def publish_syslog(self) -> None:
+        if self.forwarder is None:
+            return
+        c = self.counters
+        st = self.forwarder.state()
+        for key, base in self._syslog_base.items():
+            c.set("syslog_" + key, base + st[key])
+        c.set("syslog_connected", 1 if st["connected"] else 0)
+        c.set("syslog_pending", st["pending"] + st["in_flight"])
 
     def rotate(self, f: LogFile) -> None:
         try:
@@ -169,19 +187,25 @@ class Listener:
         pending = c.get("pending")
         if pending:
             if c.get("written") == c.get("pending_base"):  # it died before counting the batch
-                if self.fullf.size >= c.get("full_expected"):
+                # The batch went to the files the dead listener held, which a logrotate may have
+                # renamed since: find them by inode.
+                full = self._find_by_inode(self.fullf, c.get("full_ino"))
+                simp = self._find_by_inode(self.simp, c.get("simp_ino"))
+                if full is not None and full[1] >= c.get("full_expected"):
                     c.add("written", pending)  # the write went through
                 else:
                     c.add("lost_listener", pending)
                     lost += pending
                     # Cut a torn tail so the files hold only whole blocks.
-                    for f, start in ((self.fullf, c.get("full_start")), (self.simp, c.get("simp_start"))):
-                        if f.fd >= 0 and start < f.size:
+                    for found, start in ((full, c.get("full_start")), (simp, c.get("simp_start"))):
+                        if found is not None and start < found[1]:
                             try:
-                                os.ftruncate(f.fd, start)
-                                f.size = start
+                                os.truncate(found[0], start)
                             except OSError:
                                 pass
+                    for f in (self.fullf, self.simp):
+                        if f.fd >= 0:
+                            f.size = os.fstat(f.fd).st_size
             c.set("pending", 0)
         # Whatever the previous listener had read but not written died with it.
         held = c.get("received") - c.get("written") - c.get("lost_listener") - c.get("stderr_records")
@@ -189,6 +213,21 @@ class Listener:
             c.add("lost_listener", held)
             lost += held
         return lost
+
+    @staticmethod
+    def _find_by_inode(f: LogFile, ino: int) -> Optional[Tuple[str, int]]:
+        """(path, size) of the file with inode ``ino``: the current one, or a rotated copy."""
+        if f.fd >= 0 and f.ident[1] == ino:
+            return f.path, f.size
+        directory = os.path.dirname(f.path) or "."
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.inode() == ino and entry.is_file(follow_symlinks=False):
+                        return entry.path, entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            pass
+        return None
 
     # -- records -------------------------------------------------------------------------
     def handle(self, rec: Record) -> None:
@@ -201,6 +240,8 @@ class Listener:
                 if self.console is not None and levelno >= self.console:
                     self._cons.append(colour(line, levelno) if self.console_colour else line)
             self._full.append(full)
+            if self.forwarder is not None:
+                self.forwarder.submit(rec)
             if logging.WARNING <= levelno < logging.ERROR and rec.name != "mplog":
                 key = rec.msg.split("\n", 1)[0][:200]
                 if key in self.warnings or len(self.warnings) < _MAX_DISTINCT_WARNINGS:
@@ -246,6 +287,8 @@ class Listener:
             c.set("full_expected", self.fullf.size + len(full))
             c.set("simp_start", self.simp.size)
             c.set("simp_expected", self.simp.size + len(simp))
+            c.set("full_ino", self.fullf.ident[1])
+            c.set("simp_ino", self.simp.ident[1])
             c.set("pending", n)
         try:
             if simp:
@@ -459,7 +502,8 @@ class Listener:
         written = c.get("written")
         dropped = totals["dropped"]
         diverted = totals["diverted"] + c.get("stderr_records")
-        lost = max(0, totals["sent"] - written - dropped - diverted)
+        lost = settle_accounts(totals["sent"], written, dropped, diverted,
+                               c.get("torn") + c.get("lost_listener"), totals["in_doubt"])["lost"]
         summary = f"mplog {how}: {written} records written, {dropped} dropped, {lost} lost"
         if diverted:
             summary += f", {diverted} sent to stderr"
@@ -471,6 +515,9 @@ class Listener:
             if len(warned) > 50:
                 summary += f"\n   ... and {len(warned) - 50} more"
         self.notice(summary, logging.INFO)
+        if self.forwarder is not None:
+            self.forwarder.close(min(2.0, max(0.2, self.stop_deadline - time.monotonic())))
+            self.publish_syslog()
         self.close_files()
         if self.compressor is not None:
             self.compressor.close(5.0)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from ._config import ServiceConfig, WorkerConfig
-from ._counters import Counters
+from ._counters import Counters, settle_accounts
 from ._supervisor import Supervisor, write_health_file
 from ._transport import K_FLUSH, K_REOPEN, K_STOP, FifoWriter, set_pipe_size
 from ._worker import MPQueueHandler, _service_read_fds, uninstall, worker_init
@@ -171,6 +171,7 @@ class LogService:
             "simplified_format": cfg.simplified_format, "full_format": cfg.full_format, "datefmt": cfg.datefmt,
             "file_mode": cfg.file_mode, "rotate_bytes": cfg.rotate_bytes, "rotate_interval": cfg.rotate_interval,
             "backup_count": cfg.backup_count, "compress": cfg.compress,
+            "syslog": list(cfg.syslog) if cfg.syslog else None, "syslog_level": cfg.syslog_level,
         }
         self._supervisor = Supervisor(cfg, self._counters, fifo, counters_path, listener_opts)
         self._supervisor.health_source = self.health
@@ -344,11 +345,12 @@ class LogService:
         counted_lost = snap["torn"] + snap["lost_listener"]
         in_flight = max(0, sent - dropped - snap["diverted"] - snap["received"] - snap["torn"])
         unattributed = 0
+        extra: Dict[str, int] = {}
         if final:
-            # Everything the listener could drain is in the files now; what is still missing
-            # was lost (and if our own counts missed some, say so rather than hide it).
-            lost = max(0, sent - written - dropped - diverted)
-            unattributed = max(0, lost - counted_lost)
+            # Everything the listener could drain is in the files now: close the sum.
+            settled = settle_accounts(sent, written, dropped, diverted, counted_lost, snap["in_doubt"])
+            sent, lost, unattributed = settled["sent"], settled["lost"], settled["unattributed"]
+            extra = {"in_doubt_sent": settled["in_doubt_sent"], "unexplained": settled["unexplained"]}
             in_flight = 0
         else:
             lost = counted_lost
@@ -390,13 +392,20 @@ class LogService:
             "records": {"sent": sent, "written": written, "dropped": dropped, "lost": lost,
                         "diverted": diverted, "torn": snap["torn"], "lost_with_listener": snap["lost_listener"],
                         "unattributed_lost": unattributed, "replaced": snap["replaced"] + snap["replaced_listener"],
-                        "malformed_frames": snap["malformed"]},
+                        "malformed_frames": snap["malformed"], **extra},
             "rotations": snap["rotations"],
             "reopens": snap["reopens"],
             "last_write_age_s": (round(time.time() - last_write_ns / 1e9, 3) if last_write_ns else None),
             "files": files,
             "processes": snap["processes"],
         }
+        if self.config.syslog:
+            report["syslog"] = {
+                "host": self.config.syslog[0], "port": self.config.syslog[1],
+                "connected": bool(snap["syslog_connected"]), "forwarded": snap["syslog_forwarded"],
+                "dropped": snap["syslog_dropped"], "lost": snap["syslog_lost"], "pending": snap["syslog_pending"],
+                "reconnects": snap["syslog_reconnects"], "resets": snap["syslog_resets"],
+            }
         if snap["error_ns"]:
             report["last_error"] = {"message": counters.get_text(), "time": snap["error_ns"] / 1e9}
             report["reason"] = report["last_error"]["message"]

@@ -219,22 +219,25 @@ def make_fifo(path: str) -> None:
 
 
 def set_pipe_size(fd: int, size: int) -> int:
-    """Grow the pipe's kernel buffer towards ``size`` bytes; return what the kernel granted."""
+    """Grow the pipe's kernel buffer towards ``size`` bytes; return what the kernel granted.
+
+    Beyond /proc/sys/fs/pipe-max-size (1 MiB by default) only CAP_SYS_RESOURCE may go, so
+    ask for ``size`` first and fall back to the maximum.
+    """
+    import fcntl
     try:
-        import fcntl
-        limit = size
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = 1 << 20
+    for want in (size, min(size, ceiling)):
         try:
-            with open("/proc/sys/fs/pipe-max-size") as f:
-                limit = min(size, int(f.read()))
+            return fcntl.fcntl(fd, F_SETPIPE_SZ, want)
         except OSError:
-            pass
-        if os.geteuid() == 0:
-            limit = size  # CAP_SYS_RESOURCE may exceed pipe-max-size
-        try:
-            return fcntl.fcntl(fd, F_SETPIPE_SZ, limit)
-        except OSError:
-            return fcntl.fcntl(fd, F_GETPIPE_SZ)
-    except (OSError, ImportError, ValueError):
+            continue
+    try:
+        return fcntl.fcntl(fd, F_GETPIPE_SZ)
+    except OSError:
         return 65536
 
 

@@ -30,7 +30,7 @@ __all__ = ["MPQueueHandler", "Channel", "worker_init", "install", "uninstall", "
            "current_config", "pool_kwargs"]
 
 # Slot word offsets (see _counters.SLOT_FIELDS).
-_SENT, _DROPPED, _REPLACED, _DIVERTED = 1, 2, 3, 4
+_SENT, _DROPPED, _REPLACED, _DIVERTED, _WRITING = 1, 2, 3, 4, 5
 
 _context: contextvars.ContextVar[Optional[Dict[str, Any]]] = contextvars.ContextVar("mplog_context", default=None)
 
@@ -126,14 +126,21 @@ class Channel:
         if writer is None:
             self._divert(words, slot, payload)
             return
+        # ``writing`` marks the window between the write and its count: a process killed there
+        # leaves a record written but not counted as sent, which stop() then settles.
+        with self._lock:
+            words[slot + _WRITING] += 1
         try:
             ok = writer.write_record(K_RECORD, payload, self._timeout, self._give_up, self._count_sent)
         except OSError:
+            with self._lock:
+                words[slot + _WRITING] -= 1
             # EPIPE: every reader is gone (service stopped). Tell the user rather than lose it.
             self._divert(words, slot, payload)
             return
         if not ok:
             with self._lock:
+                words[slot + _WRITING] -= 1
                 words[slot + _SENT] += 1
                 words[slot + _DROPPED] += 1
             if self.config.overflow == "stderr":
@@ -144,8 +151,10 @@ class Channel:
     def _count_sent(self) -> None:
         # Counted once the first frame is in the pipe, not before: a process killed while it
         # waited for room never sent anything (its logging call never returned).
+        words = self._counters.words  # type: ignore[union-attr]
         with self._lock:
-            self._counters.words[self._slot + _SENT] += 1  # type: ignore[union-attr]
+            words[self._slot + _SENT] += 1
+            words[self._slot + _WRITING] -= 1
 
     def _give_up(self) -> bool:
         # A blocked writer stops waiting once the service can no longer drain the pipe.

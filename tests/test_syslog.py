@@ -594,3 +594,30 @@ def test_rsyslog_restart_mid_stream_counts_the_losses(
         # leaves one run (the records rsyslog discarded, then those in flight).
         assert st["dropped"] == 0
         assert runs(missing) <= st["reconnects"], (runs(missing), missing[:20])
+
+
+def test_service_forwards_records_from_every_process(rsyslog, service, ctx):
+    """End to end: LogService(syslog=...) in the listener; records from pool workers and the
+    main process reach rsyslog once each, in order per process, at or above syslog_level;
+    health shows the forwarder's state."""
+    import workers
+    from concurrent.futures import ProcessPoolExecutor
+
+    svc = service(syslog=f"127.0.0.1:{rsyslog.port}", syslog_level="INFO")
+    logging.getLogger("main").debug("not forwarded")
+    with ProcessPoolExecutor(2, mp_context=ctx, **svc.pool_kwargs()) as pool:
+        list(pool.map(workers.log_n, [(f"sys{k}", 100) for k in range(3)]))
+    logging.getLogger("main").warning("forwarded %s", "too", extra={"sample": "S1"})
+    assert svc.flush(20)
+    wait_for(lambda: svc.health()["syslog"]["forwarded"] >= 301, 20, "forwarding")
+    h = svc.health()["syslog"]
+    assert h["connected"] and h["dropped"] == h["lost"] == 0
+    svc.stop()
+    wait_final(rsyslog)
+    got = rsyslog.received()
+    msgs = [str(m["msg"]).lstrip("\ufeff") for m in got]
+    assert "not forwarded" not in msgs
+    for k in range(3):
+        assert [m for m in msgs if m.startswith(f"sys{k} ")] == [f"sys{k} item {i}" for i in range(100)]
+    last = [m for m in got if str(m["msg"]).lstrip("\ufeff") == "forwarded too"]
+    assert len(last) == 1 and last[0]["sd"]["mplog@32473"]["sample"] == "S1"

@@ -100,3 +100,15 @@ def log_big(config: Any, size: int) -> None:
 def short_task(i: int) -> int:
     logging.getLogger("t.churn").info("task %d", i)
     return os.getpid()
+
+
+def log_after_go(config: Any, go: str) -> None:
+    """Say ready, wait for the file ``go`` to exist, then log one record and wait to be killed."""
+    import time
+    mplog.worker_init(config)
+    open(go + ".ready", "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.01)  # polling a file the test creates: the worker's only signal
+    logging.getLogger("t.go").info("the one record")
+    while True:
+        time.sleep(1)

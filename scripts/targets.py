@@ -1,0 +1,233 @@
+"""Measure mplog's non-throughput targets (performance issue), in one run, on this machine.
+
+    python scripts/targets.py [--quick]
+
+Prints one line per target with the measured figure and the target, and whether it is met:
+worker RSS growth over 1,000,000 dropped calls; listener RSS over 1,000,000 records; start()
+until a first record is in the file (spawn); worker_init; draining a 100,000-record backlog at
+stop(); overload with overflow="drop" (caller p99, every drop counted) and "block" (no loss);
+the cost of one health() call; listener CPU per record.
+
+Timings are wall-clock on a shared 2-core machine: run it when the machine is quiet and read
+the figures, not the verdicts alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+import mplog
+
+ROWS = []
+
+
+def report(name: str, value: float, unit: str, target: str, ok: bool) -> None:
+    ROWS.append((name, value, unit, target, ok))
+    print(f"{name:<52} {value:>12.3f} {unit:<8} target {target:<14} {'met' if ok else 'NOT MET'}", flush=True)
+
+
+def _count_records(path: Path) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.startswith(b"[") and b"] [mplog] [" not in line:
+                n += 1
+    return n
+
+
+def worker_rss_drop(tmp: Path, calls: int) -> None:
+    with mplog.LogService(tmp / "rss", overflow="drop", queue_size=100) as svc:
+        os.kill(svc.health()["listener"]["pid"], signal.SIGSTOP)
+        try:
+            log = logging.getLogger("rss")
+            for i in range(10_000):
+                log.info("warm %d", i)
+            rss0 = psutil.Process().memory_info().rss
+            for i in range(calls):
+                log.info("processed item %d of %d: loss=%.6f", i, calls, i / 7)
+            rss1 = psutil.Process().memory_info().rss
+        finally:
+            os.kill(svc.health()["listener"]["pid"], signal.SIGCONT)
+        dropped = svc.health()["records"]["dropped"]
+    report(f"worker RSS growth, {calls:,} calls, listener stopped (MB)", (rss1 - rss0) / 2**20, "MB",
+           "<= 5", rss1 - rss0 <= 5 * 2**20)
+    report("  of which dropped and counted", dropped, "records", f">= {calls * 0.99:,.0f}", dropped >= calls * 0.99)
+
+
+def _producer(cfg, n):
+    mplog.worker_init(cfg)
+    log = logging.getLogger("prod")
+    for i in range(n):
+        log.info("processed item %d of %d: loss=%.6f", i, n, i / 7)
+
+
+def listener_rss_and_cpu(tmp: Path, records: int) -> None:
+    ctx = multiprocessing.get_context("fork")
+    with mplog.LogService(tmp / "lrss", level="INFO") as svc:
+        listener = psutil.Process(svc.health()["listener"]["pid"])
+        warm = ctx.Process(target=_producer, args=(svc.worker_config, 20_000))
+        warm.start()
+        warm.join()
+        svc.flush(60)
+        rss0 = listener.memory_info().rss
+        cpu0 = sum(listener.cpu_times()[:2])
+        procs = [ctx.Process(target=_producer, args=(svc.worker_config, records // 2)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        peak = rss0
+        while any(p.is_alive() for p in procs):
+            peak = max(peak, listener.memory_info().rss)
+            time.sleep(0.05)  # sampling interval of the RSS probe
+        svc.flush(120)
+        cpu1 = sum(listener.cpu_times()[:2])
+        rss1 = listener.memory_info().rss
+        written = svc.health()["records"]["written"]
+    report(f"listener RSS change over {records:,} records (MB)", (max(peak, rss1) - rss0) / 2**20, "MB", "<= 5",
+           abs(max(peak, rss1) - rss0) <= 5 * 2**20)
+    report("listener CPU per record, both files (us)", (cpu1 - cpu0) / (written - 20_000) * 1e6, "us", "<= 5",
+           (cpu1 - cpu0) / (written - 20_000) * 1e6 <= 5)
+
+
+def start_latency(tmp: Path, runs: int) -> None:
+    times = []
+    for k in range(runs):
+        t0 = time.perf_counter()
+        svc = mplog.LogService(tmp / f"start{k}")
+        svc.start()
+        logging.getLogger("s").info("first")
+        svc.flush(10)
+        times.append(time.perf_counter() - t0)
+        svc.stop()
+    med = statistics.median(times)
+    report("start() until a first record is in the file (s, median)", med, "s", "<= 0.2", med <= 0.2)
+
+
+def _time_init(cfg, q):
+    t0 = time.perf_counter()
+    mplog.worker_init(cfg)
+    q.put(time.perf_counter() - t0)
+
+
+def worker_init_cost(tmp: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    with mplog.LogService(tmp / "init") as svc:
+        q = ctx.Queue()
+        costs = []
+        for _ in range(5):
+            p = ctx.Process(target=_time_init, args=(svc.worker_config, q))
+            p.start()
+            costs.append(q.get(timeout=60))
+            p.join()
+    med = statistics.median(costs) * 1000
+    report("worker_init under spawn (ms, median of 5)", med, "ms", "<= 5", med <= 5)
+
+
+def drain(tmp: Path, backlog: int) -> None:
+    # A backlog needs a pipe that can hold it: queue_size sizes the pipe (root may exceed
+    # pipe-max-size; others get at most 1 MiB, about 5,000 records, and so a smaller backlog).
+    ctx = multiprocessing.get_context("fork")
+    svc = mplog.LogService(tmp / "drain", queue_size=backlog * 2, level="INFO", shutdown_timeout=30)
+    svc.start()
+    listener = svc.health()["listener"]["pid"]
+    os.kill(listener, signal.SIGSTOP)
+    procs = [ctx.Process(target=_producer, args=(svc.worker_config, backlog // 2)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    depth = svc.health()["queue"]["depth"]
+    os.kill(listener, signal.SIGCONT)
+    t0 = time.perf_counter()
+    final = svc.stop()
+    elapsed = time.perf_counter() - t0
+    ok = final["records"]["written"] == backlog and elapsed <= 1.0
+    report(f"drain a backlog of {depth:,} records at stop() (s)", elapsed, "s", "<= 1.0", ok)
+
+
+def _overload(cfg, n, q):
+    mplog.worker_init(cfg)
+    log = logging.getLogger("over")
+    pc = time.perf_counter_ns
+    ts = []
+    for i in range(n):
+        t = pc()
+        log.info("processed item %d of %d: loss=%.6f", i, n, i / 7)
+        ts.append(pc() - t)
+    ts.sort()
+    q.put(ts[int(len(ts) * 0.99)] / 1000)
+
+
+def overload(tmp: Path, n: int) -> None:
+    ctx = multiprocessing.get_context("fork")
+    for policy in ("drop", "block"):
+        with mplog.LogService(tmp / f"over-{policy}", overflow=policy, level="INFO") as svc:
+            q = ctx.Queue()
+            procs = [ctx.Process(target=_overload, args=(svc.worker_config, n, q)) for _ in range(8)]
+            for p in procs:
+                p.start()
+            p99 = sorted(q.get(timeout=300) for _ in procs)
+            for p in procs:
+                p.join()
+            svc.flush(60)
+        r = svc.health()["records"]
+        counted = r["sent"] == r["written"] + r["dropped"] + r["lost"] + r["diverted"] == 8 * n
+        in_file = _count_records(svc.full_path)
+        if policy == "drop":
+            report("overload, 8 writers, drop: caller p99 (us, worst writer)", p99[-1], "us", "< 1000",
+                   p99[-1] < 1000 and counted and in_file == r["written"])
+            print(f"    sent {r['sent']:,} written {r['written']:,} dropped {r['dropped']:,} (in file {in_file:,})")
+        else:
+            report("overload, 8 writers, block: records lost", r["lost"] + r["dropped"], "records", "0",
+                   counted and r["lost"] == r["dropped"] == 0 and in_file == 8 * n)
+
+
+def health_cost(tmp: Path) -> None:
+    with mplog.LogService(tmp / "health") as svc:
+        logging.getLogger("h").info("x")
+        svc.flush(10)
+        for _ in range(50):
+            svc.health()
+        t0 = time.perf_counter()
+        n = 500
+        for _ in range(n):
+            svc.health()
+        cost = (time.perf_counter() - t0) / n * 1000
+    report("one health() call (ms)", cost, "ms", "< 1", cost < 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
+    args = ap.parse_args()
+    scale = 10 if args.quick else 1
+    print(f"mplog {mplog.__version__} targets  {time.strftime('%Y-%m-%dT%H:%M:%S')}  Python "
+          f"{platform.python_version()}  {platform.system()} {platform.release()}  cores {os.cpu_count()}  "
+          f"load {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        start_latency(tmp, 5)
+        worker_init_cost(tmp)
+        health_cost(tmp)
+        worker_rss_drop(tmp, 1_000_000 // scale)
+        listener_rss_and_cpu(tmp, 1_000_000 // scale)
+        drain(tmp, 100_000 // scale)
+        overload(tmp, 50_000 // scale)
+    missed = [r[0] for r in ROWS if not r[4]]
+    print(f"{len(ROWS) - len(missed)} of {len(ROWS)} targets met" + (f"; not met: {'; '.join(missed)}" if missed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
