@@ -65,7 +65,6 @@ def rotated_files(path: str) -> List[str]:
     """Rotated copies of ``path`` (``path.YYYYmmdd-HHMMSS[-N][.gz]``), oldest first."""
     directory, base = os.path.split(path)
     pattern = re.compile(re.escape(base) + r"\.(\d{8}-\d{6})(?:-(\d+))?(?:\.gz)?$")
-    found = []
     try:
         names = os.listdir(directory or ".")
     except OSError:

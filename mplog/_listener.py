@@ -19,7 +19,6 @@ settles that batch from the files' sizes, and counts what the dead one had read 
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os

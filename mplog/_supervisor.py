@@ -20,7 +20,6 @@ import json
 import os
 import select
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import psutil
 
 from ._config import ServiceConfig
 from ._console import emit
-from ._counters import (STATE_DEGRADED, STATE_RUNNING, STATE_STOPPED, STATE_STOPPING, Counters)
+from ._counters import (STATE_DEGRADED, STATE_RUNNING, STATE_STOPPED, Counters)
 
 __all__ = ["Supervisor", "exit_name", "read_health_file"]
 
@@ -484,5 +483,3 @@ def same_process(pid: Any, create_time: Any) -> bool:
     except psutil.Error:
         return False
 
-
-_ = struct  # imported for symmetry with the listener's control frames

@@ -38,7 +38,7 @@ from zlib import crc32
 
 __all__ = [
     "FRAME_MAX", "PAYLOAD_MAX", "K_RECORD", "K_FIRST", "K_MORE", "K_LAST", "K_FLUSH", "K_STOP",
-    "K_REOPEN", "encode_frames", "FrameParser", "FifoWriter", "make_fifo", "set_pipe_size",
+    "K_REOPEN", "K_NOTICE", "encode_frames", "FrameParser", "FifoWriter", "set_pipe_size",
 ]
 
 try:
@@ -214,10 +214,6 @@ class FrameParser:
         return n
 
 
-def make_fifo(path: str) -> None:
-    os.mkfifo(path, 0o600)
-
-
 def set_pipe_size(fd: int, size: int) -> int:
     """Grow the pipe's kernel buffer towards ``size`` bytes; return what the kernel granted.
 
@@ -247,10 +243,6 @@ def _never() -> bool:
 
 def _nothing() -> None:
     pass
-
-
-class Full(Exception):
-    """The pipe had no room within the allowed wait."""
 
 
 class FifoWriter:

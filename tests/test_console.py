@@ -14,12 +14,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 import mplog
-from conftest import app_blocks, wait_for
+from conftest import app_blocks
 
 
 def _run_in_pty(args, timeout=120, env=None):

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 
-import pytest
 
 import mplog
 from conftest import app_blocks, read_blocks, simplified_lines

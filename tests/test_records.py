@@ -7,7 +7,6 @@ import logging
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
-import pytest
 
 from conftest import app_blocks, read_blocks, simplified_lines
 

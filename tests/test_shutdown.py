@@ -4,7 +4,6 @@ Ctrl-C, and the listener's own exit when its parent dies."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import START_METHODS, app_blocks, wait_for
+from conftest import START_METHODS, app_blocks
 
 HERE = Path(__file__).parent
 

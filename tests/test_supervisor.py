@@ -10,13 +10,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-import mplog
 from conftest import app_blocks, read_blocks, simplified_lines, wait_for
 
 import workers
