@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from typing import Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import mplog
 
@@ -59,8 +59,9 @@ def run_demo(directory: str, workers: int, items: int, start_method: Optional[st
     started = time.monotonic()
     with mplog.LogService(directory, name="demo", console="INFO") as svc:
         log.info("demo pipeline: %d items, %d workers, start method %s", items, workers, ctx.get_start_method())
-        data = list(range(items))
-        for stage in (load, align, score):
+        data: List[Any] = list(range(items))
+        stages: List[Callable[[Any], Any]] = [load, align, score]
+        for stage in stages:
             with ProcessPoolExecutor(workers, mp_context=ctx, **svc.pool_kwargs()) as pool:
                 results = pool.map(stage, data, chunksize=max(1, items // (workers * 8)))
                 data = list(mplog.progress(results, total=len(data), desc=f"{stage.__name__:>5}"))
