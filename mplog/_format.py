@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from ._record import Record
 
@@ -112,6 +112,42 @@ class FullFormatter:
             parts.append("  " + clean(rec.stack_info, "  ") + "\n")
         parts.append(SEPARATOR + "\n")
         return "".join(parts)
+
+
+def format_both(rec: Record, stamps: Timestamps, full_fmt: FullFormatter, simple: bool) -> Tuple[str, Optional[str]]:
+    """The listener's hot path with both default formats: one timestamp lookup and one check of
+    the message for both. Same output as FullFormatter and SimplifiedFormatter."""
+    if rec.extras or rec.exc_text or rec.stack_info or rec.exc_summary:
+        full = full_fmt.format(rec)
+        return full, (SimplifiedFormatter(stamps).format(rec) if simple else None)
+    created = rec.created
+    sec = int(created)
+    if sec != stamps._sec:
+        stamps._sec = sec
+        stamps._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+    ts = stamps._text
+    msg = rec.msg
+    path = rec.pathname
+    filename = path[path.rfind("/") + 1:] if path else "?"
+    head = (f"[{ts}.{int((created % 1) * 1000):03d}] [{rec.levelname}] [{rec.name}] "
+            f"[{rec.processName}:{rec.process}] [{filename}:{rec.lineno}]")
+    if not head.isprintable():
+        head = (f"[{ts}.{int((created % 1) * 1000):03d}] [{clean_inline(rec.levelname)}] "
+                f"[{clean_inline(rec.name)}] [{clean_inline(rec.processName)}:{rec.process}] "
+                f"[{clean_inline(filename)}:{rec.lineno}]")
+    if msg.isprintable():
+        full = f"{head}\n  Message: {msg}\n{SEPARATOR}\n"
+        if not simple:
+            return full, None
+        smsg = msg
+    else:
+        full = f"{head}\n  Message: {clean(msg, '           ')}\n{SEPARATOR}\n"
+        if not simple:
+            return full, None
+        smsg = clean(msg, "    ")
+    if rec.levelno >= logging.WARNING:
+        return full, f"[{ts}] {clean_inline(rec.levelname)}: {smsg}\n"
+    return full, f"[{ts}] {smsg}\n"
 
 
 class _Fields(dict):  # type: ignore[type-arg]

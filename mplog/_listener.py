@@ -31,7 +31,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ._counters import Counters, settle_accounts
 from ._files import Compressor, LogFile
-from ._format import FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour
+from ._format import (FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour,
+                      format_both)
 from ._record import Record, deserialize, make_record
 from ._transport import K_FLUSH, K_NOTICE, K_RECORD, K_REOPEN, K_STOP, FrameParser
 
@@ -83,7 +84,10 @@ class Listener:
         self.console: Optional[int] = cfg.get("console")
         self.console_colour = bool(cfg.get("console_colour"))
         self.console_fd: int = cfg.get("console_fd", 2) if cfg.get("console_fd") is not None else 2
-        self.simple, self.full = _make_formatters(cfg, Timestamps())
+        self.stamps = Timestamps()
+        self.simple, self.full = _make_formatters(cfg, self.stamps)
+        # Both default formats: format them together (shared timestamp and message checks).
+        self.fused = type(self.simple) is SimplifiedFormatter and type(self.full) is FullFormatter
         mode = cfg.get("file_mode")
         self.simp = LogFile(cfg["simplified_path"], mode)
         self.fullf = LogFile(cfg["full_path"], mode)
@@ -232,9 +236,12 @@ class Listener:
     def handle(self, rec: Record) -> None:
         try:
             levelno = rec.levelno
-            full = self.full.format(rec)
-            if levelno >= self.simplified_level or rec.user:
-                line = self.simple.format(rec)
+            if self.fused:
+                full, line = format_both(rec, self.stamps, self.full, levelno >= self.simplified_level or rec.user)
+            else:
+                full = self.full.format(rec)
+                line = self.simple.format(rec) if levelno >= self.simplified_level or rec.user else None
+            if line is not None:
                 self._simp.append(line)
                 if self.console is not None and levelno >= self.console:
                     self._cons.append(colour(line, levelno) if self.console_colour else line)
