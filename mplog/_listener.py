@@ -233,7 +233,7 @@ class Listener:
         return None
 
     # -- records -------------------------------------------------------------------------
-    def handle(self, rec: Record) -> None:
+    def handle(self, rec: Record, counted: bool = True) -> None:
         try:
             levelno = rec.levelno
             if self.fused:
@@ -256,9 +256,10 @@ class Listener:
             self.counters.add("replaced_listener")
             self._full.append(self.full.format(make_record(
                 time.time(), logging.ERROR, "mplog", f"<record could not be formatted: {exc!r}>")))
-        self._n += 1
-        if self._n >= self.flush_count:
-            self.write_batch()
+        if counted:
+            self._n += 1
+            if self._n >= self.flush_count:
+                self.write_batch()
 
     def write_batch(self) -> None:
         n = self._n
@@ -283,19 +284,24 @@ class Listener:
         except OSError:
             pass
 
+    def announce(self, full_len: int, simp_len: int, n: int) -> None:
+        """Record, before writing it, where a batch of ``n`` records will land (settle_previous)."""
+        c = self.counters
+        c.set("pending_base", c.get("written"))
+        c.set("full_start", self.fullf.size)
+        c.set("full_expected", self.fullf.size + full_len)
+        c.set("simp_start", self.simp.size)
+        c.set("simp_expected", self.simp.size + simp_len)
+        c.set("full_ino", self.fullf.ident[1])
+        c.set("simp_ino", self.simp.ident[1])
+        c.set("pending", n)  # last: a non-zero pending means the fields above are valid
+
     def _write(self, full: bytes, simp: bytes, n: int) -> None:
         """Write one batch to both files, announced first in the counters so that a listener
         killed half-way can be settled exactly by the next one (``n`` 0: a notice, uncounted)."""
         c = self.counters
         if n:
-            c.set("pending_base", c.get("written"))
-            c.set("full_start", self.fullf.size)
-            c.set("full_expected", self.fullf.size + len(full))
-            c.set("simp_start", self.simp.size)
-            c.set("simp_expected", self.simp.size + len(simp))
-            c.set("full_ino", self.fullf.ident[1])
-            c.set("simp_ino", self.simp.ident[1])
-            c.set("pending", n)
+            self.announce(len(full), len(simp), n)
         try:
             if simp:
                 self.simp.write(simp)
@@ -335,18 +341,8 @@ class Listener:
         self.write_batch()
         rec = make_record(time.time(), levelno, "mplog", msg, pathname=__file__, funcName="listener",
                           processName="mplog-listener", process=os.getpid(), threadName="MainThread", user=True)
-        saved = self._n
-        self.handle(rec)
-        self._n = saved
-        full = "".join(self._full).encode("utf-8", "backslashreplace")
-        simp = "".join(self._simp).encode("utf-8", "backslashreplace")
-        cons = "".join(self._cons)
-        self._full.clear()
-        self._simp.clear()
-        self._cons.clear()
-        self._write(full, simp, 0)
-        if cons:
-            self._console(cons)
+        self.handle(rec, counted=False)
+        self.write_batch()  # a batch of no application record: written, not counted
 
     # -- the loop ------------------------------------------------------------------------
     def dispatch(self, messages: List[Tuple[int, int, int, int, bytes]]) -> None:

@@ -262,7 +262,6 @@ class LogService:
         state, and returns the final health report."""
         with self._lock:
             if self._stopped or not self._started:
-                self._stopped = self._stopped or False
                 return self.health()
             self._stopped = True
             deadline = time.monotonic() + self.config.shutdown_timeout

@@ -36,16 +36,8 @@ def _announce_and_write(listener, n, write=True, partial=False):
     simp = "".join(listener._simp).encode()
     listener._full.clear()
     listener._simp.clear()
-    c = listener.counters
-    c.set("pending_base", c.get("written"))
-    c.set("full_start", listener.fullf.size)
-    c.set("full_expected", listener.fullf.size + len(full))
-    c.set("simp_start", listener.simp.size)
-    c.set("simp_expected", listener.simp.size + len(simp))
-    c.set("full_ino", listener.fullf.ident[1])
-    c.set("simp_ino", listener.simp.ident[1])
-    c.set("pending", n)
-    c.add("received", n)
+    listener.announce(len(full), len(simp), n)
+    listener.counters.add("received", n)
     if write:
         os.write(listener.simp.fd, simp)
         os.write(listener.fullf.fd, full[: len(full) // 2] if partial else full)
