@@ -62,6 +62,9 @@ class WorkerConfig:
     overflow_timeout: float
     capture_warnings: bool
     service_id: str
+    # Format in the logging process (the default formats; see _format.Preformatter).
+    preformat: bool = False
+    simplified_level: int = logging.INFO
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

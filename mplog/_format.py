@@ -9,11 +9,12 @@ header or rewrite a terminal.
 from __future__ import annotations
 
 import logging
+import marshal
 import re
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-from ._record import Record
+from ._record import TEXT_VERSION, Record
 
 __all__ = ["clean", "clean_inline", "colour", "Timestamps", "SimplifiedFormatter", "FullFormatter", "SEPARATOR"]
 
@@ -148,6 +149,26 @@ def format_both(rec: Record, stamps: Timestamps, full_fmt: FullFormatter, simple
     if rec.levelno >= logging.WARNING:
         return full, f"[{ts}] {clean_inline(rec.levelname)}: {smsg}\n"
     return full, f"[{ts}] {smsg}\n"
+
+
+class Preformatter:
+    """In the process that logs: format a record in both default formats, so the listener only
+    appends text. The listener is the one process every record goes through; moving ~3 us of
+    formatting per record out of it is what lets it keep up with many writers on few cores."""
+
+    def __init__(self, simplified_level: int) -> None:
+        self.stamps = Timestamps()
+        self.full = FullFormatter(self.stamps)
+        self.simplified_level = simplified_level
+
+    def payload(self, rec: Record) -> bytes:
+        levelno = rec.levelno
+        user = bool(rec.user)
+        full, simple = format_both(rec, self.stamps, self.full, levelno >= self.simplified_level or user)
+        warning = None
+        if logging.WARNING <= levelno < logging.ERROR and rec.name != "mplog":
+            warning = rec.msg.split("\n", 1)[0][:200]
+        return marshal.dumps((TEXT_VERSION, levelno, user, full, simple, warning))
 
 
 class _Fields(dict):  # type: ignore[type-arg]

@@ -31,14 +31,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ._counters import Counters, settle_accounts
 from ._files import Compressor, LogFile
-from ._format import (FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour,
+from ._format import (SEPARATOR, FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour,
                       format_both)
-from ._record import Record, deserialize, make_record
+from ._record import TEXT_VERSION, Formatted, Record, deserialize, make_record
 from ._transport import K_FLUSH, K_NOTICE, K_RECORD, K_REOPEN, K_STOP, FrameParser
 
 __all__ = ["Listener", "main"]
 
 _MAX_DISTINCT_WARNINGS = 1000
+_BLOCK_END = SEPARATOR + "\n"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -261,6 +262,27 @@ class Listener:
             if self._n >= self.flush_count:
                 self.write_batch()
 
+    def handle_text(self, t: Formatted) -> None:
+        """A record formatted by the process that logged it: append its texts."""
+        full, simple, levelno = t.full, t.simple, t.levelno
+        if not (type(full) is str and full.startswith("[") and full.endswith(_BLOCK_END)
+                and type(levelno) is int and (simple is None or (type(simple) is str and simple.endswith("\n")))):
+            self.counters.add("replaced_listener")  # not what our writers send: a placeholder
+            self.handle(make_record(time.time(), logging.WARNING, "mplog", "<malformed pre-formatted record>"))
+            return
+        self._full.append(full)
+        if simple is not None:
+            self._simp.append(simple)
+            if self.console is not None and levelno >= self.console:
+                self._cons.append(colour(simple, levelno) if self.console_colour else simple)
+        warning = t.warning
+        if warning and type(warning) is str:
+            if warning in self.warnings or len(self.warnings) < _MAX_DISTINCT_WARNINGS:
+                self.warnings[warning] = self.warnings.get(warning, 0) + 1
+        self._n += 1
+        if self._n >= self.flush_count:
+            self.write_batch()
+
     def write_batch(self) -> None:
         n = self._n
         if not n and not self._full:
@@ -361,6 +383,11 @@ class Listener:
                     c.add("replaced_listener")
                     rec = make_record(time.time(), logging.WARNING, "mplog",
                                       f"<undecodable record from pid {pid}: {exc}>")
+                if rec[0] == TEXT_VERSION:
+                    if self.exit_on is not None and f"  Message: {self.exit_on}\n" in rec.full:
+                        os._exit(1)
+                    self.handle_text(rec)
+                    continue
                 if self.exit_on is not None and rec.msg == self.exit_on:
                     os._exit(1)
                 handle(rec)

@@ -17,8 +17,8 @@ import reprlib
 import traceback
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
-__all__ = ["USER_MESSAGE_KEY", "serialize", "deserialize", "Record", "make_record", "safe_text",
-           "exception_summary"]
+__all__ = ["USER_MESSAGE_KEY", "TEXT_VERSION", "Formatted", "Record", "deserialize", "exception_summary",
+           "flatten", "make_record", "safe_text", "sanitize", "serialize"]
 
 USER_MESSAGE_KEY = "is_user_message"
 _VERSION = 1
@@ -88,8 +88,8 @@ def _message(record: logging.LogRecord) -> Tuple[str, int]:
         return f"{template} <formatting failed: {_describe(exc)}; args={shown}>", 1
 
 
-def serialize(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None) -> Tuple[bytes, int]:
-    """Flatten ``record`` into bytes for the transport. Returns (payload, placeholders used)."""
+def flatten(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None) -> Tuple[Tuple[Any, ...], int]:
+    """``record`` as a tuple of plain values (a Record's fields). Returns (fields, placeholders)."""
     failures = 0
     msg, bad = _message(record)
     failures += bad
@@ -127,13 +127,24 @@ def serialize(record: logging.LogRecord, context: Optional[Dict[str, Any]] = Non
         record.pathname, record.lineno, record.funcName, record.processName, record.process,
         record.threadName, exc_text, exc_summary, stack, extras, bool(d.get(USER_MESSAGE_KEY)),
     )
+    return fields, failures
+
+
+def sanitize(fields: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """Fields of unexpected types (a filter set levelname to an object, say) made plain."""
+    fixed = tuple(f if f is None or type(f) in (int, float, bool, dict) else safe_text(f)[0] for f in fields)
+    extras = fields[15]
+    return fixed[:15] + (None if not isinstance(extras, dict) else
+                         {str(k): safe_text(v)[0] for k, v in extras.items()},) + fixed[16:]
+
+
+def serialize(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None) -> Tuple[bytes, int]:
+    """Flatten ``record`` into bytes for the transport. Returns (payload, placeholders used)."""
+    fields, failures = flatten(record, context)
     try:
         return marshal.dumps(fields), failures
     except ValueError:
-        # A field of an unexpected type (a filter set levelname to an object, say).
-        fixed = tuple(f if f is None or type(f) in (int, float, bool, dict) else safe_text(f)[0] for f in fields)
-        fixed = fixed[:15] + (None if extras is None else {str(k): str(v) for k, v in extras.items()},) + fixed[16:]
-        return marshal.dumps(fixed), failures + 1
+        return marshal.dumps(sanitize(fields)), failures + 1
 
 
 class Record(NamedTuple):
@@ -167,12 +178,33 @@ def make_record(created: float, levelno: int, name: str, msg: str, **fields: Any
 _make = Record._make
 
 
-def deserialize(payload: bytes) -> Record:
-    """Rebuild a Record; raises ValueError for a payload that is not one (counted by the caller)."""
+TEXT_VERSION = 2
+
+
+class Formatted(NamedTuple):
+    """A record already formatted by the process that logged it (the default formats): the
+    listener only appends its texts. ``warning`` is the first line of a WARNING's message, for
+    the stop summary's tally."""
+
+    version: int
+    levelno: int
+    user: bool
+    full: str
+    simple: Optional[str]
+    warning: Optional[str]
+
+
+_make_formatted = Formatted._make
+
+
+def deserialize(payload: bytes) -> Any:
+    """Rebuild a Record (or a Formatted); raises ValueError for a payload that is neither."""
     try:
         fields = marshal.loads(payload)
     except (EOFError, ValueError, TypeError) as exc:
         raise ValueError(f"undecodable record: {exc}") from None
+    if type(fields) is tuple and len(fields) == 6 and fields[0] == TEXT_VERSION:
+        return _make_formatted(fields)
     if type(fields) is not tuple or len(fields) != 17 or fields[0] != _VERSION:
         raise ValueError("record of an unknown shape")
     # Field types are not checked here: the listener formats each record inside its own

@@ -19,11 +19,12 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 from ._config import WorkerConfig
 from ._counters import STATE_DEGRADED, STATE_STOPPED, STATE_STOPPING, Counters
-from ._record import deserialize, serialize
+from ._format import Preformatter
+from ._record import TEXT_VERSION, _make, deserialize, flatten, sanitize, serialize
 from ._transport import K_RECORD, FifoWriter
 
 __all__ = ["MPQueueHandler", "Channel", "worker_init", "install", "uninstall", "context",
@@ -67,6 +68,18 @@ class Channel:
         self._timeout = None if config.overflow == "block" else config.overflow_timeout
         if config.overflow == "drop":
             self._timeout = 0.0
+        self._pre = Preformatter(config.simplified_level) if config.preformat else None
+
+    def prepare(self, record: logging.LogRecord) -> Tuple[bytes, int]:
+        """The record as a payload: formatted here (default formats) or flattened fields."""
+        pre = self._pre
+        if pre is None:
+            return serialize(record, _context.get())
+        fields, failures = flatten(record, _context.get())
+        try:
+            return pre.payload(_make(fields)), failures
+        except Exception:
+            return pre.payload(_make(sanitize(fields))), failures + 1
 
     # -- per-process state --------------------------------------------------------------
     def _attach(self) -> Counters:
@@ -101,7 +114,7 @@ class Channel:
     # -- the record path ------------------------------------------------------------------
     def put_nowait(self, record: logging.LogRecord) -> None:
         """Standard-library ``QueueHandler`` entry point."""
-        payload, failures = serialize(record, _context.get())
+        payload, failures = self.prepare(record)
         self.put_payload(payload, failures)
 
     put = put_nowait
@@ -170,7 +183,11 @@ class Channel:
     def _to_stderr(self, payload: bytes, prefix: str) -> None:
         try:
             from ._format import SimplifiedFormatter
-            line = prefix + SimplifiedFormatter().format(deserialize(payload))
+            rec = deserialize(payload)
+            if rec[0] == TEXT_VERSION:  # formatted here already: its simplified line, or its block
+                line = prefix + (rec.simple or rec.full)
+            else:
+                line = prefix + SimplifiedFormatter().format(rec)
             os.write(2, line.encode("utf-8", "backslashreplace"))
         except Exception:
             pass  # stderr itself is gone; the record is already counted
@@ -201,7 +218,7 @@ class MPQueueHandler(logging.handlers.QueueHandler):
         self.listener = None
 
     def prepare(self, record: logging.LogRecord) -> Any:  # type: ignore[override]
-        return serialize(record, _context.get())
+        return self.queue.prepare(record)
 
     def enqueue(self, prepared: Any) -> None:  # type: ignore[override]
         payload, failures = prepared

@@ -114,3 +114,32 @@ def test_hostile_records_from_workers(service, ctx):
     with ProcessPoolExecutor(1, mp_context=ctx, **svc.pool_kwargs()) as pool:
         pool.submit(_log_everything).result(120)
     _check(svc)
+
+
+class _Weird:
+    def __repr__(self):
+        return "WEIRD"
+
+    def __format__(self, spec):
+        raise ValueError("no format for you")
+
+
+def test_fields_of_unexpected_types_still_give_a_record(service):
+    """A filter that puts an object where logging has a string: the record is still written,
+    with the value's repr, and the replacement is counted."""
+    svc = service()
+    lg = logging.getLogger("weird")
+
+    def spoil(record):
+        record.levelname = _Weird()
+        return True
+
+    lg.addFilter(spoil)
+    try:
+        lg.warning("odd level name")
+    finally:
+        lg.removeFilter(spoil)
+    assert svc.flush(10)
+    blocks = app_blocks(svc.full_path)
+    assert [(b["message"], b["level"]) for b in blocks] == [("odd level name", "WEIRD")]
+    assert svc.health()["records"]["replaced"] == 1

@@ -154,3 +154,22 @@ def test_buggy_writer_garbage_in_the_live_fifo(service):
     h = svc.health()
     assert h["records"]["malformed_frames"] >= 1
     assert h["records"]["replaced"] >= 1
+
+
+def test_malformed_preformatted_record_becomes_a_placeholder(service):
+    """A frame whose payload claims to be a formatted record but is not one of ours."""
+    import marshal
+
+    svc = service()
+    fd = os.open(svc.worker_config.fifo_path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        bogus = marshal.dumps((2, 20, False, "no header\n[2026-01-01] fake\n", None, None))
+        os.write(fd, _frames(os.getpid(), 7, bogus)[0])
+    finally:
+        os.close(fd)
+    logging.getLogger("fifo").info("after")
+    assert svc.flush(10)
+    assert [b["message"] for b in app_blocks(svc.full_path)] == ["after"]
+    assert [b["message"] for b in read_blocks(svc.full_path) if b["logger"] == "mplog"] == [
+        "<malformed pre-formatted record>"]
+    assert "fake" not in svc.full_path.read_text()
