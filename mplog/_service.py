@@ -29,7 +29,7 @@ from ._worker import MPQueueHandler, _service_read_fds, uninstall, worker_init
 
 __all__ = ["LogService", "ServiceHandler"]
 
-_BYTES_PER_RECORD = 100  # how queue_size becomes a pipe size (see README: Transport)
+_BYTES_PER_RECORD = 320  # a typical record's frame: how queue_size becomes a pipe size (README: Transport)
 
 
 def _runtime_dir() -> str:
