@@ -24,6 +24,10 @@ from conftest import app_blocks
 def _run_in_pty(args, timeout=120, env=None):
     """Run a command with stderr and stdout on a pty; return (exit status, bytes written)."""
     master, slave = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a real terminal's size
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
     os.close(slave)
     out = b""
@@ -211,3 +215,40 @@ def test_signal_during_heavy_logging(tmp_path, mode, sig):
         assert f"mplog stopped: {len(msgs)} records written, 0 dropped, 0 lost" in summary
     else:
         assert "the application exited without stopping the log service" in summary
+
+
+TQDM_APP = """
+import logging, sys
+from concurrent.futures import ProcessPoolExecutor
+from tqdm import tqdm
+import mplog
+
+def work(i):
+    if i % 10 == 3:
+        logging.getLogger("w").warning("item %d looks odd", i)
+    return i
+
+if __name__ == "__main__":
+    with mplog.LogService(sys.argv[1], console="WARNING") as svc:
+        with ProcessPoolExecutor(2, **svc.pool_kwargs()) as pool:
+            for _ in tqdm(pool.map(work, range(60)), total=60, mininterval=0):
+                svc.flush(5)  # make each echoed line arrive while the bar is on screen
+"""
+
+
+def test_tqdm_bar_and_console_lines_share_the_terminal(tmp_path):
+    """With tqdm installed and a bar active, echoed lines go through tqdm.write: each starts on
+    a cleared line and the bar is redrawn after it (bytes checked on a real pty)."""
+    pytest.importorskip("tqdm")
+    script = tmp_path / "t.py"
+    script.write_text(TQDM_APP)
+    env = dict(os.environ, NO_COLOR="1")
+    status, out = _run_in_pty([sys.executable, str(script), str(tmp_path / "l")], env=env)
+    assert status == 0, out[-2000:]
+    text = out.decode("utf-8", "replace")
+    lines = re.findall(r"(.{0,8})\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] WARNING: item (\d+) looks odd", text)
+    assert sorted(int(n) for _, n in lines) == [i for i in range(60) if i % 10 == 3]
+    for before, _ in lines:
+        # tqdm clears the bar's line ('\r' then spaces or an erase) before writing a line
+        assert before == "" or before.endswith(("\r", "\n", "\x1b[K", "\x1b[A", " ")), repr(before)
+    assert "60/60" in text
