@@ -428,7 +428,7 @@ class LogService:
 
 
 
-class ServiceHandler(MPQueueHandler):
+class ServiceHandler(logging.Handler):
     """A handler that starts its own ``LogService``: the way to declare mplog in
     ``logging.config.dictConfig`` (or YAML), or ``fileConfig`` INI files::
 
@@ -437,6 +437,9 @@ class ServiceHandler(MPQueueHandler):
 
     Every keyword is a ``LogService`` option. The service is stopped at exit (or call
     ``handler.service.stop()``); ``handler.service`` gives ``pool_kwargs()`` for the pools.
+
+    Not a ``QueueHandler`` subclass on purpose: since Python 3.12, dictConfig builds every
+    ``"class"`` that is one as ``klass(queue.Queue(), ...)`` with a QueueListener of its own.
     """
 
     def __init__(self, directory: Union[str, "os.PathLike[str]"], name: str = "run", **options: Any) -> None:
@@ -444,7 +447,15 @@ class ServiceHandler(MPQueueHandler):
         own = self.service._handler
         assert own is not None
         logging.getLogger().removeHandler(own)  # the config decides where this handler goes
-        super().__init__(self.service.worker_config)
+        super().__init__(own.level)
+        self._inner = own
 
-    def close(self) -> None:
-        super().close()
+    def handle(self, record: logging.LogRecord) -> Any:
+        # Like MPQueueHandler.handle: no handler lock on the hot path.
+        rv = self.filter(record) if self.filters else True
+        if rv:
+            self._inner.handle(rv if isinstance(rv, logging.LogRecord) else record)
+        return rv
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._inner.emit(record)

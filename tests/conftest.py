@@ -31,10 +31,12 @@ SEPARATOR = "-" * 72
 @pytest.fixture(params=START_METHODS)
 def ctx(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
     """A multiprocessing context, once per start method."""
-    with warnings.catch_warnings():
-        # 3.12+: fork() with threads running (our supervisor) warns; the test is about fork.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return multiprocessing.get_context(request.param)
+    # 3.12+: fork() with threads running (our supervisor) warns, once per forked process, when a
+    # process starts, so the filter must outlive this fixture (pytest restores the filters
+    # after each test). Outside pytest the default filters already ignore it.
+    warnings.filterwarnings("ignore", r"This process \(pid=\d+\) is multi-threaded, use of fork\(\)",
+                            DeprecationWarning)
+    return multiprocessing.get_context(request.param)
 
 
 @pytest.fixture(autouse=True)

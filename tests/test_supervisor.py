@@ -46,6 +46,7 @@ def test_idle_kill_restarts_and_logging_resumes(service, ctx):
     assert svc.flush(10)
     with ctx.Pool(2, **svc.pool_kwargs()) as pool:
         pool.map(workers.log_n, [("warm", 1)])
+        assert svc.flush(10)  # idle: nothing read and held by the listener when it is killed
         _kill_and_wait_restart(svc)
         pool.map(workers.log_n, [(f"after{k}", 20) for k in range(2)])
     logging.getLogger("a").info("main after")
