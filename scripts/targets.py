@@ -213,22 +213,29 @@ def overload(tmp: Path, n: int) -> None:
 
 
 def restart_latency(tmp: Path, kills: int) -> None:
-    """SIGKILL the listener, log at once, time until that record is in the file."""
-    times = []
+    """SIGKILL the listener, log at once, time until that record is in the file: after a kill of
+    a listener that had been up (the backoff starts at 0.1 s), and in a burst of kills, where the
+    backoff doubles up to restart_backoff_max (5 s) by design."""
+    def one(svc: "mplog.LogService", log: logging.Logger, k: int) -> float:
+        log.info("before kill %d", k)
+        svc.flush(10)
+        os.kill(svc.health()["listener"]["pid"], signal.SIGKILL)
+        t0 = time.perf_counter()
+        log.info("after kill %d", k)
+        svc.flush(30)  # returns once a new listener has written it
+        return time.perf_counter() - t0
+
     with mplog.LogService(tmp / "restart", degraded_restarts=1000) as svc:
         log = logging.getLogger("restart")
-        for k in range(kills):
-            log.info("before kill %d", k)
-            svc.flush(10)
-            os.kill(svc.health()["listener"]["pid"], signal.SIGKILL)
-            t0 = time.perf_counter()
-            log.info("after kill %d", k)
-            svc.flush(30)  # returns once a new listener has written it
-            times.append(time.perf_counter() - t0)
-            svc.flush(10)
-    worst = max(times)
-    report(f"SIGKILL of the listener until the next record is in the file (s, worst of {kills})", worst, "s",
-           "<= 3", worst <= 3)
+        single = []
+        for k in range(3):
+            time.sleep(svc.config.restart_backoff_max + 0.5)  # let the backoff reset
+            single.append(one(svc, log, k))
+        burst = [one(svc, log, 100 + k) for k in range(kills)]
+    report("SIGKILL of a listener that was up: until the next record is written (s, worst of 3)",
+           max(single), "s", "<= 3", max(single) <= 3)
+    print(f"    in a burst of {kills} kills: " + ", ".join(f"{t:.2f}" for t in burst)
+          + " s (the backoff doubles from 0.1 s to 5 s, as specified)")
 
 
 def health_cost(tmp: Path) -> None:
