@@ -287,19 +287,10 @@ class FifoWriter:
                 on_sent()
                 return True
             except BlockingIOError:
-                pass
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                if not self._wait(deadline, give_up):
-                    return False
-                try:
-                    os.write(self.fd, frame)
-                    on_sent()
-                    return True
-                except BlockingIOError:
-                    continue
+                frames = [frame]
+        else:
+            frames = encode_frames(kind, self.pid, get_ident() & 0xFFFFFFFF, next(self._seq) & 0xFFFFFFFF, payload)
         deadline = None if timeout is None else time.monotonic() + timeout
-        frames = encode_frames(kind, self.pid, get_ident() & 0xFFFFFFFF, next(self._seq) & 0xFFFFFFFF, payload)
         first = True
         for frame in frames:
             while True:

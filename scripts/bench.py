@@ -82,6 +82,8 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from _provenance import mplog_source  # scripts/ is on sys.path when a script runs
+
 SETUPS = ["floor", "filehandler", "stdlib-queue", "stdlib-cookbook", "mplog",
           "loguru", "concurrent-log-handler", "multiprocessing-logging"]
 PEERS = {  # optional setup -> (import name, pip name)
@@ -1017,29 +1019,6 @@ def _safe_pgid(pid: int) -> Optional[int]:
         return os.getpgid(pid)
     except OSError:
         return None
-
-
-def mplog_source() -> str:
-    """Where mplog is imported from, and its git state: others may be editing it."""
-    try:
-        import mplog
-    except Exception as exc:  # noqa: BLE001
-        return f"not importable: {exc}"
-    pkg = os.path.dirname(os.path.abspath(mplog.__file__))
-    text = f"{mplog.__version__} from {pkg}"
-    try:
-        root = subprocess.run(["git", "-C", pkg, "rev-parse", "--show-toplevel"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        if root:
-            head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True, timeout=10).stdout.strip()
-            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", pkg], capture_output=True,
-                                   text=True, timeout=10).stdout.split("\n")
-            changed = [line[3:] for line in dirty if line.strip()]
-            text += f" (git {head}" + (f", uncommitted changes in {', '.join(changed)})" if changed else ", clean)")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return text
 
 
 def skip_reason(setup: str, start_method: str) -> Optional[str]:

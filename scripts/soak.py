@@ -57,7 +57,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -65,6 +64,8 @@ import time
 import warnings
 import zlib
 from typing import Any, Dict, List, Optional, Tuple
+
+from _provenance import mplog_source  # scripts/ is on sys.path when a script runs
 
 import psutil
 
@@ -782,25 +783,6 @@ def verify(soak: Soak) -> bool:
 
 
 # -- entry point ---------------------------------------------------------------------------------
-def mplog_source() -> str:
-    """Where mplog is imported from, and its git state: others may be editing it."""
-    pkg = os.path.dirname(os.path.abspath(mplog.__file__))
-    text = f"mplog {mplog.__version__} from {pkg}"
-    try:
-        root = subprocess.run(["git", "-C", pkg, "rev-parse", "--show-toplevel"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        if root:
-            head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True, timeout=10).stdout.strip()
-            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", pkg], capture_output=True,
-                                   text=True, timeout=10).stdout.split("\n")
-            changed = [line[3:] for line in dirty if line.strip()]
-            text += f" (git {head}" + (f", uncommitted changes in {', '.join(changed)})" if changed else ", clean)")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return text
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -850,7 +832,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{args.start_method}, listener kill ~{args.kill_listener_every:g} s, worker kill "
           f"~{args.kill_worker_every:g} s, rotation {args.rotate_every:g} s, seed {args.seed}, logs in {directory}",
           flush=True)
-    print(f"testing {mplog_source()}", flush=True)
+    print(f"testing mplog {mplog_source()}", flush=True)
 
     soak = Soak(args, directory)
 

@@ -110,5 +110,6 @@ def log_after_go(config: Any, go: str) -> None:
     while not os.path.exists(go):
         time.sleep(0.01)  # polling a file the test creates: the worker's only signal
     logging.getLogger("t.go").info("the one record")
+    import signal
     while True:
-        time.sleep(1)
+        signal.pause()  # until the test's SIGKILL
