@@ -201,3 +201,37 @@ def test_stdlib_queue_handler_on_svc_queue(service):
         lg.propagate = True
     assert svc.flush(30)
     assert [b["message"] for b in app_blocks(svc.full_path)] == ["via stdlib 7"]
+
+
+def test_stack_info_is_kept(service):
+    """The stdlib QueueHandler drops stack_info (3.10+); mplog writes it in the full log."""
+    svc = service()
+    logging.getLogger("stack").info("where am I", stack_info=True)
+    assert svc.flush(10)
+    body = "\n".join(app_blocks(svc.full_path)[0]["lines"])
+    assert "Stack (most recent call last):" in body and "test_stack_info_is_kept" in body
+
+
+def test_worker_outliving_the_service_neither_hangs_nor_loses_silently(tmp_path, ctx, capfd):
+    """A worker still logging after stop(): its records go to its stderr, and it exits
+    promptly (a multiprocessing.Queue producer whose reader is gone cannot exit)."""
+    svc = mplog.LogService(tmp_path / "l")
+    svc.start()
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=workers.log_on_command, args=(svc.worker_config, child))
+    p.start()
+    try:
+        parent.send("while running")
+        assert parent.poll(30) and parent.recv() == "done"
+        svc.stop()
+        parent.send("after stop")
+        assert parent.poll(30) and parent.recv() == "done"
+        parent.send(None)
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    assert [b["message"] for b in app_blocks(svc.full_path)] == ["while running"]
+    assert "WARNING: after stop" in capfd.readouterr().err

@@ -113,3 +113,15 @@ def log_after_go(config: Any, go: str) -> None:
     import signal
     while True:
         signal.pause()  # until the test's SIGKILL
+
+
+def log_on_command(config: Any, conn: Any) -> None:
+    """Log one record each time the parent sends a tag; exit on None."""
+    mplog.worker_init(config)
+    log = logging.getLogger("t.cmd")
+    while True:
+        tag = conn.recv()
+        if tag is None:
+            return
+        log.warning("%s", tag)
+        conn.send("done")
