@@ -212,13 +212,14 @@ def test_stack_info_is_kept(service):
     assert "Stack (most recent call last):" in body and "test_stack_info_is_kept" in body
 
 
-def test_worker_outliving_the_service_neither_hangs_nor_loses_silently(tmp_path, ctx, capfd):
+def test_worker_outliving_the_service_neither_hangs_nor_loses_silently(tmp_path, ctx):
     """A worker still logging after stop(): its records go to its stderr, and it exits
     promptly (a multiprocessing.Queue producer whose reader is gone cannot exit)."""
     svc = mplog.LogService(tmp_path / "l")
     svc.start()
     parent, child = ctx.Pipe()
-    p = ctx.Process(target=workers.log_on_command, args=(svc.worker_config, child))
+    err = tmp_path / "worker.stderr"
+    p = ctx.Process(target=workers.log_on_command, args=(svc.worker_config, child, str(err)))
     p.start()
     try:
         parent.send("while running")
@@ -234,4 +235,4 @@ def test_worker_outliving_the_service_neither_hangs_nor_loses_silently(tmp_path,
             p.kill()
             p.join(5)
     assert [b["message"] for b in app_blocks(svc.full_path)] == ["while running"]
-    assert "WARNING: after stop" in capfd.readouterr().err
+    assert "WARNING: after stop" in err.read_text()

@@ -115,8 +115,12 @@ def log_after_go(config: Any, go: str) -> None:
         signal.pause()  # until the test's SIGKILL
 
 
-def log_on_command(config: Any, conn: Any) -> None:
-    """Log one record each time the parent sends a tag; exit on None."""
+def log_on_command(config: Any, conn: Any, stderr_path: str) -> None:
+    """Log one record each time the parent sends a tag; exit on None. Its stderr goes to a
+    file (a forkserver child's stderr is the forkserver's, not the test's)."""
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
     mplog.worker_init(config)
     log = logging.getLogger("t.cmd")
     while True:
