@@ -25,7 +25,6 @@ What we do instead:
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import select
@@ -274,8 +273,9 @@ class FifoWriter:
         Returns False if the first frame found no room in time (nothing was written: the caller
         counts a drop). Once the first frame of a chunked record is in, the rest are written with
         blocking waits, so a started record is finished, not torn, unless ``give_up`` says the
-        service is gone. Raises OSError for a broken channel. ``on_sent`` runs as soon as the
-        first frame is in the pipe: from then on the record counts as sent.
+        service is gone. Raises OSError if the first frame meets a broken channel. ``on_sent``
+        runs as soon as the first frame is in the pipe: from then on the record counts as sent,
+        once, whatever happens to the rest of it.
         """
         if len(payload) <= PAYLOAD_MAX:  # the hot path: one frame, one write, no allocation spree
             # (pid, seq) identifies a message (seq is per process, shared by its threads); the
@@ -301,7 +301,11 @@ class FifoWriter:
                     if not self._wait(deadline if first else None, give_up):
                         if first:
                             return False
-                        raise BrokenPipeError(errno.EPIPE, "service stopped while writing a record")
+                        return True  # the service went away mid-record: sent, and torn
+                except OSError:
+                    if first:
+                        raise
+                    return True  # EPIPE mid-record: sent (counted once), its rest never arrives
             if first:
                 on_sent()
                 first = False

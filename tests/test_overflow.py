@@ -131,3 +131,29 @@ def test_worker_memory_bounded_when_listener_stalled(service):
         os.kill(pid, signal.SIGCONT)
     assert rss1 - rss0 < 5 * 1024 * 1024, (rss0, rss1)
     assert svc.health()["records"]["dropped"] > 190_000
+
+
+def test_stop_while_a_big_record_is_half_written_counts_it_once(service):
+    """A 4 MB record blocked half-way in a full pipe when stop() gives up on a stuck listener:
+    the writer's logging call returns, and the final report counts the record once, as lost."""
+    svc = service(shutdown_timeout=1.0, queue_size=100)
+    pid = _stall(svc)
+    log = logging.getLogger("big")
+    done = threading.Event()
+
+    def produce():
+        log.info("big %s", "b" * (4 * 1024 * 1024))
+        done.set()
+
+    t = threading.Thread(target=produce)
+    t.start()
+    wait_for(lambda: svc.health()["records"]["sent"] == 1, what="the first chunk in the pipe")
+    final = svc.stop()
+    t.join(30)
+    assert done.is_set()
+    r = final["records"]
+    assert (r["sent"], r["written"], r["diverted"], r["dropped"], r["lost"]) == (1, 0, 0, 0, 1)
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
