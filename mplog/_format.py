@@ -115,12 +115,13 @@ class FullFormatter:
         return "".join(parts)
 
 
-def format_both(rec: Record, stamps: Timestamps, full_fmt: FullFormatter, simple: bool) -> Tuple[str, Optional[str]]:
+def format_both(rec: Record, stamps: Timestamps, full_fmt: FullFormatter, simple_fmt: SimplifiedFormatter,
+                simple: bool) -> Tuple[str, Optional[str]]:
     """The listener's hot path with both default formats: one timestamp lookup and one check of
     the message for both. Same output as FullFormatter and SimplifiedFormatter."""
     if rec.extras or rec.exc_text or rec.stack_info or rec.exc_summary:
         full = full_fmt.format(rec)
-        return full, (SimplifiedFormatter(stamps).format(rec) if simple else None)
+        return full, (simple_fmt.format(rec) if simple else None)
     created = rec.created
     sec = int(created)
     if sec != stamps._sec:
@@ -159,12 +160,14 @@ class Preformatter:
     def __init__(self, simplified_level: int) -> None:
         self.stamps = Timestamps()
         self.full = FullFormatter(self.stamps)
+        self.simple = SimplifiedFormatter(self.stamps)
         self.simplified_level = simplified_level
 
     def payload(self, rec: Record) -> bytes:
         levelno = rec.levelno
         user = bool(rec.user)
-        full, simple = format_both(rec, self.stamps, self.full, levelno >= self.simplified_level or user)
+        full, simple = format_both(rec, self.stamps, self.full, self.simple,
+                                   levelno >= self.simplified_level or user)
         warning = None
         if logging.WARNING <= levelno < logging.ERROR and rec.name != "mplog":
             warning = rec.msg.split("\n", 1)[0][:200]

@@ -238,7 +238,8 @@ class Listener:
         try:
             levelno = rec.levelno
             if self.fused:
-                full, line = format_both(rec, self.stamps, self.full, levelno >= self.simplified_level or rec.user)
+                full, line = format_both(rec, self.stamps, self.full, self.simple,
+                                         levelno >= self.simplified_level or rec.user)
             else:
                 full = self.full.format(rec)
                 line = self.simple.format(rec) if levelno >= self.simplified_level or rec.user else None

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Any
+
 import psutil
 
 import mplog
@@ -134,9 +136,18 @@ def worker_init_cost(tmp: Path) -> None:
     report("worker_init under spawn (ms, median of 5)", med, "ms", "<= 5", med <= 5)
 
 
+def _fill(ctx: Any, svc: "mplog.LogService", n: int) -> None:
+    """Two producer processes log ``n`` records between them, and are joined."""
+    procs = [ctx.Process(target=_producer, args=(svc.worker_config, n // 2)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+
+
 def drain(tmp: Path, backlog: int) -> None:
     # The backlog lives in the kernel pipe, whose size queue_size asks for: beyond
-    # /proc/sys/fs/pipe-max-size (1 MiB by default, about 5,700 records) only CAP_SYS_RESOURCE
+    # /proc/sys/fs/pipe-max-size (1 MiB by default, about 3,200 records) only CAP_SYS_RESOURCE
     # may go. So fill what the pipe holds with the listener stopped, time the drain at stop(),
     # and state what a 100,000-record backlog would take at that rate.
     ctx = multiprocessing.get_context("fork")
@@ -144,11 +155,7 @@ def drain(tmp: Path, backlog: int) -> None:
     svc.start()
     listener = svc.health()["listener"]["pid"]
     os.kill(listener, signal.SIGSTOP)
-    procs = [ctx.Process(target=_producer, args=(svc.worker_config, backlog // 2)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
+    _fill(ctx, svc, backlog)
     depth = svc.health()["queue"]["depth"]
     capacity = svc.health()["queue"]["capacity_bytes"]
     t0 = time.perf_counter()
@@ -159,11 +166,7 @@ def drain(tmp: Path, backlog: int) -> None:
     rate = depth / (time.perf_counter() - t0)
     # Now the same with stop(): fill the pipe again and time stop() itself.
     os.kill(listener, signal.SIGSTOP)
-    procs = [ctx.Process(target=_producer, args=(svc.worker_config, backlog // 2)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
+    _fill(ctx, svc, backlog)
     os.kill(listener, signal.SIGCONT)
     t1 = time.perf_counter()
     final = svc.stop()

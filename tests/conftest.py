@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import re
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -164,3 +165,23 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``tmpfs(name, size)`` mounts a small tmpfs (real ENOSPC, EROFS) under tmp_path; skips
+    the test where mounting is not allowed; unmounts everything after."""
+    mounted: List[Path] = []
+
+    def mount(name: str, size: str = "256k") -> Path:
+        mnt = tmp_path / name
+        mnt.mkdir(exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in reversed(mounted):
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

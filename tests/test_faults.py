@@ -45,20 +45,13 @@ def test_worker_churn_leaks_nothing_in_the_listener(service, ctx):
 
 
 @pytest.fixture
-def ro_mount(tmp_path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+def ro_mount(tmpfs):
+    mnt = tmpfs("ro", "1m")
 
     def remount(mode: str) -> None:
         subprocess.run(["mount", "-o", f"remount,{mode}", str(mnt)], check=True, capture_output=True)
 
-    try:
-        yield mnt, remount
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    return mnt, remount
 
 
 def test_read_only_directory_at_start_names_the_path(ro_mount):

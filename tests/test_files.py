@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import stat
-import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -181,16 +180,8 @@ def test_symlink_at_log_path_is_not_followed(tmp_path):
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+def small_fs(tmpfs):
+    return tmpfs("small", "256k")
 
 
 def test_disk_full_degrades_then_resumes(small_fs, capfd):
