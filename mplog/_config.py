@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-__all__ = ["OVERFLOW_POLICIES", "ServiceConfig", "WorkerConfig", "parse_level"]
+__all__ = ["OVERFLOW_POLICIES", "ListenerConfig", "ServiceConfig", "WorkerConfig", "parse_level"]
 
 OVERFLOW_POLICIES = ("block", "drop", "timeout", "stderr")
 
@@ -65,6 +65,10 @@ class WorkerConfig:
     # Format in the logging process (the default formats; see _format.Preformatter).
     preformat: bool = False
     simplified_level: int = logging.INFO
+    # The ring in the spool: at most ``queue_size`` records in ``ring_bytes`` (0: the default
+    # for queue_size, _spool.ring_capacity).
+    queue_size: int = 10000
+    ring_bytes: int = 0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -72,6 +76,54 @@ class WorkerConfig:
     @classmethod
     def from_json(cls, text: str) -> "WorkerConfig":
         return cls(**json.loads(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerConfig:
+    """What the listener process is started with: one typed home for its options, passed as
+    JSON on its command line. Built from a ``ServiceConfig`` by ``LogService``; the fields
+    after ``runtime_dir`` change with each start of a listener."""
+
+    fifo_path: str
+    counters_path: str
+    runtime_dir: str
+    simplified_path: str
+    full_path: str
+    level: int = logging.DEBUG
+    simplified_level: int = logging.INFO
+    flush_count: int = 100
+    flush_interval: float = 1.0
+    shutdown_timeout: float = 5.0
+    console: Optional[int] = None
+    console_colour: bool = False
+    simplified_format: Optional[str] = None
+    full_format: Optional[str] = None
+    datefmt: Optional[str] = None
+    file_mode: Optional[int] = None
+    rotate_bytes: Optional[int] = None
+    rotate_interval: Optional[float] = None
+    backup_count: int = 5
+    compress: bool = False
+    syslog: Optional[Tuple[str, int]] = None
+    syslog_level: int = logging.DEBUG
+    recover: Tuple[str, ...] = ()  # spools of earlier runs of this file set, to write first
+    # per start
+    reply_fd: int = -1
+    lifeline_fd: int = -1
+    console_fd: int = 2
+    parent_pid: int = 0
+    restart_reason: Optional[str] = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ListenerConfig":
+        data = json.loads(text)
+        if data.get("syslog"):
+            data["syslog"] = tuple(data["syslog"])
+        data["recover"] = tuple(data.get("recover") or ())
+        return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True)

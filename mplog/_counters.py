@@ -2,10 +2,11 @@
 
 Accounting must survive any process being killed, so no counter is guarded by a lock another
 process could die holding. Each process increments only its own *slot* (sent, dropped,
-replaced); the listener owns the service fields (received, written, lost, ...); the main process
-owns ``state``. A slot is claimed once per process under an ``fcntl`` lock, which the kernel
-releases if the claimer dies. Readers sum the slots; a torn 8-byte read cannot happen on the
-platforms we support (aligned 64-bit stores).
+replaced, diverted); the listener owns the service fields (written, lost, ...) and each slot's
+``seen``; the main process owns ``state`` until the listener's final word. A slot is claimed once
+per process under an ``fcntl`` lock, which the kernel releases if the claimer dies. Readers sum
+the slots; a torn 8-byte read cannot happen on the platforms we support (aligned 64-bit stores).
+A slot's index also names the process's ring in the spool (``ring.<index>``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import mmap
 import os
 from typing import Dict
 
-__all__ = ["Counters", "FIELDS", "SLOT_FIELDS", "STATE_NAMES"]
+__all__ = ["Counters", "FIELDS", "SLOT_FIELDS", "STATE_NAMES", "Slot", "settle_accounts"]
 
 # Service fields, by index into the int64 array.
 FIELDS = (
@@ -25,14 +26,20 @@ FIELDS = (
     "write_errors", "rotations", "pending_base", "error_ns", "reopens", "full_ino", "simp_ino",
     "syslog_connected", "syslog_forwarded", "syslog_dropped", "syslog_lost", "syslog_pending",
     "syslog_reconnects", "syslog_resets",
+    # the spool (see _spool, _journal)
+    "batch", "sleeping", "recovered", "final_written", "final_sent", "final_dropped", "final_diverted",
+    "final_lost", "final_set",
 )
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
-HEADER_WORDS = 64
-_TEXT_WORD, _TEXT_BYTES = 40, 192  # words 40..63: the listener's last error, as UTF-8
-SLOT_FIELDS = ("pid", "sent", "dropped", "replaced", "diverted", "writing")
+assert len(FIELDS) <= 96
+HEADER_WORDS = 128
+_TEXT_WORD, _TEXT_BYTES = 96, 256  # words 96..127: the listener's last error, as UTF-8
+SLOT_FIELDS = ("pid", "sent", "dropped", "replaced", "diverted", "ring", "seen", "errors")
 SLOT_WORDS = 8
+# Word offsets inside a slot.
+S_PID, S_SENT, S_DROPPED, S_REPLACED, S_DIVERTED, S_RING, S_SEEN, S_ERRORS = range(8)
 MAX_SLOTS = 1 << 16
-_MAGIC = 0x6D706C6F67310001
+_MAGIC = 0x6D706C6F67310002
 _SIZE = 8 * (HEADER_WORDS + SLOT_WORDS * MAX_SLOTS)  # 4 MiB, sparse on tmpfs
 
 STATE_STARTING, STATE_RUNNING, STATE_DEGRADED, STATE_STOPPING, STATE_STOPPED = range(5)
@@ -102,9 +109,8 @@ class Counters:
         return self._mm[start:start + _TEXT_BYTES].split(b"\0", 1)[0].decode("utf-8", "replace")
 
     # -- per-process slots ----------------------------------------------------------------
-    def claim_slot(self, pid: int) -> int:
-        """Return the word offset of a fresh slot for ``pid``. Never reused: a dead process's
-        counts stay in the sums."""
+    def claim_slot(self, pid: int) -> "Slot":
+        """A fresh slot for ``pid``. Never reused: a dead process's counts stay in the sums."""
         fcntl.lockf(self._fd, fcntl.LOCK_EX, 8, 8 * _INDEX["slots_used"], os.SEEK_SET)
         try:
             used = self.words[_INDEX["slots_used"]]
@@ -116,22 +122,40 @@ class Counters:
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 8, 8 * _INDEX["slots_used"], os.SEEK_SET)
         base = HEADER_WORDS + SLOT_WORDS * slot
-        self.words[base] = pid
-        return base
+        self.words[base + S_PID] = pid
+        return Slot(self.words, slot)
 
-    def slot_totals(self) -> Dict[str, int]:
-        used = min(self.words[_INDEX["slots_used"]], MAX_SLOTS)
+    def slot(self, index: int) -> "Slot":
+        return Slot(self.words, index)
+
+    @property
+    def slots_used(self) -> int:
+        return min(self.words[_INDEX["slots_used"]], MAX_SLOTS)
+
+    def slot_totals(self, settle: bool = False) -> Dict[str, int]:
+        used = self.slots_used
         words = self.words
         start = HEADER_WORDS
         stop = HEADER_WORDS + SLOT_WORDS * used
-        return {
-            "sent": sum(words[start + 1:stop:SLOT_WORDS]),
-            "dropped": sum(words[start + 2:stop:SLOT_WORDS]),
-            "replaced": sum(words[start + 3:stop:SLOT_WORDS]),
-            "diverted": sum(words[start + 4:stop:SLOT_WORDS]),
-            "in_doubt": sum(words[start + 5:stop:SLOT_WORDS]),
+        totals = {
+            "sent": sum(words[start + S_SENT:stop:SLOT_WORDS]),
+            "dropped": sum(words[start + S_DROPPED:stop:SLOT_WORDS]),
+            "replaced": sum(words[start + S_REPLACED:stop:SLOT_WORDS]),
+            "diverted": sum(words[start + S_DIVERTED:stop:SLOT_WORDS]),
+            "errors": sum(words[start + S_ERRORS:stop:SLOT_WORDS]),
+            "in_doubt": 0,
             "processes": used,
         }
+        if settle:
+            # A process killed between publishing a record and counting it leaves the record in
+            # its ring, uncounted: the listener saw more of its records than it counted.
+            doubt = 0
+            for base in range(start, stop, SLOT_WORDS):
+                published = words[base + S_SENT] - words[base + S_DROPPED] - words[base + S_DIVERTED]
+                if words[base + S_SEEN] > published:
+                    doubt += words[base + S_SEEN] - published
+            totals["in_doubt"] = doubt
+        return totals
 
     def snapshot(self) -> Dict[str, int]:
         snap = {name: self.words[i] for name, i in _INDEX.items()}
@@ -139,13 +163,40 @@ class Counters:
         return snap
 
 
+class Slot:
+    """One process's counters: it alone writes them (its threads under its own lock), except
+    ``seen``, which the listener sets to the last record of the process's ring it committed."""
+
+    __slots__ = ("words", "index", "base")
+
+    def __init__(self, words: memoryview, index: int) -> None:
+        self.words = words
+        self.index = index
+        self.base = HEADER_WORDS + SLOT_WORDS * index
+
+    def get(self, offset: int) -> int:
+        return self.words[self.base + offset]
+
+    def add(self, offset: int, n: int = 1) -> None:
+        self.words[self.base + offset] += n
+
+    def set(self, offset: int, value: int) -> None:
+        self.words[self.base + offset] = value
+
+    def count(self, *offsets: int) -> None:
+        """Count one record under each of ``offsets`` (the caller holds its process's lock)."""
+        words, base = self.words, self.base
+        for offset in offsets:
+            words[base + offset] += 1
+
+
 def settle_accounts(sent: int, written: int, dropped: int, diverted: int, counted_lost: int,
                     in_doubt: int) -> Dict[str, int]:
     """Close ``sent = written + dropped + diverted + lost`` once the pipe is drained.
 
-    ``sent`` is counted right after a record's first frame is in the pipe; a writer killed in
-    between leaves its record *in doubt* (its slot's ``writing`` stays up): written, but never
-    counted as sent. Those, up to ``in_doubt``, are added to ``sent``. Whatever is still missing
+    ``sent`` is counted right after a record is published in its ring; a writer killed in
+    between leaves its record *in doubt*: in the ring (and written), but never counted as sent.
+    Those, up to ``in_doubt``, are added to ``sent``. Whatever is still missing
     was lost without a counter seeing it (``unattributed``); a surplus no writer can explain
     (a foreign writer on the FIFO) is ``unexplained`` rather than hidden.
     """

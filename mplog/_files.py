@@ -16,9 +16,9 @@ import shutil
 import stat
 import threading
 import time
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
-__all__ = ["LogFile", "Compressor", "rotated_files"]
+__all__ = ["FileSet", "LogFile", "Compressor", "rotated_files"]
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
@@ -181,3 +181,83 @@ class LogFile:
                     pass
         if target and compressor is not None:  # after pruning: the listing must not race the gzip
             compressor.submit(target)
+
+
+class FileSet:
+    """The two log files of a service and their policy: rotation by size or age, following
+    logrotate (moved, deleted, truncated), reopening on request. The policy is fixed at
+    construction, so the write path checks one number per file."""
+
+    def __init__(self, simplified_path: str, full_path: str, mode: Optional[int] = None,
+                 rotate_bytes: Optional[int] = None, rotate_interval: Optional[float] = None,
+                 backup_count: int = 5, compress: bool = False) -> None:
+        self.simple = LogFile(simplified_path, mode)
+        self.full = LogFile(full_path, mode)
+        self.rotate_bytes = rotate_bytes
+        self.rotate_interval = rotate_interval
+        self.backup_count = backup_count
+        self.compressor = Compressor() if compress else None
+        self.rotations = 0
+        self.reopens = 0
+
+    def __iter__(self) -> Iterator[LogFile]:
+        return iter((self.simple, self.full))
+
+    def open(self) -> List[str]:
+        """Open both; return the errors (a failure degrades the service, it is not fatal)."""
+        errors = []
+        for f in self:
+            try:
+                f.open()
+            except OSError as exc:
+                errors.append(f"cannot open {f.path}: {exc.strerror or exc}")
+        return errors
+
+    def close(self) -> None:
+        for f in self:
+            f.close()
+        if self.compressor is not None:
+            self.compressor.close(5.0)
+
+    def refresh_sizes(self) -> None:
+        for f in self:
+            if f.fd >= 0:
+                f.size = os.fstat(f.fd).st_size
+
+    def write(self, simple: bytes, full: bytes) -> List[str]:
+        """Append one batch to both files; raises OSError. Returns rotation errors, if any."""
+        if simple:
+            self.simple.write(simple)
+        self.full.write(full)
+        if self.rotate_bytes is not None:
+            return [e for e in (self._rotate(f) for f in self if f.size >= self.rotate_bytes) if e]
+        return []
+
+    def housekeeping(self, reopen: bool = False) -> List[str]:
+        """Once a second: follow logrotate, rotate by age, retry files that failed to open."""
+        errors = []
+        for f in self:
+            if f.fd < 0 or f.moved() or reopen:
+                try:
+                    f.open()
+                    self.reopens += 1
+                except OSError as exc:
+                    f.close()
+                    errors.append(f"cannot open {f.path}: {exc.strerror or exc}")
+                continue
+            f.check_truncated()
+            due = ((self.rotate_bytes is not None and f.size >= self.rotate_bytes)
+                   or (self.rotate_interval is not None and time.time() - f.opened_at >= self.rotate_interval))
+            if due and f.size > 0:
+                error = self._rotate(f)
+                if error:
+                    errors.append(error)
+        return errors
+
+    def _rotate(self, f: LogFile) -> Optional[str]:
+        try:
+            f.rotate(self.backup_count, self.compressor)
+            self.rotations += 1
+            return None
+        except OSError as exc:
+            return f"cannot rotate {f.path}: {exc.strerror or exc}"

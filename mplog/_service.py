@@ -1,43 +1,41 @@
-"""``LogService``: what the application holds. Owns the channel, the supervisor, the main
-process's handler, and the exit hook."""
+"""``LogService``: what the application holds. Owns the spool, the supervisor, the main
+process's handler, and the exit hook.
+
+The spool is a directory ``mplog-<uid>-<key>-<random>`` on tmpfs (``XDG_RUNTIME_DIR`` or
+``/dev/shm``), 0700, where ``key`` names the file set (directory and name): the counters, the
+control FIFO, one ring per process, and an ``owner`` file (pid and start time of the main
+process). A normal stop removes it; so does the listener when the application dies without
+stopping. A spool that still holds unwritten records (everything was SIGKILLed) is kept, and
+the next ``LogService`` on the same file set writes those records first.
+"""
 
 from __future__ import annotations
 
 import atexit
 import errno
-import fcntl
 import itertools
 import logging
 import os
-import shutil
 import stat
 import struct
 import sys
 import tempfile
-import termios
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
-from ._config import ServiceConfig, WorkerConfig
-from ._counters import Counters, settle_accounts
+from ._config import ListenerConfig, ServiceConfig, WorkerConfig
+from ._counters import Counters
+from ._health import Health, down_report
+from ._spool import (SPOOL_MAX_AGE_S, clean_spools, list_spools, remove_spool, ring_capacity, spool_prefix,
+                     spool_root, unwritten_records, write_owner)
 from ._supervisor import Supervisor, write_health_file
-from ._transport import K_FLUSH, K_REOPEN, K_STOP, FifoWriter, set_pipe_size
+from ._transport import K_FLUSH, K_REOPEN, K_STOP, FifoWriter
 from ._worker import MPQueueHandler, _service_read_fds, uninstall, worker_init
 
 __all__ = ["LogService", "ServiceHandler"]
-
-_BYTES_PER_RECORD = 320  # a typical record's frame: how queue_size becomes a pipe size (README: Transport)
-
-
-def _runtime_dir() -> str:
-    # tmpfs when there is one: the FIFO and counters never touch a disk.
-    for candidate in (os.environ.get("XDG_RUNTIME_DIR"), "/dev/shm"):
-        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
-            return candidate
-    return tempfile.gettempdir()
 
 
 def _check_directory(directory: Path, files: Any) -> None:
@@ -77,10 +75,11 @@ class LogService:
         self._runtime: Optional[str] = None
         self._counters: Optional[Counters] = None
         self._supervisor: Optional[Supervisor] = None
+        self._health: Optional[Health] = None
         self._handler: Optional[MPQueueHandler] = None
         self._writer: Optional[FifoWriter] = None
         self._read_fd = -1
-        self._pipe_bytes = 0
+        self._ring_bytes = ring_capacity(self.config.queue_size)
         self._worker_config: Optional[WorkerConfig] = None
         self._final: Optional[Dict[str, Any]] = None
         self._saved_root: Optional[tuple] = None
@@ -135,9 +134,15 @@ class LogService:
                 return self
             cfg = self.config
             _check_directory(cfg.directory, (cfg.simplified_path, cfg.full_path))
-            self._runtime = tempfile.mkdtemp(prefix="mplog-", dir=_runtime_dir())
+            prefix = spool_prefix(str(cfg.directory), cfg.name)
+            root = spool_root()
+            clean_spools(SPOOL_MAX_AGE_S, root)  # abandoned spools of any run of this user
+            # Spools of earlier runs of this file set that died with records unwritten.
+            leftovers = tuple(s.path for s in list_spools(root, prefix) if not s.alive and s.unwritten)
+            self._runtime = tempfile.mkdtemp(prefix=prefix, dir=root)
             try:
-                self._start_in(self._runtime)
+                write_owner(self._runtime, str(cfg.directory), cfg.name)
+                self._start_in(self._runtime, leftovers)
             except BaseException:
                 self._cleanup()
                 raise
@@ -145,39 +150,42 @@ class LogService:
             atexit.register(self._at_exit)
             return self
 
-    def _start_in(self, runtime: str) -> None:
+    def _start_in(self, runtime: str, leftovers: Tuple[str, ...]) -> None:
         cfg = self.config
         fifo = os.path.join(runtime, "fifo")
         counters_path = os.path.join(runtime, "counters")
         os.mkfifo(fifo, 0o600)
         self._counters = Counters.create(counters_path)
-        # The main process holds a read end for the service's whole life: writers can always
-        # open the FIFO, and the backlog survives while a killed listener is replaced.
+        # The main process holds a read end for the service's whole life, so writers can always
+        # open the FIFO (control frames, the doorbell) while a killed listener is replaced.
         self._read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         _service_read_fds[self._read_fd] = os.getpid()
-        self._pipe_bytes = set_pipe_size(self._read_fd, max(65536, cfg.queue_size * _BYTES_PER_RECORD))
         self._worker_config = WorkerConfig(
             fifo_path=fifo, counters_path=counters_path, level=cfg.level, overflow=cfg.overflow,
             overflow_timeout=cfg.overflow_timeout, capture_warnings=cfg.capture_warnings,
             service_id=uuid.uuid4().hex,
             # Custom formats and syslog need the record's fields in the listener.
             preformat=cfg.simplified_format is None and cfg.full_format is None and cfg.syslog is None,
-            simplified_level=cfg.simplified_level)
+            simplified_level=cfg.simplified_level, queue_size=cfg.queue_size, ring_bytes=self._ring_bytes)
         colour = (cfg.console is not None and sys.stderr is not None and sys.stderr.isatty()
                   and not os.environ.get("NO_COLOR"))
-        listener_opts = {
-            "fifo_path": fifo, "counters_path": counters_path,
-            "simplified_path": str(cfg.simplified_path), "full_path": str(cfg.full_path),
-            "level": cfg.level, "simplified_level": cfg.simplified_level,
-            "flush_count": cfg.flush_count, "flush_interval": cfg.flush_interval,
-            "console": cfg.console, "console_colour": bool(colour),
-            "simplified_format": cfg.simplified_format, "full_format": cfg.full_format, "datefmt": cfg.datefmt,
-            "file_mode": cfg.file_mode, "rotate_bytes": cfg.rotate_bytes, "rotate_interval": cfg.rotate_interval,
-            "backup_count": cfg.backup_count, "compress": cfg.compress,
-            "syslog": list(cfg.syslog) if cfg.syslog else None, "syslog_level": cfg.syslog_level,
-        }
-        self._supervisor = Supervisor(cfg, self._counters, fifo, counters_path, listener_opts)
-        self._supervisor.health_source = self.health
+        listener = ListenerConfig(
+            fifo_path=fifo, counters_path=counters_path, runtime_dir=runtime,
+            simplified_path=str(cfg.simplified_path), full_path=str(cfg.full_path),
+            level=cfg.level, simplified_level=cfg.simplified_level,
+            flush_count=cfg.flush_count, flush_interval=cfg.flush_interval, shutdown_timeout=cfg.shutdown_timeout,
+            console=cfg.console, console_colour=bool(colour),
+            simplified_format=cfg.simplified_format, full_format=cfg.full_format, datefmt=cfg.datefmt,
+            file_mode=cfg.file_mode, rotate_bytes=cfg.rotate_bytes, rotate_interval=cfg.rotate_interval,
+            backup_count=cfg.backup_count, compress=cfg.compress, syslog=cfg.syslog, syslog_level=cfg.syslog_level,
+            recover=leftovers)
+        try:
+            import psutil
+            self._ps_main = psutil.Process()
+        except Exception:
+            self._ps_main = None
+        self._health = Health(cfg, self._counters, runtime, self._ring_bytes, self._main_create_time())
+        self._supervisor = Supervisor(cfg, self._counters, listener, self._health)
         self._supervisor.start()
         self._writer = FifoWriter(fifo)
         # The main process logs through the service too, at ``level``; stop() restores the root.
@@ -189,11 +197,6 @@ class LogService:
         root.setLevel(cfg.level)
         if cfg.capture_warnings:
             logging.captureWarnings(True)
-        try:
-            import psutil
-            self._ps_main = psutil.Process()
-        except Exception:
-            self._ps_main = None
         self._supervisor.write_health_file()
 
     def _send_control(self, kind: int, payload: bytes, deadline: Optional[float]) -> bool:
@@ -278,7 +281,10 @@ class LogService:
             supervisor = self._supervisor
             if supervisor is not None:
                 supervisor.stop(deadline, send_stop)
-            self._final = self._compute_health(final=True)
+            if self._health is not None and supervisor is not None:
+                self._final = self._health.report(supervisor, final=True)
+            else:
+                self._final = down_report(self.config)
             try:
                 # A probe must read "down" now, not the last running report.
                 write_health_file(self.health_path, self._final)
@@ -313,7 +319,12 @@ class LogService:
                 pass
             self._read_fd = -1
         if self._runtime is not None:
-            shutil.rmtree(self._runtime, ignore_errors=True)
+            # A spool that still holds records (a listener that could not drain in time) is
+            # kept for the next run on this file set; anything else goes.
+            if not unwritten_records(self._runtime):
+                remove_spool(self._runtime)
+            elif self._final is not None:
+                self._final["spool_kept"] = self._runtime
             self._runtime = None
 
     def _at_exit(self) -> None:
@@ -332,88 +343,9 @@ class LogService:
         """A JSON-serialisable report: status, listener, restarts, queue, records, files."""
         if self._final is not None:
             return dict(self._final)
-        if self._supervisor is None or self._counters is None:
-            return {"status": "down", "records": {"sent": 0, "written": 0, "dropped": 0, "lost": 0},
-                    "queue": {"depth": 0, "capacity": self.config.queue_size}}
-        return self._compute_health(final=False)
-
-    def _compute_health(self, final: bool) -> Dict[str, Any]:
-        counters = self._counters
-        supervisor = self._supervisor
-        assert counters is not None and supervisor is not None
-        snap = counters.snapshot()
-        sent, written, dropped = snap["sent"], snap["written"], snap["dropped"]
-        diverted = snap["diverted"] + snap["stderr_records"]
-        counted_lost = snap["torn"] + snap["lost_listener"]
-        in_flight = max(0, sent - dropped - snap["diverted"] - snap["received"] - snap["torn"])
-        unattributed = 0
-        extra: Dict[str, int] = {}
-        if final:
-            # Everything the listener could drain is in the files now: close the sum.
-            settled = settle_accounts(sent, written, dropped, diverted, counted_lost, snap["in_doubt"])
-            sent, lost, unattributed = settled["sent"], settled["lost"], settled["unattributed"]
-            extra = {"in_doubt_sent": settled["in_doubt_sent"], "unexplained": settled["unexplained"]}
-            in_flight = 0
-        else:
-            lost = counted_lost
-        listener = supervisor.listener_info() if not final else {
-            "pid": None, "alive": False, "status": "stopped", "cpu_percent": None,
-            "rss_bytes": None, "num_fds": None, "uptime_s": None}
-        last_write_ns = snap["last_write_ns"]
-        stalled = (not final) and supervisor.progress_stalled(written, in_flight)
-        if final or supervisor.state == "stopped":
-            status = "down"
-        elif supervisor.degraded or stalled or not listener["alive"] or snap["error_ns"]:
-            status = "degraded"
-        else:
-            status = "healthy"
-        depth_bytes = 0
-        if self._read_fd >= 0 and not final:
-            try:
-                buf = fcntl.ioctl(self._read_fd, termios.FIONREAD, b"\0\0\0\0")
-                depth_bytes = struct.unpack("i", buf)[0]
-            except OSError:
-                pass
-        files = {}
-        for key, path in (("simplified", self.simplified_path), ("full", self.full_path)):
-            try:
-                size: Optional[int] = os.stat(path).st_size
-            except OSError:
-                size = None
-            files[key] = {"path": str(path), "size_bytes": size}
-        report: Dict[str, Any] = {
-            "status": status,
-            "state": supervisor.state,
-            "service": {"pid": os.getpid(), "create_time": self._main_create_time(), "name": self.config.name,
-                        "directory": str(self.config.directory), "updated": time.time()},
-            "listener": listener,
-            "restarts": supervisor.restarts,
-            "last_exit": supervisor.last_exit,
-            "queue": {"depth": in_flight, "capacity": self.config.queue_size, "bytes": depth_bytes,
-                      "capacity_bytes": self._pipe_bytes},
-            "records": {"sent": sent, "written": written, "dropped": dropped, "lost": lost,
-                        "diverted": diverted, "torn": snap["torn"], "lost_with_listener": snap["lost_listener"],
-                        "unattributed_lost": unattributed, "replaced": snap["replaced"] + snap["replaced_listener"],
-                        "malformed_frames": snap["malformed"], **extra},
-            "rotations": snap["rotations"],
-            "reopens": snap["reopens"],
-            "last_write_age_s": (round(time.time() - last_write_ns / 1e9, 3) if last_write_ns else None),
-            "files": files,
-            "processes": snap["processes"],
-        }
-        if self.config.syslog:
-            report["syslog"] = {
-                "host": self.config.syslog[0], "port": self.config.syslog[1],
-                "connected": bool(snap["syslog_connected"]), "forwarded": snap["syslog_forwarded"],
-                "dropped": snap["syslog_dropped"], "lost": snap["syslog_lost"], "pending": snap["syslog_pending"],
-                "reconnects": snap["syslog_reconnects"], "resets": snap["syslog_resets"],
-            }
-        if snap["error_ns"]:
-            report["last_error"] = {"message": counters.get_text(), "time": snap["error_ns"] / 1e9}
-            report["reason"] = report["last_error"]["message"]
-        if stalled:
-            report["reason"] = "records are waiting and none was written for 2 s"
-        return report
+        if self._supervisor is None or self._health is None:
+            return down_report(self.config)
+        return self._health.report(self._supervisor)
 
     def _main_create_time(self) -> Optional[float]:
         try:

@@ -4,8 +4,13 @@ It is a thread of the main process and an explicit state machine::
 
     starting ─▶ running ─(listener exits)─▶ backoff ─(delay)─▶ running ...
         running/backoff ─(stop())─▶ stopping ─▶ stopped
-    More than ``degraded_restarts`` restarts in ``degraded_window`` s sets the service state to
-    *degraded* (workers write to stderr) while restarts go on at the longest backoff.
+
+When to restart is ``RestartPolicy``'s decision, a pure class: a listener that had come up and
+was doing its work is replaced at once (a kill from outside, the OOM killer); one that dies as
+it starts, or dies without writing what was waiting, is in a crash loop and gets an exponential
+backoff. More than ``degraded_restarts`` such restarts in ``degraded_window`` s set the service
+state to *degraded* while restarts go on at the longest backoff. Records wait in the spool all
+the while; nothing is diverted while it has room.
 
 It watches the listener through a process sentinel (a pidfd on Linux, else a lifeline pipe the
 listener holds), never by polling ``is_alive``. It is the only code that imports psutil, and it
@@ -15,6 +20,7 @@ writes them itself.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -30,11 +36,11 @@ from typing import Any, Deque, Dict, Optional
 
 import psutil
 
-from ._config import ServiceConfig
+from ._config import ListenerConfig, ServiceConfig
 from ._console import emit
-from ._counters import (STATE_DEGRADED, STATE_RUNNING, STATE_STOPPED, Counters)
+from ._counters import STATE_DEGRADED, STATE_RUNNING, STATE_STOPPED, Counters
 
-__all__ = ["Supervisor", "exit_name", "read_health_file"]
+__all__ = ["RestartPolicy", "Supervisor", "exit_name", "read_health_file"]
 
 _STARTUP_TIMEOUT = 30.0  # a cold interpreter on a loaded 2-core CI machine can be slow
 
@@ -51,11 +57,56 @@ def exit_name(returncode: Optional[int]) -> str:
     return f"EXIT({returncode})"
 
 
+class RestartPolicy:
+    """How long to wait before the next listener, from how the last one ended. No processes,
+    no clock of its own: the caller passes ``now``, so it is tested in-process."""
+
+    def __init__(self, initial: float, maximum: float, degraded_restarts: int, window: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.degraded_restarts = degraded_restarts
+        self.window = window
+        self.degraded = False
+        self._failures = 0  # consecutive crash-loop exits: drives the backoff
+        self._times: Deque[float] = deque()
+
+    def exited(self, now: float, *, ready: bool, progressed: bool) -> float:
+        """The listener exited; return the delay before the next one.
+
+        ``ready``: it had come up (files open, spool settled). ``progressed``: it wrote records
+        after it came up, or had none to write. A listener that was both was running normally:
+        whatever ended it came from outside, and its successor starts at once.
+        """
+        if ready and progressed:
+            return 0.0
+        self._times.append(now)
+        while self._times and now - self._times[0] > self.window:
+            self._times.popleft()
+        self._failures += 1
+        if len(self._times) > self.degraded_restarts:
+            self.degraded = True
+        if self.degraded:
+            return self.maximum
+        return min(self.maximum, self.initial * 2 ** (self._failures - 1))
+
+    def stable(self, uptime: float) -> bool:
+        """A listener that stays up for the longest backoff has recovered: reset. Returns True
+        if that ended the degraded state."""
+        if (self._failures or self.degraded) and uptime >= self.maximum:
+            was = self.degraded
+            self._failures = 0
+            self._times.clear()
+            self.degraded = False
+            return was
+        return False
+
+
 class _Process:
     """A started listener: its Popen, a sentinel, and its identity (pid + create_time)."""
 
-    def __init__(self, popen: "subprocess.Popen[bytes]", lifeline: int) -> None:
+    def __init__(self, popen: "subprocess.Popen[bytes]", lifeline: int, written: int) -> None:
         self.popen = popen
+        self.written_at_start = written
         self.pid = popen.pid
         self.started = time.monotonic()
         self.started_wall = time.time()
@@ -84,21 +135,19 @@ class _Process:
 
 
 class Supervisor:
-    def __init__(self, config: ServiceConfig, counters: Counters, fifo_path: str, counters_path: str,
-                 listener_opts: Dict[str, Any]) -> None:
+    def __init__(self, config: ServiceConfig, counters: Counters, listener: ListenerConfig,
+                 health: Any = None) -> None:
         self.config = config
         self.counters = counters
-        self.fifo_path = fifo_path
-        self.counters_path = counters_path
-        self.listener_opts = listener_opts
+        self.listener_config = listener
+        self.health = health  # a _health.Health, for the periodic health file
         self.state = "stopped"
         self.proc: Optional[_Process] = None
         self.restarts = 0
         self.last_exit: Optional[Dict[str, Any]] = None
-        self._restart_times: Deque[float] = deque()
-        self._failures = 0  # consecutive restarts without a stable run: drives the backoff
+        self.policy = RestartPolicy(config.restart_backoff_initial, config.restart_backoff_max,
+                                    config.degraded_restarts, config.degraded_window)
         self._restart_at: Optional[float] = None
-        self._degraded = False
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -108,6 +157,7 @@ class Supervisor:
         self._console_r, self._console_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._console_tail = b""
         self._thread: Optional[threading.Thread] = None
+        self._degraded = False
         self._progress = (0, time.monotonic())  # (written, when it last moved)
         self._health_lock = threading.Lock()
         self._next_health = 0.0
@@ -115,20 +165,21 @@ class Supervisor:
     # -- the listener process ------------------------------------------------------------
     def _spawn(self, restart_reason: Optional[str] = None) -> _Process:
         life_r, life_w = os.pipe2(os.O_CLOEXEC)
-        cfg = dict(self.listener_opts)
-        cfg.update(reply_fd=self._reply_w, lifeline_fd=life_w, parent_pid=os.getpid(),
-                   restart_reason=restart_reason, console_fd=self._console_w)
+        cfg = dataclasses.replace(self.listener_config, reply_fd=self._reply_w, lifeline_fd=life_w,
+                                  parent_pid=os.getpid(), restart_reason=restart_reason,
+                                  console_fd=self._console_w)
+        written = self.counters.get("written")
         env = dict(os.environ)
         # The listener must import this very copy of mplog, installed or not.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "mplog._listener", json.dumps(cfg)],
+                [sys.executable, "-m", "mplog._listener", cfg.to_json()],
                 stdin=subprocess.DEVNULL, pass_fds=(self._reply_w, life_w, self._console_w), env=env, close_fds=True)
         finally:
             os.close(life_w)
-        return _Process(popen, life_r)
+        return _Process(popen, life_r, written)
 
     def _wait_ready(self, proc: _Process, timeout: float) -> bool:
         """Wait for the listener's first reply byte, or its death."""
@@ -255,18 +306,29 @@ class Supervisor:
         self.proc = None
         self.last_exit = {"name": exit_name(rc), "returncode": rc, "time": time.time()}
         self.state = "backoff"
-        now = time.monotonic()
-        self._restart_times.append(now)
-        while self._restart_times and now - self._restart_times[0] > self.config.degraded_window:
-            self._restart_times.popleft()
-        self._failures += 1
-        if len(self._restart_times) > self.config.degraded_restarts:
-            self._set_degraded(True)
-        delay = self.config.restart_backoff_max if self._degraded else min(
-            self.config.restart_backoff_max, self.config.restart_backoff_initial * 2 ** (self._failures - 1))
-        self._restart_at = now + delay
+        c = self.counters
+        ready = c.get("listener_pid") == proc.pid
+        progressed = c.get("written") > proc.written_at_start or self.backlog() == 0
+        delay = self.policy.exited(time.monotonic(), ready=ready, progressed=progressed)
+        self._set_degraded(self.policy.degraded)
+        self._restart_at = time.monotonic() + delay
+        if delay:
+            self._say(f"listener exited with {self.last_exit['name']}; restarting in {delay:.1f} s")
+        else:
+            self._say(f"listener exited with {self.last_exit['name']}; restarting now")
+            self._restart()
+
+    def backlog(self) -> int:
+        """Records published in the rings and not yet written (or diverted) by the listener."""
+        c = self.counters
+        t = c.slot_totals()
+        published = t["sent"] - t["dropped"] - t["diverted"]
+        return max(0, published - c.get("written") - c.get("stderr_records") - c.get("torn"))
+
+    @staticmethod
+    def _say(text: str) -> None:
         try:
-            os.write(2, f"mplog: listener exited with {self.last_exit['name']}; restarting in {delay:.1f} s\n".encode())
+            os.write(2, f"mplog: {text}\n".encode("utf-8", "backslashreplace"))
         except OSError:
             pass
 
@@ -276,7 +338,7 @@ class Supervisor:
         try:
             proc = self._spawn(restart_reason=reason)
         except OSError as exc:
-            os.write(2, f"mplog: cannot restart the listener: {exc}\n".encode())
+            self._say(f"cannot restart the listener: {exc}")
             self._restart_at = time.monotonic() + self.config.restart_backoff_max
             return
         self.proc = proc
@@ -284,14 +346,8 @@ class Supervisor:
         self.state = "running"
 
     def _check_stable(self) -> None:
-        # A listener that stays up for the longest backoff has recovered: reset the backoff and
-        # leave the degraded state.
         proc = self.proc
-        if proc is None:
-            return
-        if (self._failures or self._degraded) and time.monotonic() - proc.started >= self.config.restart_backoff_max:
-            self._failures = 0
-            self._restart_times.clear()
+        if proc is not None and self.policy.stable(time.monotonic() - proc.started):
             self._set_degraded(False)
 
     def _set_degraded(self, on: bool) -> None:
@@ -440,12 +496,9 @@ class Supervisor:
     def degraded(self) -> bool:
         return self._degraded
 
-    health_source: Any = None  # set by the service: a callable returning the health dict
-
     def write_health_file(self) -> None:
-        if self.health_source is None:
-            return
-        write_health_file(self.config.health_path, self.health_source())
+        if self.health is not None:
+            write_health_file(self.config.health_path, self.health.report(self))
 
 
 def write_health_file(path: Any, health: Dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ from zlib import crc32
 
 __all__ = [
     "FRAME_MAX", "PAYLOAD_MAX", "K_RECORD", "K_FIRST", "K_MORE", "K_LAST", "K_FLUSH", "K_STOP",
-    "K_REOPEN", "K_NOTICE", "encode_frames", "FrameParser", "FifoWriter", "set_pipe_size",
+    "K_REOPEN", "K_NOTICE", "K_WAKE", "encode_frames", "FrameParser", "FifoWriter", "set_pipe_size",
 ]
 
 try:
@@ -56,7 +56,8 @@ PAYLOAD_MAX = FRAME_MAX - HEADER_SIZE
 
 K_RECORD, K_FIRST, K_MORE, K_LAST = 1, 2, 3, 4  # a record in one frame, or in chunks
 K_FLUSH, K_STOP, K_REOPEN, K_NOTICE = 10, 11, 12, 13  # control, written by the main process
-_KINDS = frozenset((K_RECORD, K_FIRST, K_MORE, K_LAST, K_FLUSH, K_STOP, K_REOPEN, K_NOTICE))
+K_WAKE = 14  # the spool's doorbell: a ring has records and the listener was asleep
+_KINDS = frozenset((K_RECORD, K_FIRST, K_MORE, K_LAST, K_FLUSH, K_STOP, K_REOPEN, K_NOTICE, K_WAKE))
 
 F_SETPIPE_SZ = getattr(__import__("fcntl"), "F_SETPIPE_SZ", 1031)
 F_GETPIPE_SZ = getattr(__import__("fcntl"), "F_GETPIPE_SZ", 1032)

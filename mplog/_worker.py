@@ -1,12 +1,13 @@
-"""The worker side: a ``QueueHandler`` that writes records into the service's FIFO.
+"""The worker side: a ``QueueHandler`` that publishes records into this process's ring.
 
 Every process that logs (workers, the main process, plain ``Process`` children, nested pools)
-runs only this module's code per record: flatten the record in the calling thread
-(``_record.serialize``), then one non-blocking ``write()`` per frame. Nothing is buffered in
-the process, so a record is safe in the kernel when the logging call returns, and a stalled
-listener cannot grow the process's memory. Logging never raises into the caller: failures
-become placeholders, drops and stderr lines, each counted in this process's slot of the shared
-counters.
+runs only this module's code per record: flatten (and, with the default formats, format) the
+record in the calling thread, then copy it into the process's own ring in the service's spool
+(``_spool.RingWriter``): a memory copy, no system call, no lock shared with another process.
+The record is in the spool, which outlives this process and the listener, when the logging call
+returns; memory is bounded by the ring. When the listener sleeps (every ring was empty), one
+byte-sized frame on the FIFO wakes it. Logging never raises into the caller: failures become
+placeholders, drops and stderr lines, each counted in this process's slot of the shared counters.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from ._config import WorkerConfig
-from ._counters import STATE_DEGRADED, STATE_STOPPED, STATE_STOPPING, Counters
+from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
 from ._format import Preformatter
 from ._record import TEXT_VERSION, _make, deserialize, flatten, sanitize, serialize
-from ._transport import K_RECORD, FifoWriter
+from ._spool import RingWriter, ring_capacity
+from ._transport import K_WAKE, FifoWriter
 
 __all__ = ["MPQueueHandler", "Channel", "worker_init", "install", "uninstall", "context",
            "current_config", "pool_kwargs"]
 
-# Slot word offsets (see _counters.SLOT_FIELDS).
-_SENT, _DROPPED, _REPLACED, _DIVERTED, _WRITING = 1, 2, 3, 4, 5
+_SLEEPING = FIELDS.index("sleeping")
 
 _context: contextvars.ContextVar[Optional[Dict[str, Any]]] = contextvars.ContextVar("mplog_context", default=None)
 
@@ -50,7 +51,8 @@ def context(**fields: Any) -> Iterator[Dict[str, Any]]:
 
 
 class Channel:
-    """This process's connection to one service: FIFO writer, counter slot, overflow policy.
+    """This process's connection to one service: its ring in the spool, its counter slot, the
+    overflow policy.
 
     Quacks like a queue for the standard library: ``QueueHandler(svc.queue)`` works, because
     ``put_nowait`` accepts a LogRecord.
@@ -58,16 +60,19 @@ class Channel:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler that logs while this thread is inside put_payload must not
+        # deadlock; it finds ``_busy`` set and defers its record to the outer call.
+        self._lock = threading.RLock()
+        self._busy = False
+        self._deferred: List[Tuple[bytes, int]] = []
         self._pid = -1
-        self._writer: Optional[FifoWriter] = None
         self._counters: Optional[Counters] = None
-        self._slot = -1
+        self._slot: Optional[Slot] = None
+        self._ring: Optional[RingWriter] = None
+        self._doorbell: Optional[FifoWriter] = None
+        self._overflowing = False  # overflow="timeout": the one wait of this episode is spent
         self._drops_unreported = 0
         self._last_notice = 0.0
-        self._timeout = None if config.overflow == "block" else config.overflow_timeout
-        if config.overflow == "drop":
-            self._timeout = 0.0
         self._pre = Preformatter(config.simplified_level) if config.preformat else None
 
     def prepare(self, record: logging.LogRecord) -> Tuple[bytes, int]:
@@ -83,33 +88,53 @@ class Channel:
 
     # -- per-process state --------------------------------------------------------------
     def _attach(self) -> Counters:
-        # Lazily, and again after a fork: a child must not share its parent's slot or stream id.
+        # Lazily, and again after a fork: a child must not share its parent's slot or ring.
         pid = os.getpid()
         if self._pid != pid or self._counters is None:
-            self._pid = pid
             if self._counters is None:
                 self._counters = Counters.open(self.config.counters_path)
             self._slot = self._counters.claim_slot(pid)
-            if self._writer is not None:
-                self._writer.pid = pid
+            self._ring = None  # a forked child's copy of the parent's ring is not its own
+            self._pid = pid
         return self._counters
 
     def after_fork(self) -> None:
-        self._lock = threading.Lock()  # a thread of the parent may have held it at fork()
+        self._lock = threading.RLock()  # a thread of the parent may have held it at fork()
+        self._busy = False
+        self._deferred = []
         self._pid = -1
+        self._ring = None
+        if self._doorbell is not None:
+            self._doorbell.pid = os.getpid()
 
-    def _writer_or_none(self) -> Optional[FifoWriter]:
-        if self._writer is None:
+    def _open_ring(self, slot: Slot) -> Optional[RingWriter]:
+        cfg = self.config
+        path = os.path.join(os.path.dirname(cfg.counters_path), f"ring.{slot.index}")
+        try:
+            ring = RingWriter(path, cfg.ring_bytes or ring_capacity(cfg.queue_size), cfg.queue_size)
+        except OSError:
+            return None  # the spool is gone (service stopped) or full (ENOSPC): the caller diverts
+        slot.set(S_RING, 1)
+        self._ring = ring
+        self._ring_bell()  # a new ring: the listener learns of it now, not at its next scan
+        return ring
+
+    def _ring_bell(self) -> None:
+        bell = self._doorbell
+        if bell is None:
             try:
-                self._writer = FifoWriter(self.config.fifo_path)
+                bell = self._doorbell = FifoWriter(self.config.fifo_path)
             except OSError:
-                return None  # no service there (stopped, or never started): the caller diverts
-        return self._writer
+                return  # no listener to wake; it scans the rings when it starts
+        try:
+            bell.write_record(K_WAKE, b"", 0.0)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._doorbell is not None:
+            self._doorbell.close()
+            self._doorbell = None
 
     # -- the record path ------------------------------------------------------------------
     def put_nowait(self, record: logging.LogRecord) -> None:
@@ -120,64 +145,98 @@ class Channel:
     put = put_nowait
 
     def put_payload(self, payload: bytes, failures: int = 0) -> None:
-        if self._pid < 0 or self._counters is None:  # first use, or first use after a fork
+        if self._pid != os.getpid() or self._slot is None:  # first use, or first use after a fork
             try:
                 self._attach()
             except OSError:
                 self._to_stderr(payload, "[UNDELIVERED] ")
                 return
-        words = self._counters.words  # type: ignore[union-attr]
-        slot = self._slot
-        if failures:
-            with self._lock:
-                words[slot + _REPLACED] += failures
-        state = words[1]
-        if state == STATE_DEGRADED or state == STATE_STOPPED:
-            self._divert(words, slot, payload)
-            return
-        writer = self._writer_or_none()
-        if writer is None:
-            self._divert(words, slot, payload)
-            return
-        # ``writing`` marks the window between the write and its count: a process killed there
-        # leaves a record written but not counted as sent, which stop() then settles.
         with self._lock:
-            words[slot + _WRITING] += 1
+            if self._busy:  # a signal handler, inside this thread's own put: publish it after
+                self._deferred.append((payload, failures))
+                return
+            self._busy = True
+            try:
+                self._put(payload, failures)
+                while self._deferred:
+                    self._put(*self._deferred.pop(0))
+            finally:
+                self._busy = False
+
+    def _put(self, payload: bytes, failures: int) -> None:
+        slot = self._slot
+        counters = self._counters
+        assert slot is not None and counters is not None
+        words, base = slot.words, slot.base
+        if failures:
+            words[base + S_REPLACED] += failures
+        if words[1] == STATE_STOPPED:  # the service is gone: tell the user rather than lose it
+            self._divert(slot, payload)
+            return
+        ring = self._ring
+        if ring is None:
+            ring = self._open_ring(slot)
+            if ring is None:
+                self._divert(slot, payload)
+                return
         try:
-            ok = writer.write_record(K_RECORD, payload, self._timeout, self._give_up, self._count_sent)
-        except OSError:
-            with self._lock:
-                words[slot + _WRITING] -= 1
-            # EPIPE: every reader is gone (service stopped). Tell the user rather than lose it.
-            self._divert(words, slot, payload)
+            ok = ring.write(payload)
+        except OSError:  # a big record's own file could not be written (ENOSPC in the spool)
+            self._divert(slot, payload)
             return
         if not ok:
-            with self._lock:
-                words[slot + _WRITING] -= 1
-                words[slot + _SENT] += 1
-                words[slot + _DROPPED] += 1
-            if self.config.overflow == "stderr":
-                self._to_stderr(payload, "[DROPPED] ")
-            else:
-                self._note_drop()
+            ok = self._overflow(ring, payload)
+            if ok is None:
+                self._divert(slot, payload)
+                return
+        if ok:
+            words[base + S_SENT] += 1
+            self._overflowing = False
+            if counters.words[_SLEEPING]:
+                # The listener sleeps only when every ring was empty. One bell wakes it; the
+                # flag is a hint that any process may clear, so a stalled listener gets one
+                # bell, not one per record.
+                counters.words[_SLEEPING] = 0
+                self._ring_bell()
+            return
+        words[base + S_DROPPED] += 1
+        words[base + S_SENT] += 1
+        if self.config.overflow == "stderr":
+            self._to_stderr(payload, "[DROPPED] ")
+        else:
+            self._note_drop()
 
-    def _count_sent(self) -> None:
-        # Counted once the first frame is in the pipe, not before: a process killed while it
-        # waited for room never sent anything (its logging call never returned).
-        words = self._counters.words  # type: ignore[union-attr]
-        with self._lock:
-            words[self._slot + _SENT] += 1
-            words[self._slot + _WRITING] -= 1
-
-    def _give_up(self) -> bool:
-        # A blocked writer stops waiting once the service can no longer drain the pipe.
+    def _overflow(self, ring: RingWriter, payload: bytes) -> Optional[bool]:
+        """The ring is full. True: written after a wait; False: drop; None: the service is gone."""
+        policy = self.config.overflow
+        if policy == "drop" or policy == "stderr":
+            return False
+        if policy == "timeout":
+            if self._overflowing:  # one wait per overflow episode, then drops without waiting
+                return False
+            deadline: Optional[float] = time.monotonic() + self.config.overflow_timeout
+        else:
+            deadline = None
+        self._ring_bell()
+        pause = 0.0002
         counters = self._counters
-        return counters is not None and counters.words[1] in (STATE_DEGRADED, STATE_STOPPING, STATE_STOPPED)
+        assert counters is not None
+        while True:
+            if ring.write(payload):
+                return True
+            if counters.words[1] == STATE_STOPPED:
+                return None
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                self._overflowing = True
+                return False
+            # Waiting is for the listener to commit a batch: poll with a growing pause.
+            left = 0.01 if deadline is None else max(0.0, deadline - now)
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.01)
 
-    def _divert(self, words: Any, slot: int, payload: bytes) -> None:
-        with self._lock:
-            words[slot + _SENT] += 1
-            words[slot + _DIVERTED] += 1
+    def _divert(self, slot: Slot, payload: bytes) -> None:
+        slot.count(S_SENT, S_DIVERTED)
         self._to_stderr(payload, "")
 
     def _to_stderr(self, payload: bytes, prefix: str) -> None:
@@ -192,17 +251,30 @@ class Channel:
         except Exception:
             pass  # stderr itself is gone; the record is already counted
 
-    def _note_drop(self) -> None:
+    def count_error(self, exc: BaseException) -> None:
+        """An unexpected failure in mplog's own code: counted as an error and a drop, said once
+        a second on stderr."""
+        try:
+            self._attach()
+            slot = self._slot
+            assert slot is not None
+            with self._lock:
+                slot.count(S_SENT, S_DROPPED, S_ERRORS)
+            self._note_drop(f"internal error {type(exc).__name__}: {exc}")
+        except Exception:
+            pass
+
+    def _note_drop(self, why: str = "") -> None:
         # One summary a second per process, never a traceback per record.
         self._drops_unreported += 1
         now = time.monotonic()
-        if now - self._last_notice >= 1.0:
+        if now - self._last_notice >= 1.0 or why:
             n, self._drops_unreported = self._drops_unreported, 0
             self._last_notice = now
-            msg = (f"mplog: {n} record(s) dropped by process {os.getpid()}: the log queue is full "
-                   f"(overflow={self.config.overflow!r})\n")
+            reason = why or f"the log spool is full (overflow={self.config.overflow!r})"
+            msg = f"mplog: {n} record(s) dropped by process {os.getpid()}: {reason}\n"
             try:
-                os.write(2, msg.encode())
+                os.write(2, msg.encode("utf-8", "backslashreplace"))
             except OSError:
                 pass
 
@@ -243,16 +315,8 @@ class MPQueueHandler(logging.handlers.QueueHandler):
             self.handleError(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
-        # An unexpected failure in our own code: count it as a drop and say so, once a second.
-        try:
-            channel = self.queue
-            counters = channel._attach()
-            with channel._lock:
-                counters.words[channel._slot + _SENT] += 1
-                counters.words[channel._slot + _DROPPED] += 1
-            channel._note_drop()
-        except Exception:
-            pass
+        # An unexpected failure in our own code: counted as an error, and said.
+        self.queue.count_error(sys.exc_info()[1] or RuntimeError("unknown error"))
 
 
 # -- per-process installation ---------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""Health: one JSON-serialisable report, computed from the shared counters and the supervisor.
+
+``Health.report(supervisor)`` is what ``LogService.health()`` returns, what the supervisor writes
+to ``<name>.health.json`` every ``health_interval`` seconds, and (``final=True``) the report that
+``stop()`` returns. It reads; it never changes the service. The main process is the only one
+that imports it (it uses psutil through the supervisor).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+from ._config import ServiceConfig
+from ._counters import Counters, settle_accounts
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._supervisor import Supervisor
+
+__all__ = ["Health", "down_report"]
+
+_STOPPED_LISTENER = {"pid": None, "alive": False, "status": "stopped", "cpu_percent": None,
+                     "rss_bytes": None, "num_fds": None, "uptime_s": None}
+
+
+def down_report(config: ServiceConfig) -> Dict[str, Any]:
+    """The report of a service that never started."""
+    return {"status": "down", "records": {"sent": 0, "written": 0, "dropped": 0, "lost": 0},
+            "queue": {"depth": 0, "capacity": config.queue_size}}
+
+
+class Health:
+    def __init__(self, config: ServiceConfig, counters: Counters, runtime: str, ring_bytes: int,
+                 main_create_time: Optional[float]) -> None:
+        self.config = config
+        self.counters = counters
+        self.runtime = runtime
+        self.ring_bytes = ring_bytes
+        self.main_create_time = main_create_time
+
+    def spool_usage(self) -> Dict[str, int]:
+        """Rings and the memory their touched pages take (st_blocks: what tmpfs holds)."""
+        rings = used = 0
+        try:
+            with os.scandir(self.runtime) as entries:
+                for entry in entries:
+                    if entry.name.startswith("ring."):
+                        rings += entry.name[5:].isdigit()
+                        used += entry.stat(follow_symlinks=False).st_blocks * 512
+        except OSError:
+            pass
+        return {"rings": rings, "bytes_used": used}
+
+    def report(self, supervisor: "Supervisor", final: bool = False) -> Dict[str, Any]:
+        snap = self.counters.snapshot()
+        totals = self.counters.slot_totals(settle=final)
+        sent, written, dropped = totals["sent"], snap["written"], totals["dropped"]
+        diverted = totals["diverted"] + snap["stderr_records"]
+        counted_lost = snap["torn"] + snap["lost_listener"]
+        published = sent - dropped - totals["diverted"]
+        in_spool = max(0, published - written - snap["stderr_records"] - snap["torn"])
+        unattributed = 0
+        extra: Dict[str, int] = {}
+        if final:
+            settled = settle_accounts(sent, written, dropped, diverted, counted_lost, totals["in_doubt"])
+            sent, lost, unattributed = settled["sent"], settled["lost"], settled["unattributed"]
+            extra = {"in_doubt_sent": settled["in_doubt_sent"], "unexplained": settled["unexplained"]}
+            if snap["final_set"]:
+                # The listener's stop summary, exactly: a worker that logs after it is
+                # diverted to stderr, and the summary in the file already stands.
+                sent, written = snap["final_sent"], snap["final_written"]
+                dropped, diverted, lost = snap["final_dropped"], snap["final_diverted"], snap["final_lost"]
+                unattributed = max(0, lost - counted_lost)
+            extra["kept_in_spool"] = in_spool if lost else 0
+        else:
+            lost = counted_lost
+        listener = supervisor.listener_info() if not final else dict(_STOPPED_LISTENER)
+        last_write_ns = snap["last_write_ns"]
+        stalled = (not final) and supervisor.progress_stalled(written, in_spool)
+        if final or supervisor.state == "stopped":
+            status = "down"
+        elif supervisor.degraded or stalled or not listener["alive"] or snap["error_ns"]:
+            status = "degraded"
+        else:
+            status = "healthy"
+        files = {}
+        for key, path in (("simplified", self.config.simplified_path), ("full", self.config.full_path)):
+            try:
+                size: Optional[int] = os.stat(path).st_size
+            except OSError:
+                size = None
+            files[key] = {"path": str(path), "size_bytes": size}
+        usage = self.spool_usage() if not final else {"rings": 0, "bytes_used": 0}
+        report: Dict[str, Any] = {
+            "status": status,
+            "state": supervisor.state,
+            "service": {"pid": os.getpid(), "create_time": self.main_create_time, "name": self.config.name,
+                        "directory": str(self.config.directory), "updated": time.time()},
+            "listener": listener,
+            "restarts": supervisor.restarts,
+            "last_exit": supervisor.last_exit,
+            # Capacity is per process: each has a ring of ``capacity`` records in
+            # ``capacity_bytes``; ``bytes`` is the memory the spool's touched pages take now.
+            "queue": {"depth": 0 if final else in_spool, "capacity": self.config.queue_size,
+                      "capacity_bytes": self.ring_bytes, "scope": "per process",
+                      "rings": usage["rings"], "bytes": usage["bytes_used"], "spool": self.runtime},
+            "records": {"sent": sent, "written": written, "dropped": dropped, "lost": lost,
+                        "diverted": diverted, "torn": snap["torn"], "lost_with_listener": snap["lost_listener"],
+                        "unattributed_lost": unattributed, "replaced": totals["replaced"] + snap["replaced_listener"],
+                        "malformed_frames": snap["malformed"], "errors": totals["errors"],
+                        "recovered": snap["recovered"], **extra},
+            "rotations": snap["rotations"],
+            "reopens": snap["reopens"],
+            "last_write_age_s": (round(time.time() - last_write_ns / 1e9, 3) if last_write_ns else None),
+            "files": files,
+            "processes": totals["processes"],
+        }
+        if self.config.syslog:
+            report["syslog"] = {
+                "host": self.config.syslog[0], "port": self.config.syslog[1],
+                "connected": bool(snap["syslog_connected"]), "forwarded": snap["syslog_forwarded"],
+                "dropped": snap["syslog_dropped"], "lost": snap["syslog_lost"], "pending": snap["syslog_pending"],
+                "reconnects": snap["syslog_reconnects"], "resets": snap["syslog_resets"],
+            }
+        if snap["error_ns"]:
+            report["last_error"] = {"message": self.counters.get_text(), "time": snap["error_ns"] / 1e9}
+            report["reason"] = report["last_error"]["message"]
+        if stalled:
+            report["reason"] = "records are waiting and none was written for 2 s"
+        return report

@@ -1,0 +1,628 @@
+"""The spool: one single-producer ring per process, in a memory-mapped file of the service.
+
+Why a spool and not a pipe: a pipe holds ~3,000 records, and whatever the listener has read dies
+with it. A ring in a file of the service's runtime directory holds ``queue_size`` records of each
+process whatever the listener does: a stalled listener costs callers nothing until the ring is
+full, and a killed listener's successor carries on from the last record that reached the files,
+because the listener advances a ring's tail only *after* it has written the records (commit after
+write; see ``_journal``). The files outlive every process of the service, so even a SIGKILL of the
+whole process group leaves the records for the next run to recover.
+
+Layout of one ring file (``ring.<slot>``, 0600, in the 0700 runtime directory)::
+
+    page 0   header words (int64): magic, capacity, pid, start time, head, published
+             (the producer's), and on another cache line tail, done, pending tail, pending
+             done, pending batch (the listener's). One writer per word: nobody can die holding
+             a lock another process needs.
+    page 1…  the data area, ``capacity`` bytes, entries 8-byte aligned:
+             length(4) crc32(4) seq(8) payload, padded; a WRAP entry sends the reader back
+             to the start; fewer than 16 bytes before the end are skipped by both sides.
+
+Stores into an ``mmap`` are plain ``memcpy``: on arm64 another process may see the new head
+before the payload. So every entry checks itself: its ``seq`` must be the next one expected and
+its CRC (over length, seq and payload) must match. An entry that fails is retried on the next
+pass, and counted and skipped only if it still fails when its writer is gone or a second has
+passed: the reader never trusts a half-published record.
+
+A record larger than a quarter of the ring goes to a file of its own beside the ring
+(``ring.<slot>.<seq>``), and the ring carries a small entry naming its size and CRC. Either way a
+record is in the spool, whole, when the logging call returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import mmap
+import os
+import shutil
+import struct
+import time
+from typing import TYPE_CHECKING, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from zlib import crc32
+
+from ._counters import S_PID, S_RING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._counters import Counters
+
+__all__ = ["RingWriter", "RingReader", "SpoolReader", "ring_capacity", "RING_HEADER", "spool_key", "spool_root",
+           "SpoolInfo", "list_spools", "remove_spool", "BYTES_PER_RECORD"]
+
+PAGE = mmap.PAGESIZE
+RING_HEADER = 4096 if PAGE <= 4096 else PAGE
+_MAGIC = 0x6D706C6F67520001  # "mplogR" + layout 1
+
+# Header words (int64 each).
+W_MAGIC, W_CAP, W_PID, W_START, W_HEAD, W_PUBLISHED = 0, 1, 2, 3, 4, 5
+W_TAIL, W_DONE, W_PEND_TAIL, W_PEND_DONE, W_PEND_BATCH = 8, 9, 10, 11, 12  # the listener's
+
+_ENTRY = struct.Struct("<IIQ")  # length | flags, crc32, seq
+ENTRY_SIZE = _ENTRY.size  # 16
+_SEQ = struct.Struct("<Q")
+WRAP = 0xFFFFFFFF
+F_EXTERNAL = 0x80000000  # the payload is (size, crc) of a record in a file of its own
+_EXTERNAL = struct.Struct("<QI")
+_LEN_MASK = 0x7FFFFFFF
+
+# How queue_size becomes bytes: a record formatted in both default formats is ~350 bytes with its
+# entry header; a ring holds ``queue_size`` of those. See README, "Transport".
+BYTES_PER_RECORD = 384
+
+
+def ring_capacity(queue_size: int) -> int:
+    """The data area of one ring for ``queue_size`` records: a whole number of pages."""
+    want = max(64 * 1024, queue_size * BYTES_PER_RECORD)
+    return (want + PAGE - 1) // PAGE * PAGE
+
+
+def _process_start(pid: int) -> int:
+    """The process's start time in clock ticks (/proc), 0 if unknown: with the pid, it names a
+    process across pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def process_alive(pid: int, start: int = 0) -> bool:
+    """True while ``pid`` runs and is not a zombie (and, given ``start``, is the same process)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    if fields[0] in (b"Z", b"X"):
+        return False
+    return not start or int(fields[19]) == start
+
+
+def _entry_crc(length_word: int, seq: int, payload: bytes) -> int:
+    return crc32(payload, crc32(_ENTRY.pack(length_word, 0, seq)))
+
+
+class RingWriter:
+    """The producer's end of one ring. One process writes it; callers serialise their threads.
+
+    ``write(payload)`` returns True once the record is published, False if the ring has no room
+    (in records or in bytes): the caller's overflow policy decides what happens then.
+    """
+
+    def __init__(self, path: str, capacity: int, max_records: int) -> None:
+        self.path = path
+        self.capacity = capacity
+        self.max_records = max_records
+        self.inline_max = capacity // 4
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fd, RING_HEADER + capacity)  # sparse: pages cost memory once touched
+            self._mm = mmap.mmap(fd, RING_HEADER + capacity)
+        finally:
+            os.close(fd)
+        self.words = memoryview(self._mm)[:RING_HEADER].cast("q")
+        pid = os.getpid()
+        self.words[W_CAP] = capacity
+        self.words[W_PID] = pid
+        self.words[W_START] = _process_start(pid)
+        self.words[W_MAGIC] = _MAGIC  # last: a reader trusts the header only with the magic
+        self._head = 0
+        self._seq = 0
+
+    def close(self) -> None:
+        try:
+            self.words.release()
+            self._mm.close()
+        except (BufferError, ValueError):
+            pass
+
+    def room(self, need: int = ENTRY_SIZE) -> bool:
+        words = self.words
+        return (self._seq - words[W_DONE] < self.max_records
+                and self._head + need - words[W_TAIL] <= self.capacity)
+
+    def write(self, payload: bytes) -> bool:
+        n = len(payload)
+        if n + ENTRY_SIZE > self.inline_max:
+            return self._write_external(payload)
+        return self._publish(n, payload)
+
+    def _publish(self, length_word: int, payload: bytes) -> bool:
+        words = self.words
+        cap = self.capacity
+        seq = self._seq + 1
+        if seq - 1 - words[W_DONE] >= self.max_records:
+            return False
+        need = (ENTRY_SIZE + len(payload) + 7) & ~7
+        head = self._head
+        tail = words[W_TAIL]
+        pos = head % cap
+        left = cap - pos
+        mm = self._mm
+        if need > left:  # does not fit before the end: wrap (a WRAP entry, or < 16 bytes skipped)
+            if head + left + need - tail > cap:
+                return False
+            if left >= ENTRY_SIZE:
+                _ENTRY.pack_into(mm, RING_HEADER + pos, WRAP, _entry_crc(WRAP, seq, b""), seq)
+            head += left
+            pos = 0
+        elif head + need - tail > cap:
+            return False
+        at = RING_HEADER + pos
+        _ENTRY.pack_into(mm, at, length_word, _entry_crc(length_word, seq, payload), seq)
+        mm[at + ENTRY_SIZE:at + ENTRY_SIZE + len(payload)] = payload
+        self._head = head + need
+        self._seq = seq
+        # Head last: everything the reader may read is stored before it (and checked anyway).
+        words[W_HEAD] = head + need
+        words[W_PUBLISHED] = seq
+        return True
+
+    def _write_external(self, payload: bytes) -> bool:
+        seq = self._seq + 1
+        if not self.room(ENTRY_SIZE * 2 + _EXTERNAL.size + 8):
+            return False
+        path = f"{self.path}.{seq}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except OSError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
+        if not self._publish(F_EXTERNAL | _EXTERNAL.size, _EXTERNAL.pack(len(payload), crc32(payload))):
+            os.unlink(path)
+            return False
+        return True
+
+
+class Taken(NamedTuple):
+    """What one pass over a ring took: payloads, and where the ring's tail goes once written."""
+
+    payloads: List[bytes]
+    pos: int
+    done: int
+    externals: List[str]
+
+
+class RingReader:
+    """The listener's view of one ring: reads from its committed tail, commits after writing."""
+
+    def __init__(self, path: str, slot: int) -> None:
+        self.path = path
+        self.slot = slot
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            size = os.fstat(fd).st_size
+            if size <= RING_HEADER:
+                raise OSError(errno.EINVAL, "not an mplog ring", path)
+            self._mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.words = memoryview(self._mm)[:RING_HEADER].cast("q")
+        if self.words[W_MAGIC] != _MAGIC or self.words[W_CAP] != size - RING_HEADER:
+            self.close()
+            raise OSError(errno.EINVAL, "not an mplog ring", path)
+        self.capacity = size - RING_HEADER
+        self.pid = self.words[W_PID]
+        self.start = self.words[W_START]
+        # Where the next read starts: the committed tail, unless a batch is in hand.
+        self.pos = self.words[W_TAIL]
+        self.done = self.words[W_DONE]
+        self.bad_since = 0.0  # when an entry first failed its check at ``pos``
+        self.corrupt = 0  # records skipped because they failed their check for good
+
+    def close(self) -> None:
+        try:
+            self.words.release()
+            self._mm.close()
+        except (BufferError, ValueError):
+            pass
+
+    @property
+    def head(self) -> int:
+        return self.words[W_HEAD]
+
+    def backlog(self) -> int:
+        """Records published and not yet committed."""
+        return max(0, self.words[W_PUBLISHED] - self.words[W_DONE])
+
+    def empty(self) -> bool:
+        return self.words[W_HEAD] == self.words[W_TAIL]
+
+    def take(self, limit: int, producer_gone: bool = False) -> Taken:
+        """Read up to ``limit`` records after ``pos`` (not committing them)."""
+        words = self.words
+        head = words[W_HEAD]
+        pos, done = self.pos, self.done
+        cap = self.capacity
+        mm = self._mm
+        out: List[bytes] = []
+        externals: List[str] = []
+        unpack = _ENTRY.unpack_from
+        while pos < head and len(out) < limit:
+            off = pos % cap
+            left = cap - off
+            if left < ENTRY_SIZE:
+                pos += left
+                continue
+            at = RING_HEADER + off
+            length_word, crc, seq = unpack(mm, at)
+            expected = done + 1
+            if length_word == WRAP:
+                if seq == expected and crc == _entry_crc(WRAP, seq, b""):
+                    pos += left
+                    continue
+                if self._failed(pos, head, producer_gone):
+                    return self._skip(out, externals)
+                break
+            n = length_word & _LEN_MASK
+            payload = mm[at + ENTRY_SIZE:at + ENTRY_SIZE + n] if ENTRY_SIZE + n <= left else b""
+            if seq != expected or len(payload) != n or crc32(payload, crc32(_ENTRY.pack(length_word, 0, seq))) != crc:
+                if self._failed(pos, head, producer_gone):
+                    return self._skip(out, externals)
+                break
+            if length_word & F_EXTERNAL:
+                ext = self._external(seq, payload)
+                if ext is None:
+                    self.corrupt += 1
+                    payload = b""
+                else:
+                    payload, path = ext
+                    externals.append(path)
+            self.bad_since = 0.0
+            if payload:
+                out.append(payload)
+            pos += (ENTRY_SIZE + n + 7) & ~7
+            done = seq
+        self.pos, self.done = pos, done
+        return Taken(out, pos, done, externals)
+
+    def _external(self, seq: int, ref: bytes) -> Optional[Tuple[bytes, str]]:
+        size, crc = _EXTERNAL.unpack(ref)
+        path = f"{self.path}.{seq}"
+        try:
+            with open(path, "rb") as f:
+                data = f.read(size + 1)
+        except OSError:
+            return None
+        if len(data) != size or crc32(data) != crc:
+            return None
+        return data, path
+
+    def _failed(self, pos: int, head: int, producer_gone: bool) -> bool:
+        # Not yet visible (weakly ordered stores), or really bad: wait a second, or for the
+        # writer's death, before deciding it is bad.
+        now = time.monotonic()
+        if not self.bad_since:
+            self.bad_since = now
+        return producer_gone or now - self.bad_since >= 1.0
+
+    def _skip(self, out: List[bytes], externals: List[str]) -> Taken:
+        # Resynchronise at the head: every published record up to it that we could not read is
+        # counted as failing its check, never written.
+        words = self.words
+        published = words[W_PUBLISHED]
+        self.corrupt += max(0, published - self.done)
+        self.pos, self.done = words[W_HEAD], max(self.done, published)
+        self.bad_since = 0.0
+        return Taken(out, self.pos, self.done, externals)
+
+    def rewind(self) -> None:
+        """Forget what was taken and not committed (a failed batch is read again)."""
+        self.pos, self.done = self.words[W_TAIL], self.words[W_DONE]
+
+    # -- the journal's hooks ---------------------------------------------------------------
+    def announce(self, batch: int, pos: int, done: int) -> None:
+        w = self.words
+        w[W_PEND_TAIL] = pos
+        w[W_PEND_DONE] = done
+        w[W_PEND_BATCH] = batch  # last: the two above belong to this batch
+
+    def commit(self, pos: int, done: int) -> None:
+        """Give the space up to ``pos`` back to the producer (after the records are written)."""
+        w = self.words
+        old = w[W_TAIL]
+        self._release(old, pos)
+        w[W_DONE] = done
+        w[W_TAIL] = pos
+
+    def settle(self, batch: int) -> bool:
+        """After a listener died: commit its announced batch if it was ``batch``."""
+        w = self.words
+        if w[W_PEND_BATCH] == batch and w[W_PEND_TAIL] > w[W_TAIL]:
+            w[W_DONE] = w[W_PEND_DONE]
+            w[W_TAIL] = w[W_PEND_TAIL]
+            self.pos, self.done = w[W_TAIL], w[W_DONE]
+            return True
+        return False
+
+    def _release(self, old: int, new: int) -> None:
+        # Hand the pages of what was consumed back to the kernel before the producer may reuse
+        # them, so a ring costs memory for its backlog, not for its capacity (tmpfs keeps a
+        # touched page until then). Only whole pages wholly inside [old, new), in 256 KiB steps:
+        # a page fault per page is what the producer pays for it.
+        if new - old < 256 * 1024 or not hasattr(mmap, "MADV_REMOVE"):
+            return
+        cap = self.capacity
+        start = (old + PAGE - 1) // PAGE * PAGE
+        stop = new // PAGE * PAGE
+        while start < stop:
+            off = start % cap
+            length = min(stop - start, cap - off)
+            try:
+                self._mm.madvise(mmap.MADV_REMOVE, RING_HEADER + off, length)
+            except (OSError, ValueError):
+                return  # not tmpfs, or not allowed: the pages stay, which is only memory
+            start += length
+
+
+# -- the spool directory ---------------------------------------------------------------------
+def spool_root() -> str:
+    """Where spools live: tmpfs when there is one (``XDG_RUNTIME_DIR``, ``/dev/shm``)."""
+    import tempfile
+    for candidate in (os.environ.get("XDG_RUNTIME_DIR"), "/dev/shm"):
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+            return candidate
+    return tempfile.gettempdir()
+
+
+def spool_key(directory: str, name: str) -> str:
+    """A spool's name for a file set: the next run on the same directory and name finds it."""
+    real = os.path.realpath(directory)
+    return hashlib.sha1(f"{real}\0{name}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def spool_prefix(directory: str, name: str) -> str:
+    return f"mplog-{os.getuid()}-{spool_key(directory, name)}-"
+
+
+class SpoolInfo(NamedTuple):
+    path: str
+    owner_pid: int
+    owner_start: int
+    alive: bool
+    directory: str
+    name: str
+    unwritten: int
+    bytes: int
+    age_s: float
+
+
+def write_owner(runtime: str, directory: str, name: str) -> None:
+    pid = os.getpid()
+    text = f"{pid} {_process_start(pid)}\n{os.path.realpath(directory)}\n{name}\n"
+    tmp = os.path.join(runtime, ".owner")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(runtime, "owner"))
+
+
+def read_owner(runtime: str) -> Tuple[int, int, str, str]:
+    try:
+        with open(os.path.join(runtime, "owner")) as f:
+            first, directory, name = (f.read().split("\n") + ["", ""])[:3]
+        pid, start = (int(x) for x in first.split())
+        return pid, start, directory, name
+    except (OSError, ValueError):
+        return 0, 0, "", ""
+
+
+def rings_in(runtime: str) -> Iterator[Tuple[int, str]]:
+    for path in glob.glob(os.path.join(glob.escape(runtime), "ring.*")):
+        suffix = os.path.basename(path)[5:]
+        if suffix.isdigit():
+            yield int(suffix), path
+
+
+def unwritten_records(runtime: str) -> int:
+    total = 0
+    for slot, path in rings_in(runtime):
+        try:
+            ring = RingReader(path, slot)
+        except OSError:
+            continue
+        total += ring.backlog()
+        ring.close()
+    return total
+
+
+def _usage(path: str) -> int:
+    total = 0
+    for entry in os.scandir(path):
+        try:
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+        except OSError:
+            pass
+    return total
+
+
+def list_spools(root: Optional[str] = None, prefix: str = "") -> List[SpoolInfo]:
+    """This user's spools under ``root`` (``prefix`` narrows to one file set)."""
+    root = root or spool_root()
+    mine = f"mplog-{os.getuid()}-"
+    out: List[SpoolInfo] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return out
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith(mine) or not entry.name.startswith(prefix or mine):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_dir(follow_symlinks=False) or st.st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        pid, start, directory, name = read_owner(entry.path)
+        alive = process_alive(pid, start)
+        try:
+            usage = _usage(entry.path)
+        except OSError:
+            usage = 0
+        out.append(SpoolInfo(entry.path, pid, start, alive, directory, name, unwritten_records(entry.path),
+                             usage, now - st.st_mtime))
+    return out
+
+
+def remove_spool(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_spools(max_age_s: float, root: Optional[str] = None) -> List[SpoolInfo]:
+    """Remove spools whose owner is gone: at once if they hold nothing unwritten, after
+    ``max_age_s`` seconds if they do (their run was never repeated). Returns what was removed."""
+    removed = []
+    for info in list_spools(root):
+        if info.alive:
+            continue
+        if info.unwritten == 0 or info.age_s >= max_age_s:
+            remove_spool(info.path)
+            removed.append(info)
+    return removed
+
+
+def touch(path: str) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+SPOOL_MAX_AGE_S = 7 * 86400  # an abandoned spool with records in it is kept a week
+
+
+class SpoolReader:
+    """The listener's intake: every ring of a spool, found through the counter slots that name
+    them, read in turn so that no process's records wait behind another's."""
+
+    def __init__(self, runtime: str, counters: "Counters") -> None:
+        self.runtime = runtime
+        self.counters = counters
+        self.rings: Dict[int, RingReader] = {}
+        self._scanned = 0  # slots below this were looked at
+        self._waiting: Dict[int, int] = {}  # slot -> pid: claimed, no ring yet
+        self._turn = 0
+        self.corrupt = 0
+        self.retired = 0
+
+    def refresh(self) -> None:
+        """Open the rings of processes that started logging since the last look."""
+        counters = self.counters
+        used = counters.slots_used
+        for index in range(self._scanned, used):
+            self._waiting[index] = counters.slot(index).get(S_PID)
+        self._scanned = used
+        for index in list(self._waiting):
+            if counters.slot(index).get(S_RING):
+                del self._waiting[index]
+                try:
+                    self.rings[index] = RingReader(os.path.join(self.runtime, f"ring.{index}"), index)
+                except OSError:
+                    pass  # removed already (a recovered spool), or not a ring: nothing to read
+
+    def take(self, limit: int) -> List[Tuple[RingReader, Taken]]:
+        """Up to ``limit`` records, from the rings in turn (not committed: see _journal)."""
+        out: List[Tuple[RingReader, Taken]] = []
+        rings = list(self.rings.values())
+        if not rings:
+            return out
+        self._turn = (self._turn + 1) % len(rings)
+        left = limit
+        for ring in rings[self._turn:] + rings[:self._turn]:
+            if ring.pos >= ring.words[W_HEAD]:
+                continue
+            before = ring.corrupt
+            t = ring.take(left)
+            if ring.corrupt != before:
+                self.corrupt += ring.corrupt - before
+            if t.pos != ring.words[W_TAIL]:
+                out.append((ring, t))
+            left -= len(t.payloads)
+            if left <= 0:
+                break
+        return out
+
+    def has_backlog(self) -> bool:
+        for ring in self.rings.values():
+            if ring.pos < ring.words[W_HEAD]:
+                return True
+        return False
+
+    def unwritten(self) -> int:
+        return sum(ring.backlog() for ring in self.rings.values())
+
+    def rewind(self) -> None:
+        for ring in self.rings.values():
+            ring.rewind()
+
+    def producers_alive(self) -> List[int]:
+        return [r.pid for r in self.rings.values() if process_alive(r.pid, r.start)]
+
+    def retire(self) -> int:
+        """Close and remove the rings of processes that are gone, once they are empty (worker
+        churn must not fill the spool). Returns how many."""
+        gone = 0
+        for index, ring in list(self.rings.items()):
+            if ring.empty() and ring.pos == ring.words[W_HEAD] and not process_alive(ring.pid, ring.start):
+                # Read once more: the producer may have published between the two checks.
+                if not ring.empty():
+                    continue
+                ring.close()
+                del self.rings[index]
+                for path in glob.glob(glob.escape(ring.path) + "*"):
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+                gone += 1
+        for index, pid in list(self._waiting.items()):
+            if not process_alive(pid) and not self.counters.slot(index).get(S_RING):
+                del self._waiting[index]
+        self.retired += gone
+        return gone
+
+    def close(self) -> None:
+        for ring in self.rings.values():
+            ring.close()
+        self.rings.clear()
