@@ -1,4 +1,5 @@
-"""``python -m mplog``: ``demo`` runs a small pipeline; ``health`` is a liveness probe."""
+"""``python -m mplog``: ``demo`` runs a small pipeline; ``health`` is a liveness probe;
+``spools`` lists (and with ``--clean`` removes) the spools that runs of this user left behind."""
 
 from __future__ import annotations
 
@@ -40,6 +41,25 @@ def health_command(directory: str, name: str, max_age: float) -> int:
     return EXIT_HEALTHY if report.get("status") == "healthy" else EXIT_UNHEALTHY
 
 
+def spools_command(clean: bool, older_than_days: float, root: Optional[str]) -> int:
+    """List this user's spools; ``clean`` removes those whose run is gone and that hold nothing,
+    or that are older than ``older_than_days``. Exit 0."""
+    from ._spool import list_spools, remove_spool
+
+    rows = list_spools(root)
+    print(f"{'state':<8} {'unwritten':>9} {'bytes':>10} {'age':>8}  {'owner':>7}  spool -> file set")
+    for s in rows:
+        state = "running" if s.alive else "orphan"
+        if clean and not s.alive and (s.unwritten == 0 or s.age_s >= older_than_days * 86400):
+            remove_spool(s.path)
+            state = "removed"
+        print(f"{state:<8} {s.unwritten:>9} {s.bytes:>10} {s.age_s / 3600:>7.1f}h  {s.owner_pid:>7}  "
+              f"{s.path} -> {s.directory}/{s.name}")
+    if not rows:
+        print("(no spools)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mplog", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,9 +73,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     health.add_argument("--name", default="run")
     health.add_argument("--max-age", type=float, default=5.0,
                         help="seconds after which an unrefreshed health file is stale (default 5)")
+    spools = sub.add_parser("spools", help="list the spools of this user's runs; --clean removes orphans")
+    spools.add_argument("--clean", action="store_true",
+                        help="remove orphaned spools that hold nothing, or are older than --older-than")
+    spools.add_argument("--older-than", type=float, default=7.0, metavar="DAYS",
+                        help="with --clean, also remove orphaned spools with unwritten records this old "
+                             "(default 7 days; 0 removes them all)")
+    spools.add_argument("--root", default=None, help="where to look (default: XDG_RUNTIME_DIR or /dev/shm)")
     args = parser.parse_args(argv)
     if args.command == "health":
         return health_command(args.directory, args.name, args.max_age)
+    if args.command == "spools":
+        return spools_command(args.clean, args.older_than, args.root)
     from ._demo import run_demo
     if args.workers < 1 or args.items < 1:
         parser.error("--workers and --items must be at least 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -68,9 +69,8 @@ def test_block_waits_and_loses_nothing(service):
 
     t = threading.Thread(target=produce)
     t.start()
-    # The producer must be stuck behind the full pipe while the listener is stopped.
-    wait_for(lambda: svc.health()["queue"]["bytes"] >= svc.health()["queue"]["capacity_bytes"] - 4096,
-             what="the pipe to fill")
+    # The producer must be stuck behind its full ring while the listener is stopped.
+    wait_for(lambda: svc.health()["queue"]["depth"] >= 100, what="the ring to fill")
     assert not done.is_set()
     os.kill(pid, signal.SIGCONT)
     t.join(60)
@@ -112,6 +112,9 @@ def test_stop_returns_within_timeout_with_stuck_listener(service):
     assert final["status"] == "down"
     assert r["sent"] == r["written"] + r["dropped"] + r["lost"]
     assert r["lost"] > 0
+    # What it could not write stays in the spool for the next run on these files.
+    assert r["kept_in_spool"] == r["lost"] and os.path.isdir(final["spool_kept"])
+    shutil.rmtree(final["spool_kept"])
 
 
 def test_worker_memory_bounded_when_listener_stalled(service):
@@ -133,9 +136,10 @@ def test_worker_memory_bounded_when_listener_stalled(service):
     assert svc.health()["records"]["dropped"] > 190_000
 
 
-def test_stop_while_a_big_record_is_half_written_counts_it_once(service):
-    """A 4 MB record blocked half-way in a full pipe when stop() gives up on a stuck listener:
-    the writer's logging call returns, and the final report counts the record once, as lost."""
+def test_stop_with_a_big_record_in_the_spool_counts_it_once(service):
+    """A 4 MB record (a file of its own beside the ring) waiting when stop() gives up on a stuck
+    listener: the writer's logging call returns at once, and the final report counts the record
+    once, as lost and kept in the spool."""
     svc = service(shutdown_timeout=1.0, queue_size=100)
     pid = _stall(svc)
     log = logging.getLogger("big")
@@ -153,6 +157,7 @@ def test_stop_while_a_big_record_is_half_written_counts_it_once(service):
     assert done.is_set()
     r = final["records"]
     assert (r["sent"], r["written"], r["diverted"], r["dropped"], r["lost"]) == (1, 0, 0, 0, 1)
+    shutil.rmtree(final["spool_kept"])
     try:
         os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:

@@ -129,3 +129,48 @@ def log_on_command(config: Any, conn: Any, stderr_path: str) -> None:
             return
         log.warning("%s", tag)
         conn.send("done")
+
+
+# -- helpers for test_spool ------------------------------------------------------------------
+def log_counting(args: Tuple[str, str, int]) -> int:
+    """Log numbered records forever; every ``every`` records, atomically write to
+    ``out_dir/count.<tag>`` how many logging calls have returned. Runs until killed."""
+    tag, out_dir, every = args
+    log = logging.getLogger("t.count")
+    path = os.path.join(out_dir, f"count.{tag}")
+    i = 0
+    while True:
+        log.info("%s item %d", tag, i)
+        i += 1
+        if i % every == 0:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                f.write(str(i))
+            os.replace(tmp, path)
+
+
+def log_until_then_once_more(config: Any, tag: str, stop: Any, out_dir: str, stderr_path: str) -> None:
+    """Log numbered records until ``stop`` is set (the test stops the service meanwhile), then
+    log one record "<tag> after stop". Writes ``out_dir/<tag>`` as JSON: the calls made in the
+    loop, and this process's own slot counters (sent, diverted) just before and after the last
+    record. Its stderr goes to ``stderr_path`` (a forkserver child's stderr is not the test's)."""
+    import json
+    from mplog import _worker
+    from mplog._counters import S_DIVERTED, S_DROPPED, S_SENT
+
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    mplog.worker_init(config)
+    log = logging.getLogger("t.stop")
+    i = 0
+    while not stop.is_set():
+        for _ in range(20):
+            log.info("%s item %d", tag, i)
+            i += 1
+    slot = _worker._installed.queue._slot  # this process's own counters
+    before = {"sent": slot.get(S_SENT), "diverted": slot.get(S_DIVERTED), "dropped": slot.get(S_DROPPED)}
+    log.info("%s after stop", tag)
+    after = {"sent": slot.get(S_SENT), "diverted": slot.get(S_DIVERTED), "dropped": slot.get(S_DROPPED)}
+    with open(os.path.join(out_dir, tag), "w") as f:
+        json.dump({"calls": i, "before": before, "after": after}, f)
