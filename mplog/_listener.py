@@ -536,6 +536,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     # A file size limit (RLIMIT_FSIZE) must give EFBIG, which we handle, not kill us.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        # One open ring (an mmap keeps a dup of its fd) per live process of the application:
+        # thousands of workers must not run the listener out of descriptors.
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
     argv = sys.argv[1:] if argv is None else argv
     listener = Listener(ListenerConfig.from_json(argv[0]))
 

@@ -610,7 +610,7 @@ class SpoolReader:
                     continue
                 ring.close()
                 del self.rings[index]
-                for path in glob.glob(glob.escape(ring.path) + "*"):
+                for path in [ring.path] + glob.glob(glob.escape(ring.path) + ".*"):
                     try:
                         os.unlink(path)
                     except OSError:

@@ -41,11 +41,15 @@ What is measured, per setup and worker count P (each worker logs N records):
   threads included), summed.
 * peak RSS: ``VmHWM`` of each worker (max over workers) and of the writer (the listener process,
   or the coordinator process when the writer is a thread: marked ``*``); both peaks are reset
-  (``/proc/PID/clear_refs``) just before the workers are released.
+  (``/proc/PID/clear_refs``) just before the workers are released. For mplog both include the
+  pages of the spool's rings that the process touched (shared memory on tmpfs: a worker its own
+  ring, the listener every ring it read); the spool's own usage at the flush is in the notes.
 * verification: every record carries a (worker, item) pair and a checkable value; the output
   file(s) are parsed and each record must be there exactly once and intact. lost = missing,
   dup = extra copies, torn = lines/blocks that are not a well-formed record. For mplog both the
-  full log (blocks) and the simplified log (lines) are checked and the counts are added up.
+  full log (blocks) and the simplified log (lines) are checked and the counts are added up, and
+  after ``stop()`` the service's spool directory must be gone (one left behind, by a stop that
+  could not drain or a coordinator killed at the timeout, is noted and removed by the driver).
 
 The machine may be shared: for each run the CPU that *other* processes used during the
 measurement window is printed ("noise"; "-" for windows under 0.5 s, which /proc/stat's 10 ms
@@ -607,7 +611,9 @@ class MplogSetup(Setup):
         self.svc.start()
         self.simple_path = str(self.svc.simplified_path)
         self.full_path = str(self.svc.full_path)
-        self.listener_pid = self.svc.health()["listener"]["pid"]
+        health = self.svc.health()
+        self.listener_pid = health["listener"]["pid"]
+        self.spool = health["queue"].get("spool")
 
     def worker_arg(self) -> Any:
         return self.svc.pool_kwargs()
@@ -627,7 +633,7 @@ class MplogSetup(Setup):
     def verify(self, pids: Dict[int, int]) -> Optional[Dict[str, Any]]:
         health = self.svc.health()
         self.extra["health_at_flush"] = {"records": health.get("records"), "restarts": health.get("restarts"),
-                                         "status": health.get("status"),
+                                         "status": health.get("status"), "queue": health.get("queue"),
                                          "listener_pid": health.get("listener", {}).get("pid")}
         if health.get("listener", {}).get("pid") != self.listener_pid or health.get("restarts"):
             self.notes.append(f"listener changed during the run: restarts={health.get('restarts')}, "
@@ -644,6 +650,9 @@ class MplogSetup(Setup):
         self.extra["health_final"] = {"records": final.get("records"), "restarts": final.get("restarts"),
                                       "last_exit": final.get("last_exit")}
         rec = final.get("records", {})
+        if self.spool and os.path.exists(self.spool):
+            self.notes.append(f"the spool is still there after stop(): {self.spool} "
+                              f"(spool_kept={final.get('spool_kept')!r}, kept_in_spool={rec.get('kept_in_spool')})")
         if not self._pids:  # the run failed before verification: nothing to compare
             self.notes.append(f"mplog final health after the failed run (workers killed): sent={rec.get('sent')} "
                               f"written={rec.get('written')} dropped={rec.get('dropped')} lost={rec.get('lost')}")
@@ -1001,7 +1010,10 @@ def run_setup(setup: str, procs: int, args: argparse.Namespace) -> Dict[str, Any
                   "error": ("timed out after %.0f s: process group killed" % (time.monotonic() - started))
                   if timed_out else f"coordinator exited with {popen.returncode} without a result"}
     finally:
+        stray = _remove_spools_under(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+    if stray:
+        result.setdefault("notes", []).append(f"removed {len(stray)} spool(s) left behind: {stray}")
     out.seek(0)
     text = out.read().decode("utf-8", "replace")
     out.close()
@@ -1012,6 +1024,23 @@ def run_setup(setup: str, procs: int, args: argparse.Namespace) -> Dict[str, Any
         result.setdefault("notes", []).append(leftovers)
     result["wall_s"] = time.monotonic() - started
     return result
+
+
+def _remove_spools_under(tmp: str) -> List[str]:
+    """mplog's spools live beside the files' directory (tmpfs), not in it: remove those of file
+    sets under ``tmp`` whose run is over (a coordinator killed at the timeout leaves one, with
+    records in it, that no later run of that file set would ever recover)."""
+    try:
+        from mplog._spool import list_spools, remove_spool
+    except Exception:
+        return []
+    real = os.path.realpath(tmp)
+    removed = []
+    for info in list_spools():
+        if not info.alive and (info.directory == real or info.directory.startswith(real + os.sep)):
+            remove_spool(info.path)
+            removed.append(f"{info.path} ({info.unwritten} unwritten)")
+    return removed
 
 
 def _safe_pgid(pid: int) -> Optional[int]:
@@ -1142,6 +1171,10 @@ def notes_for(r: Dict[str, Any]) -> List[str]:
         out.append(f"health after flush: written={rec.get('written')} sent={rec.get('sent')} "
                    f"dropped={rec.get('dropped')} lost={rec.get('lost')} restarts={hf.get('restarts')} "
                    f"status={hf.get('status')}")
+        q = hf.get("queue") or {}
+        if q.get("capacity_bytes"):
+            out.append(f"spool after flush: {q.get('rings')} ring(s) of {q['capacity_bytes'] / 2**20:.1f} MB "
+                       f"({q.get('capacity')} records) per process, {(q.get('bytes') or 0) / 2**20:.1f} MB in use")
     for line in r.get("stderr") or []:
         out.append(f"stderr: {line}")
     return out

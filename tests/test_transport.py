@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mplog._transport import FRAME_MAX, K_RECORD, PAYLOAD_MAX, FrameParser, encode_frames
-from conftest import app_blocks, read_blocks
+from conftest import app_blocks, read_blocks, wait_for
 
 
 def _frames(pid, seq, payload, tid=1):
@@ -134,8 +135,9 @@ def test_fuzz_random_bytes(data):
 
 
 def test_buggy_writer_garbage_in_the_live_fifo(service):
-    """Bytes that are no frame, written into the real FIFO by a buggy writer, are skipped and
-    counted; records before and after arrive intact."""
+    """Bytes that are no frame, written into the real control FIFO by a buggy writer, are
+    skipped and counted; a well-formed frame of a record kind is no control message and is
+    ignored (records travel in the spool). Records before and after arrive intact."""
     svc = service()
     log = logging.getLogger("fifo")
     log.info("before garbage")
@@ -143,33 +145,67 @@ def test_buggy_writer_garbage_in_the_live_fifo(service):
     fd = os.open(svc.worker_config.fifo_path, os.O_WRONLY | os.O_NONBLOCK)
     try:
         os.write(fd, b"\xd3\x6c this is not a frame \x00\xff" * 20)
-        os.write(fd, _frames(os.getpid(), 1, b"\x00garbled marshal")[0])  # a valid frame, bad record
+        os.write(fd, _frames(os.getpid(), 1, b"\x00garbled marshal")[0])
     finally:
         os.close(fd)
     log.info("after garbage")
     assert svc.flush(10)
-    assert [b["message"] for b in app_blocks(svc.full_path)] == ["before garbage", "after garbage"]
-    placeholders = [b for b in read_blocks(svc.full_path) if b["message"].startswith("<undecodable record")]
-    assert len(placeholders) == 1 and placeholders[0]["logger"] == "mplog"
-    h = svc.health()
-    assert h["records"]["malformed_frames"] >= 1
-    assert h["records"]["replaced"] >= 1
+    assert [b["message"] for b in read_blocks(svc.full_path)] == ["before garbage", "after garbage"]
+    assert svc.health()["records"]["malformed_frames"] >= 1
 
 
-def test_malformed_preformatted_record_becomes_a_placeholder(service):
-    """A frame whose payload claims to be a formatted record but is not one of ours."""
+def _foreign_ring(svc):
+    """A ring in the service's spool written by this test, as a buggy (same-user) process
+    would: its records go through the listener's checks like anyone's."""
+    from mplog._counters import S_RING, Counters
+    from mplog._spool import RingWriter
+    spool = svc.health()["queue"]["spool"]
+    counters = Counters.open(os.path.join(spool, "counters"))
+    slot = counters.claim_slot(os.getpid())
+    ring = RingWriter(os.path.join(spool, f"ring.{slot.index}"), 65536, 100)
+    slot.set(S_RING, 1)
+    return ring
+
+
+def test_undecodable_and_malformed_records_become_placeholders(service):
+    """A record that is not marshal data, and one that claims to be a formatted record but is
+    not one of ours: each becomes one counted placeholder; nothing of them reaches the file."""
     import marshal
 
     svc = service()
-    fd = os.open(svc.worker_config.fifo_path, os.O_WRONLY | os.O_NONBLOCK)
-    try:
-        bogus = marshal.dumps((2, 20, False, "no header\n[2026-01-01] fake\n", None, None))
-        os.write(fd, _frames(os.getpid(), 7, bogus)[0])
-    finally:
-        os.close(fd)
+    ring = _foreign_ring(svc)
+    assert ring.write(b"\x00garbled marshal")
+    assert ring.write(marshal.dumps((2, 20, False, "no header\n[2026-01-01] fake\n", None, None)))
     logging.getLogger("fifo").info("after")
     assert svc.flush(10)
     assert [b["message"] for b in app_blocks(svc.full_path)] == ["after"]
-    assert [b["message"] for b in read_blocks(svc.full_path) if b["logger"] == "mplog"] == [
-        "<malformed pre-formatted record>"]
+    notes = [b["message"] for b in read_blocks(svc.full_path) if b["logger"] == "mplog"]
+    assert len(notes) == 2 and notes[0].startswith("<undecodable record from pid ")
+    assert notes[1] == "<malformed pre-formatted record>"
     assert "fake" not in svc.full_path.read_text()
+    assert svc.health()["records"]["replaced"] == 2
+
+
+def test_a_record_that_fails_its_check_is_counted_and_never_written(service):
+    """A ring entry whose bytes changed after it was published (a stray store, or a store not
+    yet visible on a weakly ordered CPU): the listener waits, then counts it and skips to the
+    next record it can trust; the damaged text never reaches the file."""
+    from mplog._spool import ENTRY_SIZE, RING_HEADER
+    from mplog._format import Preformatter
+    from mplog._record import make_record
+
+    svc = service()
+    ring = _foreign_ring(svc)
+    pre = Preformatter(logging.INFO)
+    payload = pre.payload(make_record(1.0, logging.INFO, "foreign", "SECRET-DAMAGED"))
+    os.kill(svc.health()["listener"]["pid"], signal.SIGSTOP)  # so it cannot read it before we damage it
+    try:
+        assert ring.write(payload)
+        ring._mm[RING_HEADER + ENTRY_SIZE + 5] ^= 0xFF  # one flipped byte: the CRC no longer matches
+    finally:
+        os.kill(svc.health()["listener"]["pid"], signal.SIGCONT)
+    logging.getLogger("fifo").info("after")
+    wait_for(lambda: svc.health()["records"]["torn"] == 1, what="the damaged record counted")
+    assert svc.flush(10)
+    assert "SECRET-DAMAGED" not in svc.full_path.read_text()
+    assert [b["message"] for b in app_blocks(svc.full_path)] == ["after"]

@@ -1,0 +1,676 @@
+"""The spool (issue 10), end to end with real processes: honest per-process capacity, stalls that
+cost callers nothing, overflow policies under a long stall, exactly-once delivery across listener
+SIGKILLs, signals to the whole process group, stop() while workers log, recovery of a killed
+run's spool, and no spool left behind.
+
+A stalled disk is stood in for by SIGSTOP of the listener (``health()["listener"]["pid"]``), and
+every wait is a deadline loop on an observable condition (``wait_for``), a flush barrier, an
+Event or a process exit. Every record is checked: ``sent = written + dropped + diverted + lost``
+holds with the records actually found in the files (and on stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import psutil
+import pytest
+
+import mplog
+from mplog._spool import ring_capacity, spool_prefix, spool_root
+from conftest import app_blocks, read_blocks, wait_for
+
+import workers
+
+HERE = Path(__file__).parent
+SUMMARY = re.compile(r"mplog stopped: (\d+) records written, (\d+) dropped, (\d+) lost(?:, (\d+) sent to stderr)?")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _listener_pid(svc: mplog.LogService) -> int:
+    return svc.health()["listener"]["pid"]
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
+
+
+class _Stall:
+    """SIGSTOP the listener (a disk that does not answer) until ``resume()``; always resumed."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.resumed = False
+        os.kill(pid, signal.SIGSTOP)
+        # kill() returns before a process running on another CPU has stopped: wait until it has.
+        wait_for(lambda: _stopped(pid), timeout=10, what=f"listener {pid} to stop")
+
+    def resume(self) -> None:
+        if not self.resumed:
+            self.resumed = True
+            os.kill(self.pid, signal.SIGCONT)
+
+    def __enter__(self) -> "_Stall":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.resume()
+
+
+def _identity(records: Dict[str, int]) -> None:
+    assert records["sent"] == records["written"] + records["dropped"] + records["diverted"] + records["lost"], records
+
+
+def _messages(path: Path) -> List[str]:
+    return [b["message"] for b in app_blocks(path)]  # type: ignore[misc]
+
+
+def _numbered(messages: List[str], tag: str) -> List[int]:
+    """The numbers of ``<tag> item <n>`` records, in file order."""
+    pat = re.compile(rf"^{re.escape(tag)} item (\d+)$")
+    return [int(m.group(1)) for m in map(pat.match, messages) if m]
+
+
+def _assert_prefix_once(numbers: List[int], at_least: int, what: str) -> int:
+    """``numbers`` is 0, 1, ..., m-1 exactly (every record once, in order, no gap), m >= at_least."""
+    dupes = [n for n, c in Counter(numbers).items() if c > 1]
+    assert not dupes, f"{what}: {len(dupes)} records written more than once, e.g. {dupes[:5]}"
+    missing = sorted(set(range(at_least)) - set(numbers))
+    assert not missing, f"{what}: {len(missing)} returned records missing from the log, e.g. {missing[:5]}"
+    assert numbers == list(range(len(numbers))), f"{what}: records out of order or with a gap"
+    return len(numbers)
+
+
+def _summary(run_log: Path) -> Dict[str, int]:
+    found = SUMMARY.findall(run_log.read_text(encoding="utf-8"))
+    assert len(found) == 1, f"expected one stop summary in {run_log}, found {found}"
+    w, d, lost, x = found[0]
+    return {"written": int(w), "dropped": int(d), "lost": int(lost), "diverted": int(x or 0)}
+
+
+def _leftover_spools(logdir: Path, name: str = "run", root: Optional[str] = None) -> List[str]:
+    prefix = spool_prefix(str(logdir), name)
+    root = root or spool_root()
+    return sorted(e for e in os.listdir(root) if e.startswith(prefix))
+
+
+def _script(tmp_path: Path, body: str, name: str = "app.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _env(**extra: str) -> Dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def _group(pgid: int) -> List[psutil.Process]:
+    """The live (non-zombie) processes of process group ``pgid``."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (OSError, psutil.Error):
+            pass
+    return out
+
+
+def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
+    try:
+        wait_for(lambda: not _group(pgid), timeout=timeout, what=f"every process of group {pgid} to exit")
+    except AssertionError:
+        left = [(p.pid, p.name()) for p in _group(pgid)]
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+        raise AssertionError(f"processes of group {pgid} still running: {left}")
+
+
+def _read_tagged(stdout, tag: str, timeout: float = 60.0) -> List[str]:
+    """Read the child's stdout up to a line starting with ``tag`` (bounded by a watchdog)."""
+    found: List[List[str]] = []
+
+    def read() -> None:
+        for line in stdout:
+            if line.startswith(tag):
+                found.append(line.split()[1:])
+                return
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert found, f"the child did not print {tag} within {timeout} s (or exited)"
+    return found[0]
+
+
+@pytest.fixture
+def child(tmp_path: Path) -> Iterator:
+    """``child(script, *args, env=...)``: a Popen in its own session (its own process group);
+    whatever is left of the group is SIGKILLed after the test."""
+    started: List[subprocess.Popen] = []
+
+    def run(script: Path, *args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+        with open(tmp_path / f"child-{len(started)}.stderr", "w") as err:
+            p = subprocess.Popen([sys.executable, str(script), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=err, text=True, env=env or _env(), start_new_session=True)
+        started.append(p)
+        return p
+
+    yield run
+    for p in started:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (p.stdin, p.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+# -- 1. capacity -------------------------------------------------------------------------------
+def test_capacity_is_exactly_queue_size_records_per_process(service):
+    """With queue_size=N and the listener stalled, one process logs exactly N records without a
+    drop and the N+1th is dropped (overflow="drop"); health() reports the capacity in records and
+    in bytes; once the listener resumes, all N (and not the dropped one) are in the file."""
+    n = 2000
+    svc = service(overflow="drop", queue_size=n)
+    q = svc.health()["queue"]
+    assert q["capacity"] == n
+    assert q["capacity_bytes"] == ring_capacity(n)
+    assert q["capacity_bytes"] >= n * 256  # room for N records of ordinary size
+    log = logging.getLogger("cap")
+    with _Stall(_listener_pid(svc)) as stall:
+        for i in range(n):
+            log.info("cap item %d: a record of ordinary size, with a few words of text in it", i)
+        r = svc.health()["records"]
+        assert (r["sent"], r["dropped"], r["written"]) == (n, 0, 0)
+        log.info("cap item %d: a record of ordinary size, with a few words of text in it", n)
+        r = svc.health()["records"]
+        assert (r["sent"], r["dropped"], r["written"]) == (n + 1, 1, 0)
+        stall.resume()
+    assert svc.flush(30)
+    msgs = _messages(svc.full_path)
+    assert _numbered([m.split(":")[0] for m in msgs], "cap") == list(range(n))
+    r = svc.health()["records"]
+    assert (r["written"], r["dropped"], r["lost"], r["diverted"]) == (n, 1, 0, 0)
+    _identity(r)
+    final = svc.stop()["records"]
+    _identity(final)
+    assert (final["sent"], final["written"], final["dropped"]) == (n + 1, n, 1)
+
+
+# -- 2. a stall costs callers nothing ------------------------------------------------------------
+def test_stalled_listener_costs_callers_nothing(service):
+    """8,000 records logged from the main process while the listener is stopped (default
+    queue_size 10000): no single call waits (the old pipe blocked for ~3 s); after SIGCONT all
+    8,000 are in the file, once each, in order."""
+    count = 8000
+    svc = service()
+    assert svc.health()["queue"]["capacity"] == 10000
+    log = logging.getLogger("stall")
+    worst = 0.0
+    clock = time.perf_counter
+    with _Stall(_listener_pid(svc)) as stall:
+        t_all = clock()
+        for i in range(count):
+            t0 = clock()
+            log.info("stall item %d", i)
+            worst = max(worst, clock() - t0)
+        elapsed = clock() - t_all
+        r = svc.health()["records"]
+        assert (r["sent"], r["written"], r["dropped"], r["diverted"]) == (count, 0, 0, 0)
+        stall.resume()
+    assert worst < 0.5, f"a logging call took {worst:.3f} s while the listener was stalled"
+    assert elapsed < 10.0, f"{count} calls took {elapsed:.1f} s"
+    assert svc.flush(30)
+    assert _numbered(_messages(svc.full_path), "stall") == list(range(count))
+    final = svc.stop()["records"]
+    _identity(final)
+    assert (final["sent"], final["written"], final["dropped"], final["lost"], final["diverted"]) == (count, count, 0, 0, 0)
+
+
+# -- 3. overflow under a long stall --------------------------------------------------------------
+def test_timeout_policy_waits_once_per_episode(service):
+    """overflow="timeout" (10 ms), queue_size=1000, listener stopped: 20,000 calls finish in far
+    less than 19,000 x 10 ms (the old code took 173 s): one wait, then drops without waiting;
+    exactly 19,000 dropped; after SIGCONT the first 1,000 are in the file."""
+    total, size = 20000, 1000
+    svc = service(overflow="timeout", overflow_timeout=0.01, queue_size=size)
+    log = logging.getLogger("tmo")
+    with _Stall(_listener_pid(svc)) as stall:
+        t0 = time.perf_counter()
+        for i in range(total):
+            log.info("tmo item %d", i)
+        elapsed = time.perf_counter() - t0
+        r = svc.health()["records"]
+        assert (r["sent"], r["dropped"], r["written"]) == (total, total - size, 0)
+        stall.resume()
+    assert elapsed < 5.0, f"{total} calls took {elapsed:.1f} s under overflow='timeout'"
+    assert svc.flush(30)
+    assert _numbered(_messages(svc.full_path), "tmo") == list(range(size))
+    final = svc.stop()["records"]
+    _identity(final)
+    assert (final["written"], final["dropped"], final["lost"], final["diverted"]) == (size, total - size, 0, 0)
+
+
+def test_drop_policy_never_waits(service):
+    """overflow="drop", queue_size=1000, listener stopped: no call waits, exactly the records
+    beyond the ring's 1,000 are dropped, and the 1,000 are written after SIGCONT."""
+    total, size = 20000, 1000
+    svc = service(overflow="drop", queue_size=size)
+    log = logging.getLogger("drp")
+    worst = 0.0
+    clock = time.perf_counter
+    with _Stall(_listener_pid(svc)) as stall:
+        t_all = clock()
+        for i in range(total):
+            t0 = clock()
+            log.info("drp item %d", i)
+            worst = max(worst, clock() - t0)
+        elapsed = clock() - t_all
+        r = svc.health()["records"]
+        assert (r["sent"], r["dropped"]) == (total, total - size)
+        stall.resume()
+    assert worst < 0.5, f"a call waited {worst:.3f} s under overflow='drop'"
+    assert elapsed < 5.0
+    assert svc.flush(30)
+    assert _numbered(_messages(svc.full_path), "drp") == list(range(size))
+    final = svc.stop()["records"]
+    _identity(final)
+    assert (final["written"], final["dropped"], final["lost"]) == (size, total - size, 0)
+
+
+def test_block_policy_waits_for_room_and_loses_nothing(service):
+    """overflow="block", queue_size=1000, listener stopped: the 1,001st call blocks while the
+    ring is full and returns only after SIGCONT; then every record is written, once, in order."""
+    total, size = 3000, 1000
+    svc = service(overflow="block", queue_size=size)
+    log = logging.getLogger("blk")
+    progress = {"calls": 0, "entered": 0.0, "returned_1001": 0.0}
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(total):
+            if i == size:
+                progress["entered"] = time.monotonic()
+            log.info("blk item %d", i)
+            if i == size:
+                progress["returned_1001"] = time.monotonic()
+            progress["calls"] = i + 1
+        done.set()
+
+    stall = _Stall(_listener_pid(svc))
+    t = threading.Thread(target=produce)
+    try:
+        t.start()
+        wait_for(lambda: progress["entered"], timeout=30, what="the producer to reach the 1,001st call")
+        # It stays inside that call while the ring is full: still there 0.3 s later.
+        wait_for(lambda: time.monotonic() - progress["entered"] >= 0.3, what="0.3 s of the stall")
+        assert progress["calls"] == size and not progress["returned_1001"], "the call did not block on a full ring"
+        r = svc.health()["records"]
+        assert (r["sent"], r["dropped"]) == (size, 0)
+        resumed = time.monotonic()
+        stall.resume()
+        t.join(60)
+    finally:
+        stall.resume()
+        t.join(60)
+    assert done.is_set()
+    assert progress["returned_1001"] >= resumed
+    assert svc.flush(30)
+    assert _numbered(_messages(svc.full_path), "blk") == list(range(total))
+    final = svc.stop()["records"]
+    _identity(final)
+    assert (final["sent"], final["written"], final["dropped"], final["lost"]) == (total, total, 0, 0)
+
+
+# -- 4. exactly once across listener kills -------------------------------------------------------
+def test_exactly_once_across_ten_listener_kills(service, ctx, capfd):
+    """Two worker processes log 40,000 records each while the listener is SIGKILLed 10 times,
+    each time in the middle of its work: every record is in the full log exactly once (in each
+    process's order), nothing lost or diverted, 10 restarts, each at once (no backoff)."""
+    per_worker, kills = 40000, 10
+    # A small ring keeps the workers paced by the listener, so the kills land while they log.
+    svc = service(queue_size=1000)
+    procs = [ctx.Process(target=workers.process_target, args=(svc.worker_config, tag, per_worker))
+             for tag in ("kA", "kB")]
+    for p in procs:
+        p.start()
+    try:
+        for k in range(kills):
+            # Kill a listener that is doing its work: it has written since it started.
+            written = svc.health()["records"]["written"]
+            wait_for(lambda: svc.health()["records"]["written"] > written, timeout=20,
+                     what=f"the listener to write (kill {k + 1})")
+            old = _listener_pid(svc)
+            open("/tmp/exp/kills.log", "a").write(f"KILL {k} {[p.is_alive() for p in procs]} {svc.health()['records']['written']} {time.monotonic()}\n")
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: (lambda h: h["listener"]["alive"] and h["listener"]["pid"] not in (None, old))(svc.health()),
+                     timeout=15, what=f"a restarted listener after kill {k + 1}")
+        h = svc.health()
+        assert h["restarts"] == kills
+        for p in procs:
+            p.join(120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert svc.flush(60)
+    msgs = _messages(svc.full_path)
+    for tag in ("kA", "kB"):
+        assert _assert_prefix_once(_numbered(msgs, tag), per_worker, tag) == per_worker
+    r = svc.health()["records"]
+    assert (r["written"], r["lost"], r["diverted"], r["dropped"]) == (2 * per_worker, 0, 0, 0)
+    _identity(r)
+    final = svc.stop()
+    fr = final["records"]
+    _identity(fr)
+    assert (fr["sent"], fr["written"], fr["lost"], fr["diverted"]) == (2 * per_worker, 2 * per_worker, 0, 0)
+    assert final["restarts"] == kills
+    notices = [b["message"] for b in read_blocks(svc.full_path) if b["logger"] == "mplog"]
+    assert notices.count("listener restarted after SIGKILL(-9); 0 records lost") == kills
+    err = capfd.readouterr().err
+    assert err.count("listener exited with SIGKILL(-9); restarting now") == kills
+    assert "restarting in" not in err
+
+
+# -- 5. signals to the process group -------------------------------------------------------------
+GROUP_APP = """
+import logging, multiprocessing, os, sys
+import mplog, workers
+
+if __name__ == "__main__":
+    method, logdir, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    svc = mplog.LogService(logdir, shutdown_timeout=5.0)
+    svc.start()
+    log = logging.getLogger("app")
+    for i in range(100):
+        log.info("main item %d", i)
+    assert svc.flush(10)
+    with multiprocessing.get_context(method).Pool(2, **svc.pool_kwargs()) as pool:
+        pool.map_async(workers.log_counting, [("g%d" % k, out, 250) for k in range(2)])
+        print("READY", svc.health()["queue"]["spool"], svc.health()["listener"]["pid"], flush=True)
+        sys.stdin.read()  # until the signal
+"""
+
+
+def test_sigterm_to_the_group_writes_every_returned_record_and_removes_the_spool(tmp_path, ctx, child):
+    """SIGTERM to the application's whole process group (timeout(1), SLURM, systemd) while pool
+    workers log: every process of the group exits, every record whose logging call had returned
+    is in the full log exactly once (and nothing out of order), the stop summary balances, and
+    the spool directory is gone."""
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    out.mkdir()
+    p = child(_script(tmp_path, GROUP_APP), ctx.get_start_method(), str(logs), str(out))
+    spool, _listener = _read_tagged(p.stdout, "READY")
+    assert os.path.isdir(spool) and os.path.basename(spool).startswith(spool_prefix(str(logs), "run"))
+    wait_for(lambda: all((out / f"count.g{k}").exists() and int((out / f"count.g{k}").read_text()) >= 2000
+                         for k in range(2)), timeout=60, what="both workers to log 2,000 records")
+    os.killpg(p.pid, signal.SIGTERM)
+    _wait_group_gone(p.pid)
+    assert p.wait(5) == -signal.SIGTERM
+    returned = {f"g{k}": int((out / f"count.g{k}").read_text()) for k in range(2)}
+    msgs = _messages(logs / "run.debug.log")
+    assert _numbered(msgs, "main") == list(range(100))
+    found = {tag: _assert_prefix_once(_numbered(msgs, tag), n, tag) for tag, n in returned.items()}
+    assert not os.path.exists(spool), "the spool directory outlived its run"
+    assert _leftover_spools(logs) == []
+    text = (logs / "run.log").read_text(encoding="utf-8")
+    m = re.search(r"mplog stopped \(application gone\): (\d+) records written, (\d+) dropped, (\d+) lost", text)
+    assert m, text[-2000:]
+    written, dropped, lost = map(int, m.groups())
+    assert written == 100 + sum(found.values()) == len(msgs)
+    assert (dropped, lost) == (0, 0)
+
+
+KILLED_GROUP_APP = """
+import logging, multiprocessing, os, sys
+import mplog, workers
+
+if __name__ == "__main__":
+    method, logdir, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    svc = mplog.LogService(logdir, shutdown_timeout=5.0)
+    svc.start()
+    print("LISTENER", svc.health()["listener"]["pid"], svc.health()["queue"]["spool"], os.getpid(), flush=True)
+    sys.stdin.readline()  # the test stalls the listener, then says go
+    with multiprocessing.get_context(method).Pool(2, **svc.pool_kwargs()) as pool:
+        pool.map(workers.log_n, [("r%d" % k, n) for k in range(2)])
+        for i in range(n):
+            logging.getLogger("app").info("main item %d", i)
+        print("LOGGED", flush=True)
+        sys.stdin.read()  # until the SIGKILL
+"""
+
+
+def test_sigkill_of_the_group_keeps_the_spool_and_the_next_run_recovers_it(tmp_path, ctx, child, service):
+    """SIGKILL of the whole group while the (stalled) listener had written nothing: the spool
+    stays with every record in it; the next LogService on the same directory and name writes them
+    first, exactly once, says "recovered N records from a previous run (pid P)", reports them in
+    health()["records"]["recovered"], and removes the old spool."""
+    n = 1500
+    logs = tmp_path / "logs"
+    p = child(_script(tmp_path, KILLED_GROUP_APP), ctx.get_start_method(), str(logs), str(n))
+    listener, spool, main_pid = _read_tagged(p.stdout, "LISTENER")
+    listener_pid = int(listener)
+    with _Stall(listener_pid):
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        _read_tagged(p.stdout, "LOGGED")
+        os.killpg(p.pid, signal.SIGKILL)  # the stalled listener dies too
+        _wait_group_gone(p.pid)
+    assert p.wait(5) == -signal.SIGKILL
+    assert os.path.isdir(spool), "a killed run's spool must stay for the next run"
+    assert _messages(logs / "run.debug.log") == []  # nothing was written before the kill
+    total = 3 * n
+
+    svc = service()  # tmp_path/"logs", name "run": the same file set
+    h = svc.health()
+    assert h["records"]["recovered"] == total
+    assert not os.path.exists(spool), "the recovered spool must be removed"
+    assert _leftover_spools(logs) == [os.path.basename(h["queue"]["spool"])]
+    logging.getLogger("app").info("new run")
+    assert svc.flush(30)
+    msgs = _messages(logs / "run.debug.log")
+    for tag in ("r0", "r1", "main"):
+        assert _numbered(msgs, tag) == list(range(n)), tag
+    assert msgs[-1] == "new run" and len(msgs) == total + 1
+    notices = [b["message"] for b in read_blocks(logs / "run.debug.log") if b["logger"] == "mplog"]
+    assert f"recovered {total} records from a previous run (pid {main_pid})" in notices
+    final = svc.stop()
+    _identity(final["records"])
+    assert (final["records"]["sent"], final["records"]["written"]) == (1, 1)  # this run's own
+    assert final["records"]["recovered"] == total
+    assert _leftover_spools(logs) == []
+
+
+# -- 6. stop() while workers still log ------------------------------------------------------------
+def test_stop_while_a_worker_logs(service, ctx, tmp_path):
+    """stop() while a worker process logs in a loop: the stop summary in run.log is the final
+    report; sent = written + dropped + diverted + lost; each of the worker's records is either
+    in the file (a prefix, once each) or on its stderr (the rest); a record logged after the stop
+    goes to stderr and is counted as diverted in the worker's own counters."""
+    svc = service(shutdown_timeout=5.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    err_path = tmp_path / "worker.stderr"
+    stop = ctx.Event()
+    w = ctx.Process(target=workers.log_until_then_once_more,
+                    args=(svc.worker_config, "sw", stop, str(out), str(err_path)))
+    w.start()
+    try:
+        wait_for(lambda: svc.health()["records"]["written"] >= 2000, timeout=30, what="the worker to log")
+        final = svc.stop()
+        stop.set()
+        w.join(30)
+    finally:
+        stop.set()
+        if w.is_alive():
+            w.kill()
+        w.join(10)
+    assert w.exitcode == 0
+    r = final["records"]
+    _identity(r)
+    assert _summary(svc.simplified_path) == {k: r[k] for k in ("written", "dropped", "lost", "diverted")}
+    assert r["lost"] == 0 and r["dropped"] == 0
+
+    result = json.loads((out / "sw").read_text())
+    calls = result["calls"]
+    in_file = _numbered(_messages(svc.full_path), "sw")
+    n_file = _assert_prefix_once(in_file, 0, "sw in the file")
+    assert n_file == r["written"]
+    err = err_path.read_text(encoding="utf-8", errors="replace")
+    on_stderr = [int(x) for x in re.findall(r"^\[[^\]]*\] sw item (\d+)$", err, re.M)]
+    assert on_stderr == list(range(n_file, calls)), "each record is in the file or on stderr, once"
+    assert calls == n_file + len(on_stderr)
+    # The worker's own slot: the loop's records are sent, the diverted ones the ones on stderr;
+    # the record after the stop is one more sent, one more diverted, and on stderr.
+    before, after = result["before"], result["after"]
+    assert before["sent"] == calls and before["dropped"] == 0
+    assert before["diverted"] == len(on_stderr)
+    assert (after["sent"], after["diverted"]) == (before["sent"] + 1, before["diverted"] + 1)
+    assert re.search(r"^\[[^\]]*\] sw after stop$", err, re.M)
+    # The final report counted what the listener saw by its summary: every record up to then.
+    assert r["written"] + r["diverted"] <= calls
+
+
+# -- 7. nothing left behind ----------------------------------------------------------------------
+def test_normal_stop_leaves_no_spool(service, tmp_path):
+    """After a normal stop, no spool directory of the file set remains in the spool root."""
+    svc = service()
+    spool = svc.health()["queue"]["spool"]
+    assert os.path.isdir(spool) and os.path.dirname(spool) == spool_root()
+    for i in range(500):
+        logging.getLogger("n").info("n item %d", i)
+    final = svc.stop()["records"]
+    _identity(final)
+    assert final["written"] == 500
+    assert not os.path.exists(spool)
+    assert _leftover_spools(tmp_path / "logs") == []
+
+
+KILLED_MAIN_APP = """
+import logging, sys
+import mplog
+
+if __name__ == "__main__":
+    svc = mplog.LogService(sys.argv[1], shutdown_timeout=5.0)
+    svc.start()
+    for i in range(3000):
+        logging.getLogger("app").info("km item %d", i)
+    print("READY", svc.health()["listener"]["pid"], svc.health()["queue"]["spool"], flush=True)
+    sys.stdin.read()  # until the signal
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_main_process_leaves_no_spool(tmp_path, child, sig):
+    """The main process dies (SIGKILL, or SIGTERM with no handler installed) without stop():
+    its listener writes every record, exits, and removes the spool directory."""
+    logs = tmp_path / "logs"
+    p = child(_script(tmp_path, KILLED_MAIN_APP), str(logs))
+    pid, spool = _read_tagged(p.stdout, "READY")
+    listener = psutil.Process(int(pid))
+    os.kill(p.pid, sig)  # the main process alone, not its group
+    assert p.wait(10) == -sig
+    listener.wait(30)  # raises TimeoutExpired if it lingers
+    assert _numbered(_messages(logs / "run.debug.log"), "km") == list(range(3000))
+    assert not os.path.exists(spool)
+    assert _leftover_spools(logs) == []
+    m = re.search(r"mplog stopped \(application gone\): (\d+) records written, (\d+) dropped, (\d+) lost",
+                  (logs / "run.log").read_text())
+    assert m and tuple(map(int, m.groups())) == (3000, 0, 0)
+
+
+def _spools_cli(root: Path, *args: str) -> Dict[str, List[str]]:
+    """Run ``python -m mplog spools --root ROOT ARGS``; return {spool path: [state, unwritten]}."""
+    r = subprocess.run([sys.executable, "-m", "mplog", "spools", "--root", str(root), *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = {}
+    for line in r.stdout.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 7 and parts[-2] == "->":
+            rows[parts[-3]] = [parts[0], parts[1]]
+    return rows
+
+
+def test_spools_clean_command(tmp_path, child, service, monkeypatch):
+    """``python -m mplog spools`` lists a SIGKILLed run's spool as an orphan with its unwritten
+    records and a live service's spool as running; ``--clean`` removes an empty orphan at once,
+    keeps the orphan that holds records (younger than --older-than) and the running one;
+    ``--clean --older-than 0`` removes the orphan with records too."""
+    root = tmp_path / "shm"
+    root.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(root))  # a private spool root: others' spools untouched
+    # An orphan with records: a run SIGKILLed (whole group) while its listener was stalled.
+    n = 700
+    logs = tmp_path / "killed"
+    p = child(_script(tmp_path, KILLED_GROUP_APP), "fork", str(logs), str(n), env=_env(XDG_RUNTIME_DIR=str(root)))
+    listener, killed_spool, _ = _read_tagged(p.stdout, "LISTENER")
+    assert os.path.dirname(killed_spool) == str(root)
+    with _Stall(int(listener)):
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        _read_tagged(p.stdout, "LOGGED")
+        os.killpg(p.pid, signal.SIGKILL)
+        _wait_group_gone(p.pid)
+    p.wait(5)
+    # A running service (this process) in the same root. (Started before the empty orphan is
+    # made: a starting service removes empty orphans itself.)
+    svc = service()
+    live = svc.health()["queue"]["spool"]
+    assert os.path.dirname(live) == str(root)
+    assert os.path.isdir(killed_spool)  # an orphan with records is not the service's to remove
+    # An empty orphan: a spool whose owner is gone and that holds nothing.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    empty = root / f"{spool_prefix(str(tmp_path / 'other'), 'run')}x1y2z3"
+    empty.mkdir(mode=0o700)
+    (empty / "owner").write_text(f"{int(dead.stdout)} 1\n{tmp_path / 'other'}\nrun\n")
+
+    rows = _spools_cli(root)
+    assert rows[killed_spool] == ["orphan", str(3 * n)]
+    assert rows[str(empty)] == ["orphan", "0"]
+    assert rows[live][0] == "running"
+
+    rows = _spools_cli(root, "--clean")
+    assert rows[str(empty)][0] == "removed" and not empty.exists()
+    assert rows[killed_spool] == ["orphan", str(3 * n)] and os.path.isdir(killed_spool)
+    assert rows[live][0] == "running" and os.path.isdir(live)
+
+    rows = _spools_cli(root, "--clean", "--older-than", "0")
+    assert rows[killed_spool][0] == "removed" and not os.path.exists(killed_spool)
+    assert rows[live][0] == "running" and os.path.isdir(live)
+    assert str(empty) not in rows
+    logging.getLogger("live").info("still logging")
+    assert svc.flush(10)
+    final = svc.stop()["records"]
+    _identity(final)
+    assert final["written"] == 1
+    assert sorted(os.listdir(root)) == []
