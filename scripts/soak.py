@@ -6,14 +6,15 @@ the service's accounting is checked against the files.
     python scripts/soak.py                        # 10 minutes, 8 workers x 500 records/s
     python scripts/soak.py --duration 60          # the short one, for CI
     python scripts/soak.py --duration 120 --kill-listener-every 10 --seed 7 --keep
+    python scripts/soak.py --duration 60 --group-sigterm 3   # three group-SIGTERM rounds at the end
 
 What runs:
 
 * ``--workers`` plain ``multiprocessing.Process`` workers (``--start-method``, default
   forkserver) call ``mplog.worker_init(cfg)`` and log ``--rate`` records/s each, paced, with
   unique and self-checking messages ``w{id}.{gen} seq {i} len {n} chk {crc32} {body}``
-  (every ``--big-every``-th record has a body of ``--big-size`` characters, so it crosses
-  several frames). ``gen`` counts the replacements of worker ``id``. Each worker reports how many
+  (every ``--big-every``-th record has a body of ``--big-size`` characters: a big entry in the
+  worker's ring). ``gen`` counts the replacements of worker ``id``. Each worker reports how many
   records it has logged to its own small file every 100 records (atomic replace) and when it
   stops; a SIGKILLed worker's true count is between its last report and 100 more.
 * The main process SIGKILLs the listener every ``--kill-listener-every`` s and a random worker
@@ -34,29 +35,54 @@ What runs:
     - ``sent == written + dropped + diverted + lost`` and
       ``lost == torn + lost_with_listener + unattributed_lost``, with ``unattributed_lost == 0``
       (every loss is a counted loss);
-    - the "N records lost" of the restart notices add up to ``lost_with_listener``; one notice
-      per restart; one restart per listener kill; the stop summary's count == ``written``;
-    - ``sent`` agrees with the workers' own reports; the records missing from the files are no
-      more than ``lost + dropped + diverted``;
+    - a listener kill loses nothing (the records wait in the spool, and the rings' tails move
+      only after a batch is in the files): every restart notice says "0 records lost",
+      ``lost_with_listener == 0`` and ``lost == 0``; one notice per restart; one restart per
+      listener kill; the stop summary's count == ``written``;
+    - ``sent`` agrees with the workers' own reports; the records missing from the files (below
+      a killed worker's last report or its highest record in the files, below a clean worker's
+      count) are no more than ``lost + dropped + diverted``;
     - no worker died that we did not kill; ``flush()`` before stop returned True;
-    - the listener's and the main process's fd counts did not grow.
+    - the listener's and the main process's fd counts did not grow; the listener reopened both
+      files at every rotation (health ``reopens``, which counts over listener restarts);
+    - the spool holds no ring of a dead worker at the end (the rings of killed workers are
+      retired), and the spool directory is gone after ``stop()``.
+
+* Then ``--group-sigterm`` rounds (default 1; 0: none) of the group-SIGTERM phase: a child
+  application in a session of its own (``start_new_session=True``) starts a ``LogService``
+  and ``--group-workers`` worker processes (``--start-method``), and it and its workers log as
+  fast as they can (``overflow="block"``: the rings fill up and callers wait), each process
+  storing in a small shared file, after each logging call returns, how many have returned.
+  Once every process has logged a few hundred records (and a random 0.5-2 s more),
+  ``os.killpg(pgid, SIGTERM)``: the application and its workers die of it at once, without
+  stopping the service; the listener must write everything the spool holds and go last.
+  Checked per round: the whole group is gone within ``--shutdown-timeout`` + 20 s; every
+  record whose logging call returned is in the full log exactly once (at most the one call in
+  flight per process beyond that), intact and from the right pid; the simplified log holds the
+  same records; the listener said the application exited without stopping the service, and
+  its stop summary counts exactly the records in the file, 0 lost; the spool directory is gone.
 
 It never hangs: every wait is bounded, a watchdog ends the run (exit 3) if the run and stop
 phases overrun by minutes, and every child is killed on the way out (also on Ctrl-C / SIGTERM,
-which end the chaos early and still verify what was written). Exit status: 0 all PASS,
+which end the chaos early and still verify what was written; the group phase is then
+skipped). Exit status: 0 all PASS,
 1 a FAIL, 2 bad usage, 3 watchdog.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import mmap
 import multiprocessing
 import os
 import random
 import re
 import shutil
 import signal
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -211,6 +237,11 @@ class Soak:
         self.main_fds_end: Optional[int] = None
         self.flushed: Optional[bool] = None
         self.final: Optional[Dict[str, Any]] = None
+        self.spool: Optional[str] = None  # the service's spool directory
+        self.max_rings = 0
+        self.end_rings: Optional[int] = None
+        self.spool_after_stop: Optional[bool] = None
+        self.group_pgid: Optional[int] = None  # the group-SIGTERM phase's child, while it runs
         self.elapsed = 0.0
         self.interrupted: Optional[str] = None
         self.t0 = time.monotonic()
@@ -287,6 +318,11 @@ class Soak:
 
     def kill_everything(self) -> None:
         """Last resort on the way out: no child of ours survives the script."""
+        if self.group_pgid is not None:
+            try:
+                os.killpg(self.group_pgid, signal.SIGKILL)
+            except OSError:
+                pass
         for w in self.history:
             try:
                 if w.proc.exitcode is None:
@@ -349,9 +385,12 @@ class Soak:
         snap = self.sample(h)
         r = h["records"]
         rate = r["sent"] / elapsed if elapsed > 0 else 0.0
+        q = h["queue"]
+        self.max_rings = max(self.max_rings, q.get("rings") or 0)
         self.say(f"{elapsed:6.0f}/{self.args.duration:.0f}s {h['status']:<8} sent {r['sent']:>9} "
                  f"written {r['written']:>9} ({rate:,.0f}/s) lost {r['lost']} dropped {r['dropped']} "
-                 f"diverted {r['diverted']} depth {h['queue']['depth']} restarts {h['restarts']} | "
+                 f"diverted {r['diverted']} depth {q['depth']} spool {q.get('rings')} rings "
+                 f"{mb(q.get('bytes'))} restarts {h['restarts']} | "
                  f"listener {snap['pid']} rss {mb(snap['rss'])} fds {snap['fds']} | kills L{self.listener_kills} "
                  f"W{self.worker_kills} rot {self.rotations}")
 
@@ -361,7 +400,9 @@ class Soak:
         os.makedirs(self.reports, exist_ok=True)
         self.svc = mplog.LogService(self.dir, name=NAME, shutdown_timeout=a.shutdown_timeout)
         self.svc.start()
-        self.say(f"service started: listener pid {self.svc.health()['listener']['pid']}, logs in {self.dir}")
+        h = self.svc.health()
+        self.spool = h["queue"].get("spool")
+        self.say(f"service started: listener pid {h['listener']['pid']}, logs in {self.dir}, spool {self.spool}")
         self.event("soak started")
         for wid in range(a.workers):
             self.start_worker(wid, 0)
@@ -414,11 +455,24 @@ class Soak:
         self.say(f"end: listener pid {self.end_listener['pid']} rss {mb(self.end_listener['rss'])} "
                  f"fds {self.end_listener['fds']} (up {self.end_listener['uptime']} s); main process fds "
                  f"{self.main_fds_end}")
+        self.end_rings = self.rings_settled(a.workers + 1)
         self.event("soak stopping")
         self.stop_workers(15.0)
         self.flushed = self.svc.flush(30.0)
         self.final = self.svc.stop()
+        self.spool_after_stop = bool(self.spool) and os.path.exists(self.spool)
         self.say(f"stopped: {self.final['records']}")
+
+    def rings_settled(self, want: int, timeout: float = 5.0) -> int:
+        """The rings in the spool, once the rings of killed workers are retired (the listener
+        does that once a second): at most ``want`` (the workers and the main process)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rings = self.svc.health()["queue"].get("rings") or 0
+            if rings <= want or time.monotonic() >= deadline:
+                self.max_rings = max(self.max_rings, rings)
+                return rings
+            time.sleep(0.2)
 
 
 # -- verification --------------------------------------------------------------------------------
@@ -426,7 +480,8 @@ HEADER = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\] \[(?:[A-Z]+|Le
                     rb"\[[^\]]*:(\d+)\] \[[^\]]*:\d+\]$")
 SIMPLE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] (.*)$", re.S)
 RESTART = re.compile(rb"^listener restarted after (\S+); (\d+) records lost$")
-SUMMARY = re.compile(rb"^mplog stopped: (\d+) records written, (\d+) dropped, (\d+) lost")
+SUMMARY = re.compile(rb"^mplog stopped(?: \(([^)]*)\))?: (\d+) records written, (\d+) dropped, (\d+) lost")
+APP_GONE = b"the application exited without stopping the log service"
 
 
 class Tally:
@@ -472,8 +527,9 @@ class Tally:
 
 
 class Verification:
-    def __init__(self, pids: Dict[Tuple[int, int], Optional[int]]) -> None:
+    def __init__(self, pids: Dict[Tuple[int, int], Optional[int]], worker_logger: str = WORKER_LOGGER) -> None:
         self.pids = pids
+        self.worker_logger = worker_logger.encode()
         self.full = Tally()
         self.simple = Tally()
         self.files: List[Tuple[str, int]] = []
@@ -489,6 +545,8 @@ class Verification:
         self.restart_lost = 0
         self.restart_reasons: Dict[str, int] = {}
         self.summaries: List[Tuple[int, int, int]] = []
+        self.summary_hows: List[str] = []   # "" for "mplog stopped:", else the parenthesis
+        self.app_gone_notices = 0
         self.other_notices: List[str] = []
         self.simple_lines = 0
         self.simple_garbled = 0
@@ -559,12 +617,16 @@ class Verification:
                 return
             m = SUMMARY.match(text)
             if m:
-                self.summaries.append((int(m.group(1)), int(m.group(2)), int(m.group(3))))
+                self.summaries.append((int(m.group(2)), int(m.group(3)), int(m.group(4))))
+                self.summary_hows.append((m.group(1) or b"").decode())
+                return
+            if text == APP_GONE:
+                self.app_gone_notices += 1
                 return
             self.other_notices.append(f"{os.path.basename(path)}:{lineno}: {text[:200]!r}")
             return
         self.app_records += 1
-        if logger == WORKER_LOGGER.encode():
+        if logger == self.worker_logger:
             m = WORKER_MSG.match(msg)
             if m is None or len(body) != 1:
                 self.bad_records += 1
@@ -621,7 +683,7 @@ class Verification:
                     self.simple_main += 1
                 elif text.startswith(b"WARNING: listener restarted after "):
                     self.simple_restart_notices += 1
-                elif text.startswith(b"mplog stopped: "):
+                elif text.startswith((b"mplog stopped: ", b"mplog stopped (")) or text == b"WARNING: " + APP_GONE:
                     pass
                 else:
                     self.simple_garbled += 1
