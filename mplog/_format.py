@@ -9,12 +9,11 @@ header or rewrite a terminal.
 from __future__ import annotations
 
 import logging
-import marshal
 import re
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-from ._record import TEXT_VERSION, Record
+from ._record import Record, encode_formatted
 
 __all__ = ["clean", "clean_inline", "colour", "Timestamps", "SimplifiedFormatter", "FullFormatter", "SEPARATOR"]
 
@@ -171,7 +170,7 @@ class Preformatter:
         warning = None
         if logging.WARNING <= levelno < logging.ERROR and rec.name != "mplog":
             warning = rec.msg.split("\n", 1)[0][:200]
-        return marshal.dumps((TEXT_VERSION, levelno, user, full, simple, warning))
+        return encode_formatted(levelno, user, full, simple, warning)
 
 
 class _Fields(dict):  # type: ignore[type-arg]

@@ -17,11 +17,16 @@ import reprlib
 import traceback
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
-__all__ = ["USER_MESSAGE_KEY", "TEXT_VERSION", "Formatted", "Record", "deserialize", "exception_summary",
+__all__ = ["USER_MESSAGE_KEY", "TAG_FIELDS", "TAG_TEXT", "TEXT_VERSION", "encode_formatted", "Formatted", "Record", "deserialize", "exception_summary",
            "flatten", "make_record", "safe_text", "sanitize", "serialize"]
 
 USER_MESSAGE_KEY = "is_user_message"
-_VERSION = 1
+
+# The wire format of a record payload: a marshal'd tuple whose first item is its tag. Both kinds
+# are encoded and decoded here, and nowhere else.
+TAG_FIELDS = 1  # a Record: the fields, formatted by the listener (custom formats, syslog)
+TAG_TEXT = 2  # a Formatted: both texts, formatted by the process that logged it
+_VERSION = TAG_FIELDS
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` (or a filter).
 _STANDARD = frozenset(logging.LogRecord("n", 0, "p", 0, "m", None, None).__dict__) | {
@@ -178,7 +183,7 @@ def make_record(created: float, levelno: int, name: str, msg: str, **fields: Any
 _make = Record._make
 
 
-TEXT_VERSION = 2
+TEXT_VERSION = TAG_TEXT  # the name the rest of mplog used before the tags were explicit
 
 
 class Formatted(NamedTuple):
@@ -197,15 +202,20 @@ class Formatted(NamedTuple):
 _make_formatted = Formatted._make
 
 
+def encode_formatted(levelno: int, user: bool, full: str, simple: Optional[str], warning: Optional[str]) -> bytes:
+    """The payload of a record formatted by the process that logged it."""
+    return marshal.dumps((TAG_TEXT, levelno, user, full, simple, warning))
+
+
 def deserialize(payload: bytes) -> Any:
     """Rebuild a Record (or a Formatted); raises ValueError for a payload that is neither."""
     try:
         fields = marshal.loads(payload)
     except (EOFError, ValueError, TypeError) as exc:
         raise ValueError(f"undecodable record: {exc}") from None
-    if type(fields) is tuple and len(fields) == 6 and fields[0] == TEXT_VERSION:
+    if type(fields) is tuple and len(fields) == 6 and fields[0] == TAG_TEXT:
         return _make_formatted(fields)
-    if type(fields) is not tuple or len(fields) != 17 or fields[0] != _VERSION:
+    if type(fields) is not tuple or len(fields) != 17 or fields[0] != TAG_FIELDS:
         raise ValueError("record of an unknown shape")
     # Field types are not checked here: the listener formats each record inside its own
     # try/except, so a record with a field of the wrong type becomes a counted placeholder.
