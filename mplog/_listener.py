@@ -489,6 +489,33 @@ class Listener:
             self.intake.close()
             remove_spool(self.cfg.runtime_dir)
 
+    def final_counts(self) -> Tuple[int, int, int]:
+        """(sent, dropped, diverted), with ``sent`` built from counts that each have one writer.
+
+        Writers may still be diverting while this runs, and a process adds to its ``sent``
+        before its ``diverted``: summing whole columns one after the other could see one and not
+        the other. So each slot's sent is what it published (the last sequence number of its
+        ring, from the producer's header or from what this listener committed) plus its dropped
+        and diverted, read once. This also settles a writer killed between publishing and
+        counting (in doubt).
+        """
+        from ._counters import S_DIVERTED, S_DROPPED, S_SEEN
+        from ._spool import W_PUBLISHED
+        c = self.counters
+        rings = self.intake.rings
+        sent = dropped = diverted = 0
+        for index in range(c.slots_used):
+            slot = c.slot(index)
+            d, v = slot.get(S_DROPPED), slot.get(S_DIVERTED)
+            published = slot.get(S_SEEN)
+            ring = rings.get(index)
+            if ring is not None:
+                published = max(published, ring.words[W_PUBLISHED], ring.done)
+            sent += published + d + v
+            dropped += d
+            diverted += v
+        return sent, dropped, diverted
+
     def finish(self, how: str, deadline: float) -> None:
         c = self.counters
         self.drain(deadline)
@@ -499,12 +526,10 @@ class Listener:
         while time.monotonic() < grace:
             time.sleep(0.005)  # a short bounded wait for in-flight writers, then a last look
         self.drain(max(deadline, time.monotonic() + 0.5))
-        totals = c.slot_totals(settle=True)
+        sent, dropped, diverted = self.final_counts()
         written = c.get("written")
-        dropped = totals["dropped"]
-        diverted = totals["diverted"] + c.get("stderr_records")
-        settled = settle_accounts(totals["sent"], written, dropped, diverted,
-                                  c.get("torn") + c.get("lost_listener"), totals["in_doubt"])
+        diverted += c.get("stderr_records")
+        settled = settle_accounts(sent, written, dropped, diverted, c.get("torn") + c.get("lost_listener"), 0)
         lost = settled["lost"]
         for key, value in (("final_written", written), ("final_sent", settled["sent"]),
                            ("final_dropped", dropped), ("final_diverted", diverted), ("final_lost", lost)):
