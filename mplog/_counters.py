@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import threading
 from typing import Dict
 
 __all__ = ["Counters", "FIELDS", "SLOT_FIELDS", "STATE_NAMES", "Slot", "settle_accounts"]
@@ -164,15 +165,20 @@ class Counters:
 
 
 class Slot:
-    """One process's counters: it alone writes them (its threads under its own lock), except
-    ``seen``, which the listener sets to the last record of the process's ring it committed."""
+    """One process's counters: it alone writes them (its threads under ``lock``), except
+    ``seen``, which the listener sets to the last record of the process's ring it committed.
 
-    __slots__ = ("words", "index", "base")
+    ``lock`` is re-entrant, and belongs to the slot because a slot belongs to one process: a
+    forked child claims a slot of its own, and with it a lock no thread of its parent can hold.
+    """
+
+    __slots__ = ("words", "index", "base", "lock")
 
     def __init__(self, words: memoryview, index: int) -> None:
         self.words = words
         self.index = index
         self.base = HEADER_WORDS + SLOT_WORDS * index
+        self.lock = threading.RLock()
 
     def get(self, offset: int) -> int:
         return self.words[self.base + offset]

@@ -18,7 +18,6 @@ import logging
 import logging.handlers
 import os
 import sys
-import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -60,9 +59,8 @@ class Channel:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        # Re-entrant: a signal handler that logs while this thread is inside put_payload must not
-        # deadlock; it finds ``_busy`` set and defers its record to the outer call.
-        self._lock = threading.RLock()
+        # The slot's lock is re-entrant: a signal handler that logs while this thread is inside
+        # put_payload must not deadlock; it finds ``_busy`` set and defers its record.
         self._busy = False
         self._deferred: List[Tuple[bytes, int]] = []
         self._pid = -1
@@ -99,7 +97,9 @@ class Channel:
         return self._counters
 
     def after_fork(self) -> None:
-        self._lock = threading.RLock()  # a thread of the parent may have held it at fork()
+        # A thread of the parent may have held the slot's lock at fork(): the child claims a
+        # slot (and a lock) of its own on first use.
+        self._slot = None
         self._busy = False
         self._deferred = []
         self._pid = -1
@@ -151,7 +151,9 @@ class Channel:
             except OSError:
                 self._to_stderr(payload, "[UNDELIVERED] ")
                 return
-        with self._lock:
+        slot = self._slot
+        assert slot is not None
+        with slot.lock:
             if self._busy:  # a signal handler, inside this thread's own put: publish it after
                 self._deferred.append((payload, failures))
                 return
@@ -258,7 +260,7 @@ class Channel:
             self._attach()
             slot = self._slot
             assert slot is not None
-            with self._lock:
+            with slot.lock:
                 slot.count(S_SENT, S_DROPPED, S_ERRORS)
             self._note_drop(f"internal error {type(exc).__name__}: {exc}")
         except Exception:

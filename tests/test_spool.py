@@ -681,3 +681,32 @@ def test_spools_clean_command(tmp_path, child, service, monkeypatch):
     _identity(final)
     assert final["written"] == 1
     assert sorted(os.listdir(root)) == []
+
+
+def test_a_signal_handler_that_logs_inside_a_logging_call_neither_deadlocks_nor_loses(service):
+    """SIGALRM every millisecond, its handler logging, while the main thread logs in a loop: a
+    handler that interrupts the main thread inside its own logging call defers its record
+    instead of deadlocking on the process's lock; every record of both arrives once."""
+    import signal as _signal
+    svc = service()
+    log = logging.getLogger("sig")
+    fired = []
+
+    def handler(_num, _frame):
+        fired.append(len(fired))
+        log.info("from handler %d", fired[-1])
+
+    previous = _signal.signal(_signal.SIGALRM, handler)
+    _signal.setitimer(_signal.ITIMER_REAL, 0.001, 0.001)
+    try:
+        for i in range(20_000):
+            log.info("main %d", i)
+    finally:
+        _signal.setitimer(_signal.ITIMER_REAL, 0, 0)
+        _signal.signal(_signal.SIGALRM, previous)
+    assert svc.flush(30)
+    msgs = [b["message"] for b in app_blocks(svc.full_path)]
+    assert [m for m in msgs if m.startswith("main ")] == [f"main {i}" for i in range(20_000)]
+    assert sorted(m for m in msgs if m.startswith("from handler ")) == sorted(
+        f"from handler {k}" for k in range(len(fired)))
+    assert len(fired) > 10
