@@ -1,7 +1,7 @@
 """mplog: multiprocess logging that is safe, fast and honest.
 
-Every process writes records into one kernel FIFO; a single listener process owns the two log
-files; a supervisor in the main process restarts the listener if it dies and reports health.
+Every process publishes records into its own ring in the service's spool; a single listener
+process owns the two log files; a supervisor in the main process restarts the listener if it dies and reports health.
 See the README for the design and every option.
 """
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import WorkerConfig
 from ._console import progress
-from ._worker import MPQueueHandler, context, current_config, pool_kwargs, worker_init
+from ._worker import MPQueueHandler, ServiceQueue, SpoolHandler, context, current_config, pool_kwargs, worker_init
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._service import LogService, ServiceHandler
@@ -20,6 +20,8 @@ __all__ = [
     "LogService",
     "MPQueueHandler",
     "ServiceHandler",
+    "ServiceQueue",
+    "SpoolHandler",
     "WorkerConfig",
     "__version__",
     "context",

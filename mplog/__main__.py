@@ -30,8 +30,13 @@ def health_command(directory: str, name: str, max_age: float) -> int:
     # A pid is a process only with its create_time: a stale file from a crashed run, whose pid
     # now belongs to someone else, must read as down.
     if report.get("status") != "down" and not same_process(service.get("pid"), service.get("create_time")):
+        # The whole report is stale: nothing in it runs any more.
         report["status"] = "down"
+        report["state"] = "gone"
         report["reason"] = "the process that wrote this health file is gone"
+        listener = report.get("listener")
+        if isinstance(listener, dict):
+            listener["alive"] = same_process(listener.get("pid"), listener.get("create_time"))
     else:
         age = time.time() - float(service.get("updated") or 0)
         if report.get("status") == "healthy" and age > max_age:

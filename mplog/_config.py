@@ -69,6 +69,13 @@ class WorkerConfig:
     # for queue_size, _spool.ring_capacity).
     queue_size: int = 10000
     ring_bytes: int = 0
+    # Levels of named loggers in the main process when this config was made (pool_kwargs()).
+    levels: Tuple[Tuple[str, int], ...] = ()
+    flush_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.levels, tuple):  # from JSON: lists of lists
+            object.__setattr__(self, "levels", tuple((str(n), int(v)) for n, v in self.levels))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -107,6 +114,7 @@ class ListenerConfig:
     syslog: Optional[Tuple[str, int]] = None
     syslog_level: int = logging.DEBUG
     recover: Tuple[str, ...] = ()  # spools of earlier runs of this file set, to write first
+    follow_symlinks: bool = False  # only in a directory no one else can write (see _service)
     # per start
     reply_fd: int = -1
     lifeline_fd: int = -1
@@ -157,6 +165,7 @@ class ServiceConfig:
     compress: bool = False
     syslog: Optional[Tuple[str, int]] = None
     syslog_level: int = logging.DEBUG
+    exit_timeout: float = 60.0
 
     @property
     def simplified_path(self) -> Path:
@@ -178,9 +187,12 @@ class ServiceConfig:
         if unknown:
             raise ValueError(f"unknown option(s): {', '.join(unknown)}")
         try:
-            path = Path(os.fspath(directory))
+            text = os.fspath(directory)
         except TypeError:
             raise ValueError(f"directory: expected a path, got {directory!r}") from None
+        if not text or (isinstance(text, str) and not text.strip()) or "\0" in str(text):
+            raise ValueError(f"directory: expected a path, got {directory!r} (use '.' for the current directory)")
+        path = Path(text)
         if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\0" in name:
             raise ValueError(f"name: expected a plain file name stem, got {name!r}")
 
@@ -197,7 +209,7 @@ class ServiceConfig:
         if "degraded_restarts" in options:
             values["degraded_restarts"] = _positive("degraded_restarts", options["degraded_restarts"], integer=True)
         for key in ("flush_interval", "shutdown_timeout", "restart_backoff_initial", "restart_backoff_max",
-                    "degraded_window", "health_interval"):
+                    "degraded_window", "health_interval", "exit_timeout"):
             if key in options:
                 values[key] = float(_positive(key, options[key]))
         if "overflow_timeout" in options:
@@ -254,6 +266,10 @@ class ServiceConfig:
             values["syslog"] = (target[0], target[1])
         if "syslog_level" in options:
             values["syslog_level"] = parse_level("syslog_level", options["syslog_level"])
+        initial = values.get("restart_backoff_initial", cls.restart_backoff_initial)
+        maximum = values.get("restart_backoff_max", cls.restart_backoff_max)
+        if initial > maximum:
+            raise ValueError(f"restart_backoff_initial ({initial!r}) must not exceed restart_backoff_max ({maximum!r})")
         if "capture_warnings" in options:
             if not isinstance(options["capture_warnings"], bool):
                 raise ValueError(f"capture_warnings: expected True or False, got {options['capture_warnings']!r}")

@@ -80,11 +80,17 @@ def rotated_files(path: str) -> List[str]:
     return [seen[k] for k in sorted(seen)]
 
 
+def _stamp_and_number(path: str, copy: str) -> "tuple[str, int]":
+    m = re.match(re.escape(os.path.basename(path)) + r"\.(\d{8}-\d{6})(?:-(\d+))?(?:\.gz)?$", os.path.basename(copy))
+    return (m.group(1), int(m.group(2) or 0)) if m else ("", -1)
+
+
 class LogFile:
     """One log file: an append-only fd, its tracked size, and the identity of what it opened."""
 
-    def __init__(self, path: str, mode: Optional[int] = None) -> None:
+    def __init__(self, path: str, mode: Optional[int] = None, follow: bool = False) -> None:
         self.path = path
+        self.flags = _OPEN_FLAGS & ~getattr(os, "O_NOFOLLOW", 0) if follow else _OPEN_FLAGS
         self.mode = 0o666 if mode is None else mode  # 0o666 & ~umask, like open()
         self.fd = -1
         self.size = 0
@@ -92,8 +98,9 @@ class LogFile:
         self.opened_at = time.time()
 
     def open(self) -> None:
-        """Open for append (creating it). O_NOFOLLOW: a symlink planted at the path is refused."""
-        fd = os.open(self.path, _OPEN_FLAGS, self.mode)
+        """Open for append (creating it). O_NOFOLLOW unless the directory is private: a symlink
+        planted at the path is refused."""
+        fd = os.open(self.path, self.flags, self.mode)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -139,7 +146,7 @@ class LogFile:
     def moved(self) -> bool:
         """True if the path no longer names the file we hold (deleted, renamed, replaced)."""
         try:
-            st = os.stat(self.path, follow_symlinks=False)
+            st = os.stat(self.path, follow_symlinks=self.flags == _OPEN_FLAGS & ~getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
             return True
         except OSError:
@@ -159,8 +166,12 @@ class LogFile:
     def rotate(self, backup_count: int, compressor: Optional[Compressor]) -> None:
         """Rename the file away, open a fresh one, delete copies beyond ``backup_count``."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        target = f"{self.path}.{stamp}"
-        n = 0
+        # Several rotations in one second: number them after the highest of that second still
+        # there. Reusing a number freed by pruning would make the newest copy sort as the
+        # oldest, and the next pruning delete it (a burst kept the wrong copies).
+        taken = [n for s, n in (_stamp_and_number(self.path, p) for p in rotated_files(self.path)) if s == stamp]
+        n = max(taken) + 1 if taken else 0
+        target = f"{self.path}.{stamp}" if n == 0 else f"{self.path}.{stamp}-{n}"
         while os.path.exists(target) or os.path.exists(target + ".gz"):
             n += 1
             target = f"{self.path}.{stamp}-{n}"
@@ -190,9 +201,9 @@ class FileSet:
 
     def __init__(self, simplified_path: str, full_path: str, mode: Optional[int] = None,
                  rotate_bytes: Optional[int] = None, rotate_interval: Optional[float] = None,
-                 backup_count: int = 5, compress: bool = False) -> None:
-        self.simple = LogFile(simplified_path, mode)
-        self.full = LogFile(full_path, mode)
+                 backup_count: int = 5, compress: bool = False, follow: bool = False) -> None:
+        self.simple = LogFile(simplified_path, mode, follow)
+        self.full = LogFile(full_path, mode, follow)
         self.rotate_bytes = rotate_bytes
         self.rotate_interval = rotate_interval
         self.backup_count = backup_count

@@ -13,7 +13,7 @@ import re
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-from ._record import Record, encode_formatted
+from ._record import Record, encode_formatted, text_of
 
 __all__ = ["clean", "clean_inline", "colour", "Timestamps", "SimplifiedFormatter", "FullFormatter", "SEPARATOR"]
 
@@ -105,7 +105,7 @@ class FullFormatter:
         if rec.extras:
             parts.append("  Context:\n")
             for key, value in rec.extras.items():
-                parts.append(f"    {clean_inline(key)}: {clean(value, '      ')}\n")
+                parts.append(f"    {clean_inline(key)}: {clean(text_of(value), '      ')}\n")
         if rec.exc_text:
             parts.append("  " + clean(rec.exc_text, "  ") + "\n")
         if rec.stack_info:
@@ -206,10 +206,12 @@ class StdlibFormatter:
             "lineno": rec.lineno, "funcName": rec.funcName, "created": rec.created,
             "msecs": (rec.created % 1) * 1000, "process": rec.process, "processName": rec.processName,
             "threadName": rec.threadName, "exc_text": rec.exc_text, "stack_info": rec.stack_info,
+            # The logging process's, not the listener's.
+            "thread": rec.thread, "relativeCreated": rec.relativeCreated,
         }
         if rec.extras:
             for key, value in rec.extras.items():
-                attrs.setdefault(key, value)
+                attrs.setdefault(key, text_of(value))
         record = logging.makeLogRecord(attrs)
         text = self.formatter.format(record)
         return clean(text, self.indent) + "\n"

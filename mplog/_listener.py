@@ -161,7 +161,10 @@ class Listener:
         self.flush_count = cfg.flush_count
         self.console_fd = cfg.console_fd
         self.files = FileSet(cfg.simplified_path, cfg.full_path, cfg.file_mode, cfg.rotate_bytes,
-                             cfg.rotate_interval, cfg.backup_count, cfg.compress)
+                             cfg.rotate_interval, cfg.backup_count, cfg.compress, cfg.follow_symlinks)
+        # Housekeeping (logrotate, rotation by age) runs once a second, or as often as a shorter
+        # rotate_interval needs.
+        self.housekeeping_every = min(1.0, cfg.rotate_interval / 2) if cfg.rotate_interval else 1.0
         self.forwarder: Any = None
         if cfg.syslog:
             from ._syslog import SyslogForwarder
@@ -172,6 +175,9 @@ class Listener:
             self._syslog_base = {k: self.counters.get("syslog_" + k)
                                  for k in ("forwarded", "dropped", "lost", "reconnects", "resets")}
         self.batch = Batch(cfg, self.counters, self.forwarder)
+        # Cumulative over listener restarts: this listener's FileSet counts from 0.
+        self._rotations_base = self.counters.get("rotations")
+        self._reopens_base = self.counters.get("reopens")
         self.intake = SpoolReader(cfg.runtime_dir, self.counters)
         self.journal = Journal(self.counters)
         self.control = FrameParser()
@@ -207,8 +213,8 @@ class Listener:
         for error in self.files.housekeeping(self.reopen_requested):
             self._error(error)
         self.reopen_requested = False
-        c.set("rotations", self.files.rotations)
-        c.set("reopens", self.files.reopens)
+        c.set("rotations", self._rotations_base + self.files.rotations)
+        c.set("reopens", self._reopens_base + self.files.reopens)
         self.intake.refresh()
         self.intake.retire()
         self.publish_syslog()
@@ -260,7 +266,7 @@ class Listener:
         try:
             for error in self.files.write(simp, full):
                 self._error(error)
-            c.set("rotations", self.files.rotations)
+            c.set("rotations", self._rotations_base + self.files.rotations)
         except OSError as exc:
             written = False
             self._write_failed(exc, full, n)
@@ -434,7 +440,7 @@ class Listener:
                 if fd == parent_fd:
                     parent_gone = True
             now = time.monotonic()
-            if now - last_housekeeping >= 1.0 or self.reopen_requested:
+            if now - last_housekeeping >= self.housekeeping_every or self.reopen_requested:
                 last_housekeeping = now
                 self.housekeeping()
                 if parent_fd < 0 and os.getppid() != parent:

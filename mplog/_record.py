@@ -18,7 +18,7 @@ import traceback
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 __all__ = ["USER_MESSAGE_KEY", "TAG_FIELDS", "TAG_TEXT", "TEXT_VERSION", "encode_formatted", "Formatted", "Record", "deserialize", "exception_summary",
-           "flatten", "make_record", "safe_text", "sanitize", "serialize"]
+           "flatten", "json_value", "make_record", "safe_text", "text_of", "sanitize", "serialize"]
 
 USER_MESSAGE_KEY = "is_user_message"
 
@@ -33,6 +33,7 @@ _STANDARD = frozenset(logging.LogRecord("n", 0, "p", 0, "m", None, None).__dict_
     "message", "asctime", "taskName",
 }
 _STANDARD_LEN = len(logging.LogRecord("n", 0, "p", 0, "m", None, None).__dict__)
+_PRIVATE = frozenset(("_mplog_sent",))  # mplog's own mark on a record, never an extra
 
 _MAX_EXTRA_TEXT = 64 * 1024  # one extra value's text; larger ones are cut, with a marker
 _short_repr = reprlib.Repr()
@@ -56,6 +57,46 @@ def safe_text(value: Any) -> Tuple[str, int]:
     if len(text) > _MAX_EXTRA_TEXT:
         text = text[:_MAX_EXTRA_TEXT] + f"... [{len(text) - _MAX_EXTRA_TEXT} more characters]"
     return text, 0
+
+
+_JSON_SCALARS = (int, float, bool, type(None))
+
+
+def json_value(value: Any, depth: int = 0) -> Tuple[Any, int]:
+    """``value`` as itself if JSON can hold it (numbers, booleans, None, text, and lists and
+    dicts of those, bounded), else as its text (a repr). Never raises; returns (value, failures).
+    The jsonl format keeps the types; the text formats print non-text values as their repr."""
+    kind = type(value)
+    if kind is str:
+        return safe_text(value)
+    if kind in _JSON_SCALARS:
+        if kind is float and (value != value or value in (float("inf"), float("-inf"))):
+            return repr(value), 0  # JSON has no NaN or infinity
+        return value, 0
+    if kind in (list, tuple, dict) and depth < 20:
+        try:
+            if len(value) <= 1000:
+                failures = 0
+                if kind is dict:
+                    out: Any = {}
+                    for k, v in value.items():
+                        out[k if type(k) is str else safe_text(k)[0]], bad = json_value(v, depth + 1)
+                        failures += bad
+                    return out, failures
+                items = []
+                for v in value:
+                    item, bad = json_value(v, depth + 1)
+                    items.append(item)
+                    failures += bad
+                return items, failures
+        except Exception:  # a container that changes or misbehaves while we read it
+            pass
+    return safe_text(value)
+
+
+def text_of(value: Any) -> str:
+    """An extra's value as the text formats print it: text as is, anything else as its repr."""
+    return value if type(value) is str else repr(value)
 
 
 def _describe(exc: BaseException) -> str:
@@ -93,23 +134,28 @@ def _message(record: logging.LogRecord) -> Tuple[str, int]:
         return f"{template} <formatting failed: {_describe(exc)}; args={shown}>", 1
 
 
-def flatten(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None) -> Tuple[Tuple[Any, ...], int]:
-    """``record`` as a tuple of plain values (a Record's fields). Returns (fields, placeholders)."""
+def flatten(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None,
+            message: Optional[str] = None) -> Tuple[Tuple[Any, ...], int]:
+    """``record`` as a tuple of plain values (a Record's fields). Returns (fields, placeholders).
+    ``message``: the message text as a formatter set on the handler rendered it."""
     failures = 0
-    msg, bad = _message(record)
-    failures += bad
+    if message is None:
+        msg, bad = _message(record)
+        failures += bad
+    else:
+        msg = message
     d = record.__dict__
-    extras: Optional[Dict[str, str]] = None
+    extras: Optional[Dict[str, Any]] = None
     if len(d) != _STANDARD_LEN or context:
         extras = {}
         if context:
             for key, value in context.items():
-                extras[key], bad = safe_text(value)
+                extras[key], bad = json_value(value)
                 failures += bad
         for key in d.keys() - _STANDARD:
-            if key == USER_MESSAGE_KEY:
+            if key == USER_MESSAGE_KEY or key in _PRIVATE:
                 continue
-            extras[str(key)], bad = safe_text(d[key])
+            extras[str(key)], bad = json_value(d[key])
             failures += bad
         if not extras:
             extras = None
@@ -131,6 +177,7 @@ def flatten(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None)
         record.created, record.levelno, record.levelname, record.name, msg,
         record.pathname, record.lineno, record.funcName, record.processName, record.process,
         record.threadName, exc_text, exc_summary, stack, extras, bool(d.get(USER_MESSAGE_KEY)),
+        record.thread or 0, record.relativeCreated,
     )
     return fields, failures
 
@@ -140,12 +187,13 @@ def sanitize(fields: Tuple[Any, ...]) -> Tuple[Any, ...]:
     fixed = tuple(f if f is None or type(f) in (int, float, bool, dict) else safe_text(f)[0] for f in fields)
     extras = fields[15]
     return fixed[:15] + (None if not isinstance(extras, dict) else
-                         {str(k): safe_text(v)[0] for k, v in extras.items()},) + fixed[16:]
+                         {str(k): json_value(v)[0] for k, v in extras.items()},) + fixed[16:]
 
 
-def serialize(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None) -> Tuple[bytes, int]:
+def serialize(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None,
+              message: Optional[str] = None) -> Tuple[bytes, int]:
     """Flatten ``record`` into bytes for the transport. Returns (payload, placeholders used)."""
-    fields, failures = flatten(record, context)
+    fields, failures = flatten(record, context, message)
     try:
         return marshal.dumps(fields), failures
     except ValueError:
@@ -171,8 +219,13 @@ class Record(NamedTuple):
     exc_text: Optional[str] = None
     exc_summary: Optional[str] = None
     stack_info: Optional[str] = None
-    extras: Optional[Dict[str, str]] = None
+    extras: Optional[Dict[str, Any]] = None
     user: bool = False
+    thread: int = 0
+    relativeCreated: float = 0.0
+
+
+_FIELDS_LEN = len(Record._fields)
 
 
 def make_record(created: float, levelno: int, name: str, msg: str, **fields: Any) -> Record:
@@ -215,7 +268,7 @@ def deserialize(payload: bytes) -> Any:
         raise ValueError(f"undecodable record: {exc}") from None
     if type(fields) is tuple and len(fields) == 6 and fields[0] == TAG_TEXT:
         return _make_formatted(fields)
-    if type(fields) is not tuple or len(fields) != 17 or fields[0] != TAG_FIELDS:
+    if type(fields) is not tuple or len(fields) != _FIELDS_LEN or fields[0] != TAG_FIELDS:
         raise ValueError("record of an unknown shape")
     # Field types are not checked here: the listener formats each record inside its own
     # try/except, so a record with a field of the wrong type becomes a counted placeholder.

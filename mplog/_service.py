@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -33,9 +34,21 @@ from ._spool import (SPOOL_MAX_AGE_S, clean_spools, list_spools, remove_spool, r
                      spool_root, unwritten_records, write_owner)
 from ._supervisor import Supervisor, write_health_file
 from ._transport import K_FLUSH, K_REOPEN, K_STOP, FifoWriter
-from ._worker import MPQueueHandler, _service_read_fds, uninstall, worker_init
+from ._worker import ServiceQueue, SpoolHandler, _service_read_fds, uninstall, with_levels, worker_init
 
 __all__ = ["LogService", "ServiceHandler"]
+
+
+def private_directory(directory: Path) -> bool:
+    """True if only its owner (this user, or root) can create or rename files in it: then a
+    symbolic link at a log path was put there by this user, and is followed like a FileHandler
+    would. In a directory others can write (group or world, like /tmp), a link may be planted
+    to make the listener write somewhere else, so links are refused there."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return False
+    return st.st_uid in (os.getuid(), 0) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def _check_directory(directory: Path, files: Any) -> None:
@@ -55,20 +68,127 @@ def _check_directory(directory: Path, files: Any) -> None:
         except FileNotFoundError:
             continue
         if stat.S_ISLNK(st.st_mode):
-            # The listener opens with O_NOFOLLOW: a link planted at the log path is never followed.
-            raise OSError(errno.ELOOP, "the log file is a symbolic link; refusing to follow it", str(path))
+            if not private_directory(directory):
+                raise OSError(errno.ELOOP, "the log file is a symbolic link in a directory that others can write; "
+                                           "refusing to follow it (it could have been planted)", str(path))
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # a dangling link: the listener creates its target, as open() would
         if not stat.S_ISREG(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "the log file exists and is not a regular file", str(path))
         if not os.access(path, os.W_OK):
             raise PermissionError(errno.EACCES, "the log file is not writable", str(path))
 
 
+_running: Dict[str, "LogService"] = {}  # file set -> the service this process runs for it
+
+
+def _file_set_key(cfg: ServiceConfig) -> str:
+    return spool_prefix(str(cfg.directory), cfg.name)
+
+
+def _lock_file_set(root: str, prefix: str, cfg: ServiceConfig) -> int:
+    """Take the file set's lock (``lockf``: the kernel drops it when its process dies, and a
+    forked child does not inherit it), or raise OSError naming the files and the holder."""
+    path = os.path.join(root, prefix + "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").split()[0]
+        except (OSError, IndexError):
+            holder = "?"
+        os.close(fd)
+        raise OSError(errno.EBUSY, f"another mplog service (pid {holder}) is writing these log files; "
+                                   "stop it, choose another name, or use mplog.ServiceHandler to join it",
+                      str(cfg.simplified_path)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _join_children(deadline: float) -> None:
+    import multiprocessing
+    for child in multiprocessing.active_children():
+        if not child.daemon:
+            child.join(max(0.0, deadline - time.monotonic()))
+
+
 class LogService:
     """One listener process writing ``<directory>/<name>.log`` and ``<name>.debug.log`` for every
     process of the application. See the README for every option."""
 
-    def __init__(self, directory: Union[str, "os.PathLike[str]"], name: str = "run", **options: Any) -> None:
-        self.config = ServiceConfig.build(directory, name, **options)
+    def __init__(
+        self,
+        directory: Union[str, "os.PathLike[str]"],
+        name: str = "run",
+        *,
+        level: Union[int, str] = logging.DEBUG,
+        simplified_level: Union[int, str] = logging.INFO,
+        queue_size: int = 10000,
+        overflow: str = "block",
+        overflow_timeout: float = 0.01,
+        flush_interval: float = 1.0,
+        flush_count: int = 100,
+        shutdown_timeout: float = 5.0,
+        exit_timeout: float = 60.0,
+        capture_warnings: bool = True,
+        console: Optional[Union[int, str]] = None,
+        restart_backoff_initial: float = 0.1,
+        restart_backoff_max: float = 5.0,
+        degraded_restarts: int = 5,
+        degraded_window: float = 60.0,
+        health_interval: float = 1.0,
+        simplified_format: Optional[str] = None,
+        full_format: Optional[str] = None,
+        datefmt: Optional[str] = None,
+        file_mode: Optional[int] = None,
+        rotate_bytes: Optional[int] = None,
+        rotate_interval: Optional[Union[float, str]] = None,
+        backup_count: int = 5,
+        compress: bool = False,
+        syslog: Optional[Union[str, Tuple[str, int]]] = None,
+        syslog_level: Union[int, str] = logging.DEBUG,
+    ) -> None:
+        """Configure a service; nothing starts until ``start()`` (or ``with``).
+
+        :param directory: where the logs go; created if missing (``OSError`` naming it at start).
+        :param name: the files' stem: ``<name>.log``, ``<name>.debug.log``, ``<name>.health.json``.
+        :param level: the full log's threshold; records below it are not captured at all.
+        :param simplified_level: the simplified log's threshold (user messages go there too).
+        :param queue_size: records each process's ring in the spool holds.
+        :param overflow: a full ring: ``"block"``, ``"drop"``, ``"timeout"`` or ``"stderr"``.
+        :param overflow_timeout: seconds ``"timeout"`` waits, once per overflow episode.
+        :param flush_interval: the longest a record waits in the listener before it is written.
+        :param flush_count: records per batch written.
+        :param shutdown_timeout: ``stop()`` returns within this (+0.5 s), whatever the listener does.
+        :param exit_timeout: at exit, how long to wait for non-daemon children before stopping.
+        :param capture_warnings: route ``warnings`` into logging, in every process.
+        :param console: a level: also echo simplified lines at or above it to stderr.
+        :param restart_backoff_initial: the first delay before restarting a crash-looping listener.
+        :param restart_backoff_max: the longest such delay.
+        :param degraded_restarts: crash-loop restarts within ``degraded_window`` that mean degraded.
+        :param degraded_window: seconds.
+        :param health_interval: how often ``<name>.health.json`` is refreshed.
+        :param simplified_format: a ``%``-style format string for the simplified log.
+        :param full_format: a ``%``-style format string for the full log, or ``"jsonl"``.
+        :param datefmt: ``datefmt`` for those format strings.
+        :param file_mode: permission bits for new log files (default: the umask applies).
+        :param rotate_bytes: rotate a file when it reaches this size.
+        :param rotate_interval: rotate a file this many seconds after it was opened.
+        :param backup_count: rotated copies kept per file.
+        :param compress: gzip rotated copies.
+        :param syslog: ``"host:port"`` or ``(host, port)``: also forward records over TCP.
+        :param syslog_level: the lowest level forwarded to syslog.
+
+        A bad value raises ``ValueError`` naming the option (and both options of a bad pair).
+        """
+        given = dict(locals())
+        for key in ("self", "directory", "name", "given"):
+            given.pop(key, None)
+        self.config = ServiceConfig.build(directory, name, **given)
         self._lock = threading.RLock()
         self._started = False
         self._stopped = False
@@ -76,7 +196,8 @@ class LogService:
         self._counters: Optional[Counters] = None
         self._supervisor: Optional[Supervisor] = None
         self._health: Optional[Health] = None
-        self._handler: Optional[MPQueueHandler] = None
+        self._handler: Optional[SpoolHandler] = None
+        self._lock_fd = -1
         self._writer: Optional[FifoWriter] = None
         self._read_fd = -1
         self._ring_bytes = ring_capacity(self.config.queue_size)
@@ -103,20 +224,24 @@ class LogService:
 
     @property
     def worker_config(self) -> WorkerConfig:
+        """What a process needs to log here (``mplog.worker_init(config)``). It carries the
+        levels of the named loggers of this process as they are when you read it."""
         if self._worker_config is None:
             raise RuntimeError("the service is not started: call start() or use it as a context manager")
-        return self._worker_config
+        return with_levels(self._worker_config)
 
     def pool_kwargs(self) -> Dict[str, Any]:
-        """``initializer``/``initargs`` for ProcessPoolExecutor and multiprocessing.Pool."""
+        """``initializer``/``initargs`` for ProcessPoolExecutor and multiprocessing.Pool. The
+        workers get the logger levels this process has when you call it."""
         return {"initializer": worker_init, "initargs": (self.worker_config,)}
 
     @property
-    def queue(self) -> Any:
-        """A queue-like object for the standard library's ``QueueHandler(svc.queue)``."""
-        if self._handler is None:
+    def queue(self) -> ServiceQueue:
+        """A queue for code that wants one: ``QueueHandler(svc.queue)``, dictConfig's
+        ``"queue"``. It pickles into children under every start method."""
+        if self._worker_config is None:
             raise RuntimeError("the service is not started")
-        return self._handler.queue
+        return ServiceQueue(self._worker_config)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "LogService":
@@ -136,17 +261,24 @@ class LogService:
             _check_directory(cfg.directory, (cfg.simplified_path, cfg.full_path))
             prefix = spool_prefix(str(cfg.directory), cfg.name)
             root = spool_root()
+            self._lock_fd = _lock_file_set(root, prefix, cfg)  # one writer per file set
             clean_spools(SPOOL_MAX_AGE_S, root)  # abandoned spools of any run of this user
             # Spools of earlier runs of this file set that died with records unwritten.
             leftovers = tuple(s.path for s in list_spools(root, prefix) if not s.alive and s.unwritten)
-            self._runtime = tempfile.mkdtemp(prefix=prefix, dir=root)
+            # Made under a name no other service looks at, then renamed once it has its owner
+            # file: a concurrent start's cleaning must never take it for an orphan.
+            staging = tempfile.mkdtemp(prefix="." + prefix, dir=root)
+            write_owner(staging, str(cfg.directory), cfg.name)
+            self._runtime = os.path.join(root, os.path.basename(staging)[1:])
+            os.rename(staging, self._runtime)
             try:
-                write_owner(self._runtime, str(cfg.directory), cfg.name)
                 self._start_in(self._runtime, leftovers)
             except BaseException:
                 self._cleanup()
+                self._unlock()
                 raise
             self._started = True
+            _running[_file_set_key(cfg)] = self
             atexit.register(self._at_exit)
             return self
 
@@ -178,7 +310,7 @@ class LogService:
             simplified_format=cfg.simplified_format, full_format=cfg.full_format, datefmt=cfg.datefmt,
             file_mode=cfg.file_mode, rotate_bytes=cfg.rotate_bytes, rotate_interval=cfg.rotate_interval,
             backup_count=cfg.backup_count, compress=cfg.compress, syslog=cfg.syslog, syslog_level=cfg.syslog_level,
-            recover=leftovers)
+            recover=leftovers, follow_symlinks=private_directory(cfg.directory))
         try:
             import psutil
             self._ps_main = psutil.Process()
@@ -188,13 +320,26 @@ class LogService:
         self._supervisor = Supervisor(cfg, self._counters, listener, self._health)
         self._supervisor.start()
         self._writer = FifoWriter(fifo)
-        # The main process logs through the service too, at ``level``; stop() restores the root.
+        # A ServiceHandler in another process of the application (dictConfig at module level
+        # under spawn) joins this service through this file.
+        with open(os.path.join(runtime, "worker.json"), "w") as f:
+            f.write(self._worker_config.to_json())
+        # The main process logs through the service too, at ``level``. The user's own root
+        # handlers keep printing what they printed: one that had no level of its own relied on
+        # the root's, and gets it as its own until stop() gives everything back.
         root = logging.getLogger()
-        self._saved_root = (list(root.handlers), root.level, cfg.capture_warnings)
-        self._handler = MPQueueHandler(self._worker_config)
-        self._handler.queue._attach()
+        pinned = []
+        for h in root.handlers:
+            if h.level == logging.NOTSET and root.level > cfg.level:
+                h.setLevel(root.level)
+                pinned.append(h)
+        already_captured = getattr(logging, "_warnings_showwarning", None) is not None
+        self._saved_root = (pinned, root.level, cfg.capture_warnings and not already_captured)
+        self._handler = SpoolHandler(self._worker_config)
+        self._handler.flush_hook = self._flush_for_handler
+        self._handler.channel._attach()
         root.addHandler(self._handler)
-        root.setLevel(cfg.level)
+        root.setLevel(min(cfg.level, root.level) if root.level else cfg.level)
         if cfg.capture_warnings:
             logging.captureWarnings(True)
         self._supervisor.write_health_file()
@@ -291,6 +436,8 @@ class LogService:
             except OSError:
                 pass
             self._cleanup()
+            self._unlock()
+            _running.pop(_file_set_key(self.config), None)
             return self._final
 
     def _restore_root(self) -> None:
@@ -299,15 +446,29 @@ class LogService:
             uninstall(self._handler)
             root.removeHandler(self._handler)
         if self._saved_root is not None:
-            handlers, level, captured = self._saved_root
+            pinned, level, captured = self._saved_root
             root.setLevel(level)
-            if captured:
+            for h in pinned:
+                h.setLevel(logging.NOTSET)
+            if captured:  # only if we turned it on: the user's own captureWarnings(True) stays
                 logging.captureWarnings(False)
             self._saved_root = None
 
+    def _flush_for_handler(self, timeout: float) -> None:
+        if self._started and not self._stopped:
+            self.flush(timeout)
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            try:
+                os.close(self._lock_fd)  # releases the lockf lock
+            except OSError:
+                pass
+            self._lock_fd = -1
+
     def _cleanup(self) -> None:
         if self._handler is not None:
-            self._handler.queue.close()
+            self._handler.channel.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -329,7 +490,13 @@ class LogService:
 
     def _at_exit(self) -> None:
         # Registered after multiprocessing is imported, so it runs before multiprocessing's own
-        # exit function terminates children and joins feeder threads (atexit is LIFO).
+        # exit function terminates children and joins feeder threads (atexit is LIFO). Python
+        # would wait for non-daemon children after us: wait for them first (bounded), so what
+        # they log still reaches the files, whatever the import order.
+        try:
+            _join_children(time.monotonic() + self.config.exit_timeout)
+        except Exception:
+            pass
         try:
             self.stop()
         except Exception as exc:
@@ -360,30 +527,63 @@ class LogService:
 
 
 
+_shares: Dict[str, int] = {}  # file set -> ServiceHandlers of this process sharing its service
+
+
 class ServiceHandler(logging.Handler):
-    """A handler that starts its own ``LogService``: the way to declare mplog in
-    ``logging.config.dictConfig`` (or YAML), or ``fileConfig`` INI files::
+    """A handler that runs (or joins) the ``LogService`` of its file set: the way to declare
+    mplog in ``logging.config.dictConfig`` (or YAML), or ``fileConfig`` INI files::
 
         "handlers": {"mplog": {"class": "mplog.ServiceHandler", "directory": "logs",
                                "name": "run", "simplified_level": "INFO"}}
 
-    Every keyword is a ``LogService`` option. The service is stopped at exit (or call
-    ``handler.service.stop()``); ``handler.service`` gives ``pool_kwargs()`` for the pools.
+    Every keyword is a ``LogService`` option. One file set has one service:
+
+    * a second ServiceHandler for the same directory and name in this process (the
+      configuration applied twice) shares the first one's service;
+    * in another process of the application whose service already runs (a spawn child that
+      re-imports a ``__main__`` configuring logging at module level) it *joins* that service,
+      starting nothing: ``handler.service`` is then ``None`` and ``handler.joined`` True.
+
+    ``close()`` (``logging.shutdown()`` calls it at exit) releases the service; the last
+    handler of this process to close stops it. ``flush()`` returns once every record logged
+    before it is in the files. ``handler.service`` gives ``pool_kwargs()`` for the pools.
 
     Not a ``QueueHandler`` subclass on purpose: since Python 3.12, dictConfig builds every
     ``"class"`` that is one as ``klass(queue.Queue(), ...)`` with a QueueListener of its own.
     """
 
     def __init__(self, directory: Union[str, "os.PathLike[str]"], name: str = "run", **options: Any) -> None:
-        self.service = LogService(directory, name, **options).start()
-        own = self.service._handler
-        assert own is not None
-        logging.getLogger().removeHandler(own)  # the config decides where this handler goes
-        super().__init__(own.level)
-        self._inner = own
+        self.service: Optional[LogService] = None
+        self.joined = False
+        self._closed = False
+        config = ServiceConfig.build(directory, name, **options)
+        self._key = _file_set_key(config)
+        running = _running.get(self._key)
+        if running is not None and not running._stopped:
+            self.service = running
+        else:
+            try:
+                self.service = LogService(directory, name, **options).start()
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                worker = _running_worker_config(self._key)
+                if worker is None:
+                    raise
+                self.joined = True
+                inner = SpoolHandler(worker)
+        if self.service is not None:
+            _shares[self._key] = _shares.get(self._key, 0) + 1
+            own = self.service._handler
+            assert own is not None
+            logging.getLogger().removeHandler(own)  # the config decides where this handler goes
+            inner = own
+        super().__init__(inner.level)
+        self._inner = inner
 
     def handle(self, record: logging.LogRecord) -> Any:
-        # Like MPQueueHandler.handle: no handler lock on the hot path.
+        # Like SpoolHandler.handle: no handler lock on the hot path.
         rv = self.filter(record) if self.filters else True
         if rv:
             self._inner.handle(rv if isinstance(rv, logging.LogRecord) else record)
@@ -391,3 +591,35 @@ class ServiceHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self._inner.emit(record)
+
+    def setFormatter(self, fmt: Optional[logging.Formatter]) -> None:
+        super().setFormatter(fmt)
+        self._inner.setFormatter(fmt)  # it renders the message text (see SpoolHandler)
+
+    def flush(self) -> None:
+        self._inner.flush()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            service = self.service
+            if service is not None:
+                left = _shares.get(self._key, 1) - 1
+                _shares[self._key] = left
+                if left <= 0:
+                    _shares.pop(self._key, None)
+                    service.stop()
+        super().close()
+
+
+def _running_worker_config(prefix: str) -> Optional[WorkerConfig]:
+    """The worker config of the live service of a file set, run by another process."""
+    for spool in list_spools(spool_root(), prefix):
+        if not spool.alive:
+            continue
+        try:
+            with open(os.path.join(spool.path, "worker.json")) as f:
+                return WorkerConfig.from_json(f.read())
+        except (OSError, ValueError, TypeError):
+            continue
+    return None

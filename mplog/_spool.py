@@ -249,6 +249,7 @@ class RingReader:
         self.done = self.words[W_DONE]
         self.bad_since = 0.0  # when an entry first failed its check at ``pos``
         self.corrupt = 0  # records skipped because they failed their check for good
+        self.released = self.pos  # pages before this were handed back to the kernel
 
     def close(self) -> None:
         try:
@@ -360,8 +361,9 @@ class RingReader:
     def commit(self, pos: int, done: int) -> None:
         """Give the space up to ``pos`` back to the producer (after the records are written)."""
         w = self.words
-        old = w[W_TAIL]
-        self._release(old, pos)
+        if pos - self.released >= 256 * 1024:
+            self._release(self.released, pos)
+            self.released = pos
         w[W_DONE] = done
         w[W_TAIL] = pos
 
@@ -380,8 +382,9 @@ class RingReader:
         # them, so a ring costs memory for its backlog, not for its capacity (tmpfs keeps a
         # touched page until then). Only whole pages wholly inside [old, new), in 256 KiB steps:
         # a page fault per page is what the producer pays for it.
-        if new - old < 256 * 1024 or not hasattr(mmap, "MADV_REMOVE"):
+        if not hasattr(mmap, "MADV_REMOVE"):
             return
+        old = max(old, new - self.capacity)  # at most one lap of the ring
         cap = self.capacity
         start = (old + PAGE - 1) // PAGE * PAGE
         stop = new // PAGE * PAGE
@@ -465,6 +468,26 @@ def unwritten_records(runtime: str) -> int:
     return total
 
 
+def _listener_alive(runtime: str) -> bool:
+    """A listener may outlive its application while it drains: its spool is not an orphan."""
+    from ._counters import Counters
+    try:
+        counters = Counters.open(os.path.join(runtime, "counters"))
+    except (OSError, ValueError):
+        return False
+    try:
+        pid = counters.get("listener_pid")
+    finally:
+        counters.close()
+    if not process_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"mplog._listener" in f.read()
+    except OSError:
+        return True
+
+
 def _usage(path: str) -> int:
     total = 0
     for entry in os.scandir(path):
@@ -495,7 +518,9 @@ def list_spools(root: Optional[str] = None, prefix: str = "") -> List[SpoolInfo]
         except OSError:
             continue
         pid, start, directory, name = read_owner(entry.path)
-        alive = process_alive(pid, start)
+        if not pid and now - st.st_mtime < 60:
+            continue  # being created (the owner file comes right after the directory)
+        alive = process_alive(pid, start) or _listener_alive(entry.path)
         try:
             usage = _usage(entry.path)
         except OSError:
@@ -545,6 +570,7 @@ class SpoolReader:
         self._turn = 0
         self.corrupt = 0
         self.retired = 0
+        self.open_errors = 0
 
     def refresh(self) -> None:
         """Open the rings of processes that started logging since the last look."""
@@ -555,11 +581,17 @@ class SpoolReader:
         self._scanned = used
         for index in list(self._waiting):
             if counters.slot(index).get(S_RING):
-                del self._waiting[index]
                 try:
                     self.rings[index] = RingReader(os.path.join(self.runtime, f"ring.{index}"), index)
-                except OSError:
-                    pass  # removed already (a recovered spool), or not a ring: nothing to read
+                except (FileNotFoundError, NotADirectoryError):
+                    pass  # removed already (a recovered spool): nothing to read
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:
+                        pass  # not a ring: nothing to read
+                    else:
+                        self.open_errors += 1  # EMFILE, ENOMEM: try again on the next look
+                        continue
+                del self._waiting[index]
 
     def take(self, limit: int) -> List[Tuple[RingReader, Taken]]:
         """Up to ``limit`` records, from the rings in turn (not committed: see _journal)."""
@@ -584,6 +616,9 @@ class SpoolReader:
         return out
 
     def has_backlog(self) -> bool:
+        for index in self._waiting:
+            if self.counters.slot(index).get(S_RING):
+                return True  # a ring we could not open yet holds records
         for ring in self.rings.values():
             if ring.pos < ring.words[W_HEAD]:
                 return True

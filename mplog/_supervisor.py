@@ -472,6 +472,7 @@ class Supervisor:
                 info["status"] = str(getattr(status, "value", status))
                 info["alive"] = status != psutil.STATUS_ZOMBIE
                 info["cpu_percent"] = ps.cpu_percent(None)
+                info["create_time"] = ps.create_time()
                 info["rss_bytes"] = ps.memory_info().rss
                 info["num_fds"] = ps.num_fds() if hasattr(ps, "num_fds") else None
         except psutil.ZombieProcess:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import logging.handlers
 import os
 import sys
+import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -25,10 +25,10 @@ from ._config import WorkerConfig
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
 from ._format import Preformatter
 from ._record import TEXT_VERSION, _make, deserialize, flatten, sanitize, serialize
-from ._spool import RingWriter, ring_capacity
+from ._spool import W_DONE, RingWriter, ring_capacity
 from ._transport import K_WAKE, FifoWriter
 
-__all__ = ["MPQueueHandler", "Channel", "worker_init", "install", "uninstall", "context",
+__all__ = ["SpoolHandler", "MPQueueHandler", "ServiceQueue", "Channel", "worker_init", "install", "uninstall", "context",
            "current_config", "pool_kwargs"]
 
 _SLEEPING = FIELDS.index("sleeping")
@@ -72,13 +72,57 @@ class Channel:
         self._drops_unreported = 0
         self._last_notice = 0.0
         self._pre = Preformatter(config.simplified_level) if config.preformat else None
+        # Set once ``svc.queue`` is used in this process: from then on a record that reaches
+        # both mplog's handler and a QueueHandler on that queue is sent once (see seen_before).
+        self.dedupe = False
+        self._last_key: Dict[int, Tuple[float, int, str]] = {}
 
-    def prepare(self, record: logging.LogRecord) -> Tuple[bytes, int]:
+    def seen_before(self, record: logging.LogRecord) -> bool:
+        """True if this thread's previous record sent here was this same record (the original
+        and a QueueHandler's copy of it share their creation time, line and logger)."""
+        key = (record.created, record.lineno, record.name)
+        ident = threading.get_ident()
+        if self._last_key.get(ident) == key:
+            return True
+        if len(self._last_key) > 1024:
+            self._last_key.clear()
+        self._last_key[ident] = key
+        return False
+
+    def wait_written(self, timeout: float) -> bool:
+        """Wait until every record this process published is in the files (its ring's tail has
+        passed them), at most ``timeout`` seconds. What ``handler.flush()`` means here."""
+        ring = self._ring
+        counters = self._counters
+        if ring is None or counters is None or self._pid != os.getpid():
+            return True
+        target = ring._seq
+        deadline = time.monotonic() + timeout
+        pause = 0.0005
+        while ring.words[W_DONE] < target:
+            if counters.words[1] == STATE_STOPPED or time.monotonic() >= deadline:
+                return ring.words[W_DONE] >= target
+            time.sleep(pause)  # a deadline loop on the listener's commit
+            pause = min(pause * 2, 0.01)
+        return True
+
+    def backlog(self) -> int:
+        """Records of the whole service published and not yet written."""
+        counters = self._attach()
+        t = counters.slot_totals()
+        published = t["sent"] - t["dropped"] - t["diverted"]
+        return max(0, published - counters.get("written") - counters.get("stderr_records") - counters.get("torn"))
+
+    def full(self) -> bool:
+        ring = self._ring
+        return ring is not None and not ring.room()
+
+    def prepare(self, record: logging.LogRecord, message: Optional[str] = None) -> Tuple[bytes, int]:
         """The record as a payload: formatted here (default formats) or flattened fields."""
         pre = self._pre
         if pre is None:
-            return serialize(record, _context.get())
-        fields, failures = flatten(record, _context.get())
+            return serialize(record, _context.get(), message)
+        fields, failures = flatten(record, _context.get(), message)
         try:
             return pre.payload(_make(fields)), failures
         except Exception:
@@ -281,26 +325,32 @@ class Channel:
                 pass
 
 
-class MPQueueHandler(logging.handlers.QueueHandler):
-    """A ``QueueHandler`` whose ``prepare`` flattens the record to bytes in the calling thread
-    and whose ``enqueue`` writes them to the service FIFO."""
+class SpoolHandler(logging.Handler):
+    """The handler every process logs through: it publishes each record into this process's
+    ring in the service's spool, where the listener process takes it to the two files.
 
-    def __init__(self, config: WorkerConfig) -> None:
-        logging.Handler.__init__(self, config.level)
-        self.config = config
-        self.queue: Channel = _channel_for(config)  # type: ignore[assignment]
-        self.listener = None
+    ``config`` is the service's ``WorkerConfig`` (or its JSON, or a dict of it), so the handler
+    can be declared in ``dictConfig`` in a worker: ``{"()": "mplog.SpoolHandler", "config": ...}``.
+    A formatter set on it (``setFormatter``, dictConfig's ``formatter``, structlog's
+    ``ProcessorFormatter``) renders the message text; the files' own formats do the rest.
+    ``flush()`` returns once every record this process logged is in the files.
+    """
 
-    def prepare(self, record: logging.LogRecord) -> Any:  # type: ignore[override]
-        return self.queue.prepare(record)
+    def __init__(self, config: Union[WorkerConfig, str, Dict[str, Any]], level: Any = None) -> None:
+        cfg = _coerce(config)
+        logging.Handler.__init__(self, cfg.level if level is None else level)
+        self.config = cfg
+        self.channel: Channel = _channel_for(cfg)
+        self.flush_hook: Any = None  # set by LogService in the main process: the service's barrier
 
-    def enqueue(self, prepared: Any) -> None:  # type: ignore[override]
-        payload, failures = prepared
-        self.queue.put_payload(payload, failures)
+    @property
+    def queue(self) -> "ServiceQueue":
+        """The service's queue, for code that wants one (``QueueHandler(handler.queue)``)."""
+        return ServiceQueue(self.config)
 
     def handle(self, record: logging.LogRecord) -> Any:
-        # Handler.handle() takes the handler's lock around emit(); ours needs none (each frame is
-        # one atomic write, and the counters have their own lock), so skip it on the hot path.
+        # Handler.handle() takes the handler's lock around emit(); ours needs none (the ring has
+        # its process's own lock), so skip it on the hot path.
         if self.filters:
             rv = self.filter(record)
             if not rv:
@@ -312,18 +362,129 @@ class MPQueueHandler(logging.handlers.QueueHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.enqueue(self.prepare(record))
+            channel = self.channel
+            if channel.dedupe and channel.seen_before(record):
+                return
+            if self.formatter is None:
+                payload, failures = channel.prepare(record)
+            else:
+                payload, failures = channel.prepare(record, self._render(record))
+            channel.put_payload(payload, failures)
         except Exception:
             self.handleError(record)
 
+    def _render(self, record: logging.LogRecord) -> str:
+        # The formatter renders the message only: the traceback and stack keep their own
+        # places in the full log, so the formatter sees a copy without them.
+        assert self.formatter is not None
+        if record.exc_info or record.exc_text or record.stack_info:
+            bare = logging.makeLogRecord(record.__dict__)
+            bare.exc_info = bare.exc_text = bare.stack_info = None
+            record = bare
+        text = self.formatter.format(record)
+        return text if type(text) is str else str(text)
+
+    def flush(self) -> None:
+        hook = self.flush_hook
+        if hook is not None:
+            hook(self.config.flush_timeout)
+        else:
+            self.channel.wait_written(self.config.flush_timeout)
+
     def handleError(self, record: logging.LogRecord) -> None:
         # An unexpected failure in our own code: counted as an error, and said.
-        self.queue.count_error(sys.exc_info()[1] or RuntimeError("unknown error"))
+        self.channel.count_error(sys.exc_info()[1] or RuntimeError("unknown error"))
+
+
+class MPQueueHandler(SpoolHandler):
+    """Deprecated name of ``SpoolHandler`` (it was never a queue handler)."""
+
+    def __init__(self, config: Union[WorkerConfig, str, Dict[str, Any]], level: Any = None) -> None:
+        import warnings
+        warnings.warn("mplog.MPQueueHandler is deprecated; use mplog.SpoolHandler", DeprecationWarning, stacklevel=2)
+        super().__init__(config, level)
+
+
+class ServiceQueue:
+    """A queue-shaped door into the service, for code that expects one: the standard library's
+    ``QueueHandler(svc.queue)``, and dictConfig's ``"queue"`` (3.12+).
+
+    It pickles (as the service's ``WorkerConfig``) into children under every start method.
+    ``put``/``put_nowait`` take a LogRecord and never block (the spool has room, or the
+    service's overflow policy applies); ``None``, QueueListener's stop sentinel, is ignored.
+    ``qsize``/``empty``/``full`` come from the spool. The listener process is the one consumer,
+    so ``get``, ``get_nowait``, ``task_done`` and ``join`` exist only for dictConfig's check and
+    raise ``NotImplementedError`` saying so. A record that also reaches mplog's own handler is
+    sent once.
+    """
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+
+    def __reduce__(self) -> Any:
+        return (ServiceQueue, (self.config,))
+
+    def __repr__(self) -> str:
+        return f"<mplog.ServiceQueue of service {self.config.service_id}>"
+
+    def _channel(self) -> Channel:
+        channel = _channel_for(self.config)
+        channel.dedupe = True
+        return channel
+
+    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        if item is None:
+            return  # QueueListener's sentinel: there is no listener thread to stop here
+        if not isinstance(item, logging.LogRecord):
+            raise TypeError(f"mplog's queue takes logging.LogRecord objects, not {type(item).__name__}")
+        channel = self._channel()
+        try:
+            if channel.seen_before(item):
+                return
+            payload, failures = channel.prepare(_split_traceback(item))
+            channel.put_payload(payload, failures)
+        except Exception as exc:
+            channel.count_error(exc)
+
+    def put_nowait(self, item: Any) -> None:
+        self.put(item, False)
+
+    def qsize(self) -> int:
+        return self._channel().backlog()
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        return self._channel().full()
+
+    def _consumer(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise NotImplementedError("mplog's queue has one consumer, the listener process; "
+                                  "do not start a QueueListener on it")
+
+    get = get_nowait = task_done = join = _consumer
+
+
+_TRACEBACK = "\nTraceback (most recent call last):\n"
+
+
+def _split_traceback(record: logging.LogRecord) -> logging.LogRecord:
+    # QueueHandler.prepare merges the traceback into the message and drops exc_info: put it
+    # back in its own place, so the simplified log shows the message line, not the traceback.
+    msg = record.msg
+    if record.exc_info or record.exc_text or type(msg) is not str or _TRACEBACK not in msg:
+        return record
+    head, _, tail = msg.partition(_TRACEBACK)
+    copy = logging.makeLogRecord(record.__dict__)
+    copy.msg, copy.args = head, None
+    copy.exc_text = "Traceback (most recent call last):\n" + tail
+    return copy
 
 
 # -- per-process installation ---------------------------------------------------------------
 _channels: Dict[str, Channel] = {}
-_installed: Optional[MPQueueHandler] = None
+_installed: Optional[SpoolHandler] = None
+_inherited: List[Any] = []  # weak references to handlers that existed when this process was forked
 _service_read_fds: Dict[int, int] = {}  # fd -> pid of the main process that owns it
 
 
@@ -335,8 +496,51 @@ def _channel_for(config: WorkerConfig) -> Channel:
 
 
 def _after_fork_in_child() -> None:
+    import weakref
     for channel in _channels.values():
         channel.after_fork()
+    # Handlers a forked child inherited write through the parent's files: install() removes them.
+    _inherited[:] = [weakref.ref(h) for h in _all_handlers()]
+
+
+def _all_handlers() -> List[logging.Handler]:
+    found: List[logging.Handler] = list(logging.getLogger().handlers)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            found.extend(logger.handlers)
+    return found
+
+
+def _drop_inherited_handlers(keep: Any) -> None:
+    """Remove the handlers this forked child inherited from every logger, and close them
+    without writing: their buffered bytes are the parent's, and a FileHandler's fd is pointed
+    at /dev/null first so a late flush cannot duplicate the parent's lines."""
+    inherited = {id(h) for h in (ref() for ref in _inherited) if h is not None}
+    if not inherited:
+        return
+    loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
+                                       if isinstance(lg, logging.Logger)]
+    closing = {}
+    for logger in loggers:
+        for h in list(logger.handlers):
+            if id(h) in inherited and h is not keep:
+                logger.removeHandler(h)
+                closing[id(h)] = h
+    for h in closing.values():
+        stream = getattr(h, "stream", None)
+        if isinstance(h, logging.FileHandler) and stream is not None:
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, stream.fileno())
+                os.close(null)
+            except (OSError, ValueError):
+                pass
+        try:
+            if isinstance(h, logging.FileHandler):
+                h.close()
+        except Exception:
+            pass
+    _inherited.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -366,26 +570,31 @@ def _close_inherited_read_ends() -> None:
             del _service_read_fds[fd]
 
 
-def install(config: Union[WorkerConfig, str, Dict[str, Any]]) -> MPQueueHandler:
-    """Route this process's root logger to the service. Replaces the root's handlers (a forked
-    child's inherited ones included) so no line is written twice. May raise; see worker_init."""
+def install(config: Union[WorkerConfig, str, Dict[str, Any]]) -> SpoolHandler:
+    """Route this process's root logger to the service. Replaces the root's handlers, and
+    removes the handlers a forked child inherited from every logger, so no line is written
+    twice; applies the main process's logger levels. May raise; see worker_init."""
     global _installed
     cfg = _coerce(config)
     _close_inherited_read_ends()
-    handler = MPQueueHandler(cfg)
-    handler.queue._attach()  # claim the slot now: fail here, not in the first logging call
+    handler = SpoolHandler(cfg)
+    handler.channel._attach()  # claim the slot now: fail here, not in the first logging call
+    _drop_inherited_handlers(handler)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(cfg.level)
+    for name, level in cfg.levels:
+        # The levels the main process had set when it made this config (pool_kwargs()).
+        logging.getLogger(name).setLevel(level)
     if cfg.capture_warnings:
         logging.captureWarnings(True)
     _installed = handler
     return handler
 
 
-def uninstall(handler: Optional[MPQueueHandler] = None) -> None:
+def uninstall(handler: Optional[SpoolHandler] = None) -> None:
     global _installed
     handler = handler or _installed
     if handler is None:
@@ -426,4 +635,19 @@ def pool_kwargs() -> Dict[str, Any]:
     """``initializer``/``initargs`` for a pool started inside a worker (a nested pool), so its
     processes log to the same service. Empty if this process is not logging to one."""
     cfg = current_config()
-    return {} if cfg is None else {"initializer": worker_init, "initargs": (cfg,)}
+    return {} if cfg is None else {"initializer": worker_init, "initargs": (with_levels(cfg),)}
+
+
+def logger_levels() -> Tuple[Tuple[str, int], ...]:
+    """The levels set on named loggers in this process, to apply in workers (spawn and
+    forkserver start with fresh loggers; fork inherits them anyway)."""
+    out = []
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            out.append((name, logger.level))
+    return tuple(sorted(out))
+
+
+def with_levels(cfg: WorkerConfig) -> WorkerConfig:
+    import dataclasses
+    return dataclasses.replace(cfg, levels=logger_levels())

@@ -25,8 +25,32 @@ def test_bad_option_raises_value_error_naming_it(tmp_path, option, value):
 
 
 def test_unknown_option(tmp_path):
-    with pytest.raises(ValueError, match="flush_cont"):
+    """A keyword-only signature: Python's own TypeError names the option; the declarative
+    path (ServiceHandler, dictConfig) raises ValueError naming it."""
+    with pytest.raises(TypeError, match="flush_cont"):
         mplog.LogService(tmp_path, flush_cont=3)
+    with pytest.raises(ValueError, match="flush_cont"):
+        mplog.ServiceHandler(tmp_path, flush_cont=3)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"directory": ""}, ["directory"]),
+    ({"directory": "x", "restart_backoff_initial": 9.0}, ["restart_backoff_initial", "restart_backoff_max"]),
+])
+def test_bad_values_and_combinations_are_named(tmp_path, kwargs, words):
+    with pytest.raises(ValueError) as info:
+        mplog.LogService(**kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_the_signature_shows_every_option():
+    import inspect
+    from mplog._config import ServiceConfig
+    params = inspect.signature(mplog.LogService).parameters
+    options = {f for f in ServiceConfig.__dataclass_fields__} - {"directory", "name"}
+    assert options <= set(params) and all(params[o].kind is inspect.Parameter.KEYWORD_ONLY for o in options)
+    assert all(f":param {o}:" in mplog.LogService.__init__.__doc__ for o in options)
 
 
 def test_levels_accept_names_and_numbers(tmp_path):

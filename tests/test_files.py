@@ -134,7 +134,9 @@ def test_jsonl_and_custom_formats(service, ctx):
     svc = service(full_format="jsonl", simplified_format="%(levelname)s|%(name)s|%(message)s|%(sample)s")
     with ProcessPoolExecutor(1, mp_context=ctx, **svc.pool_kwargs()) as pool:
         pool.submit(workers.log_exception, "J").result(60)
-    logging.getLogger("j").info("multi\nline \x1b[2J", extra={"sample": "S1", "message_id": 7})
+    logging.getLogger("j").info("multi\nline \x1b[2J", extra={
+        "sample": "S1", "message_id": 7, "score": 0.5, "ok": True, "none": None, "tags": ["a", 1],
+        "nested": {"k": [1.5, {"x": None}]}, "obj": object(), "nan": float("nan")})
     assert svc.flush(10)
     lines = svc.full_path.read_text().splitlines()
     objs = [json.loads(ln) for ln in lines]
@@ -143,7 +145,11 @@ def test_jsonl_and_custom_formats(service, ctx):
     exc, multi = app
     assert exc["level"] == "ERROR" and exc["message"] == "J failed" and "ValueError: bad input" in exc["exception"]
     assert exc["file"].endswith("workers.py") and isinstance(exc["line"], int) and exc["pid"] > 0
-    assert multi["message"] == "multi\nline \x1b[2J" and multi["sample"] == "S1" and multi["message_id"] == "7"
+    assert multi["message"] == "multi\nline \x1b[2J" and multi["sample"] == "S1"
+    # JSON keeps the types: numbers, booleans, null, lists and dicts; anything else its repr.
+    assert (multi["message_id"], multi["score"], multi["ok"], multi["none"]) == (7, 0.5, True, None)
+    assert multi["tags"] == ["a", 1] and multi["nested"] == {"k": [1.5, {"x": None}]}
+    assert multi["obj"].startswith("<object object at ") and multi["nan"] == "nan"
     assert {"timestamp", "process", "thread", "function"} <= set(multi)
     simple = svc.simplified_path.read_text()
     assert "INFO|j|multi\n    line \\x1b[2J|S1\n" in simple
@@ -167,16 +173,36 @@ def test_files_follow_umask_by_default(tmp_path):
     assert stat.S_IMODE(svc.full_path.stat().st_mode) == 0o640
 
 
-def test_symlink_at_log_path_is_not_followed(tmp_path):
+def test_symlink_at_log_path_is_not_followed_where_others_can_write(tmp_path):
+    """In a directory others can write (like /tmp), a link at the log path may have been
+    planted: refused, naming the path and why; the target is untouched."""
     target = tmp_path / "victim"
     target.write_text("precious\n")
     logs = tmp_path / "logs"
     logs.mkdir()
+    logs.chmod(0o777)
     (logs / "run.debug.log").symlink_to(target)
     svc = mplog.LogService(logs)
-    with pytest.raises(OSError, match="run.debug.log"):
+    with pytest.raises(OSError, match="run.debug.log") as info:
         svc.start()
+    assert "others can write" in str(info.value)
     assert target.read_text() == "precious\n"
+
+
+def test_symlink_in_the_users_own_directory_is_followed(tmp_path):
+    """In a directory only its owner can write, a link at the log path is the user's own
+    choice, and is followed like a FileHandler would (not reopened every second either)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
+    (logs / "run.debug.log").symlink_to(elsewhere / "real.debug.log")
+    with mplog.LogService(logs) as svc:
+        logging.getLogger("link").info("through the link")
+        assert svc.flush(10)
+        reopens = svc.health()["reopens"]
+    assert [b["message"] for b in app_blocks(elsewhere / "real.debug.log")] == ["through the link"]
+    assert (logs / "run.debug.log").is_symlink() and reopens == 0
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ def test_multiprocessing_pool_and_inherited_handlers_replaced(service, ctx, tmp_
         root.removeHandler(fh)
         fh.close()
     for _pid, names in handlers:
-        assert names == ["MPQueueHandler"]
+        assert names == ["SpoolHandler"]
     assert "pool item" not in stray.read_text()
     msgs = [b["message"] for b in app_blocks(svc.full_path)]
     assert msgs == [f"pool item {i}" for i in range(50)]
@@ -136,11 +136,12 @@ def test_context_and_extras_in_threads(service, ctx):
 
 def test_main_process_root_logger_restored(tmp_path):
     root = logging.getLogger()
+    root.setLevel(logging.WARNING)
     before = (list(root.handlers), root.level)
     svc = mplog.LogService(tmp_path / "l", level="INFO")
     with svc:
         assert root.level == logging.INFO
-        assert any(isinstance(h, mplog.MPQueueHandler) for h in root.handlers)
+        assert any(isinstance(h, mplog.SpoolHandler) for h in root.handlers)
         logging.getLogger("x").info("inside")
     assert (list(root.handlers), root.level) == before
     logging.getLogger("x").warning("after stop")  # goes wherever it went before, not to us
