@@ -201,10 +201,38 @@ class Worker:
         return (self.wid, self.gen)
 
 
+RING_FILE = re.compile(r"ring\.\d+\Z")
+
+
+def ring_fds(pid: Optional[int], spool: Optional[str]) -> Optional[int]:
+    """How many of ``pid``'s descriptors are rings of ``spool`` (None if we cannot tell)."""
+    if not pid or not spool:
+        return None
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    spool = os.path.realpath(spool)
+    n = 0
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if os.path.dirname(target) == spool and RING_FILE.match(os.path.basename(target)):
+            n += 1
+    return n
+
+
 def listener_snapshot(health: Dict[str, Any]) -> Dict[str, Any]:
     info = health.get("listener") or {}
+    fds = info.get("num_fds")
+    # The listener maps the ring of every live process, and a mapping holds a descriptor of its
+    # own (CPython's mmap dups the fd): those follow the processes; "base_fds" are the rest.
+    rings = ring_fds(info.get("pid"), (health.get("queue") or {}).get("spool"))
     return {"pid": info.get("pid"), "alive": info.get("alive"), "rss": info.get("rss_bytes"),
-            "fds": info.get("num_fds"), "uptime": info.get("uptime_s")}
+            "fds": fds, "rings": rings, "base_fds": None if fds is None or rings is None else fds - rings,
+            "uptime": info.get("uptime_s")}
 
 
 def mb(n: Optional[int]) -> str:
@@ -727,13 +755,16 @@ def verify(soak: Soak) -> bool:
             beyond += 1
             if len(beyond_examples) < 5:
                 beyond_examples.append(f"w{w.wid}.{w.gen}: seq {top - 1} in the files, reported {w.count}")
-        # Missing: below what a clean worker reported; below its highest record for a killed one.
-        gaps += max(0, w.count - distinct) if clean else max(0, min(top, high) - distinct)
+        # Missing: below what a clean worker reported; for a killed one, below its highest record
+        # in the files or its last report (those calls had returned: their records were in the
+        # spool, which a kill of the worker or of the listener does not lose).
+        gaps += max(0, w.count - distinct) if clean else max(0, max(min(top, high), w.count) - distinct)
     main_missing = soak.main_events - len(v.main_seen)
     main_dups = sum(n - 1 for n in v.main_seen.values() if n > 1)
     worker_sent = rec["sent"] - soak.main_events  # the main process logs nothing else
     killed_sent = worker_sent - clean_logged
     in_files = v.full.records + v.main_records + v.other_app
+    a_workers = soak.args.workers
 
     checks: List[Tuple[bool, str]] = []
 
@@ -773,16 +804,17 @@ def verify(soak: Soak) -> bool:
           f"{rec['lost_with_listener']} + {rec['unattributed_lost']})")
     check(rec["unattributed_lost"] == 0,
           f"unattributed_lost == 0: lost equals the counted losses (unattributed {rec['unattributed_lost']})")
-    check(v.restart_lost == rec["lost_with_listener"],
-          f"sum of 'N records lost' in the restart notices == lost_with_listener ({v.restart_lost} vs "
-          f"{rec['lost_with_listener']})")
+    check(v.restart_lost == 0 and rec["lost_with_listener"] == 0 and rec["lost"] == 0,
+          f"a listener kill loses nothing: every restart notice says 0 records lost, lost_with_listener == 0, "
+          f"lost == 0 (over {soak.listener_kills} kills: notices say {v.restart_lost}, lost_with_listener "
+          f"{rec['lost_with_listener']}, lost {rec['lost']}, torn {rec['torn']})")
     check(v.restart_notices == final["restarts"] == soak.listener_kills,
           f"one restart per listener kill and one notice per restart (kills {soak.listener_kills}, "
           f"restarts {final['restarts']}, notices {v.restart_notices})")
-    summary_ok = len(v.summaries) == 1 and v.summaries[0][0] == rec["written"]
-    check(summary_ok and not v.other_notices,
+    summary_ok = len(v.summaries) == 1 and v.summaries[0][0] == rec["written"] and v.summary_hows == [""]
+    check(summary_ok and not v.other_notices and not v.app_gone_notices,
           f"one stop summary, its count == written, no other notice ({v.summaries}; other notices "
-          f"{len(v.other_notices)})")
+          f"{len(v.other_notices) + v.app_gone_notices})")
     check(killed_low <= killed_sent <= killed_high and clean_logged <= worker_sent,
           f"sent agrees with the workers' reports (clean workers {clean_logged}; killed workers: sent "
           f"{killed_sent}, reports allow {killed_low}..{killed_high})")
@@ -791,9 +823,21 @@ def verify(soak: Soak) -> bool:
     missing = gaps + max(0, main_missing)
     allowed = rec["lost"] + rec["dropped"] + rec["diverted"]
     check(missing <= allowed, f"records missing from the files <= lost + dropped + diverted ({missing} <= {allowed})")
-    lf0, lf1 = soak.start_listener.get("fds"), soak.end_listener.get("fds")
+    reopens = final.get("reopens")
+    check(not soak.rotations or (reopens is not None and reopens >= 2 * soak.rotations),
+          f"the listener reopened both files at each rotation: reopens >= 2 x rotations ({reopens} vs "
+          f"{soak.rotations} rotations; {soak.listener_kills} listener restarts)")
+    check(soak.end_rings is not None and soak.end_rings <= a_workers + 1,
+          f"the rings of killed workers are retired: rings in the spool at the end <= workers + 1 "
+          f"({soak.end_rings} <= {a_workers + 1}; most seen {soak.max_rings}; {len(soak.history)} worker generations)")
+    check(soak.spool_after_stop is False,
+          f"the spool directory is gone after stop() ({soak.spool}: "
+          f"{'still there' if soak.spool_after_stop else 'gone' if soak.spool_after_stop is False else 'unknown'}"
+          f"{', spool_kept ' + str(final.get('spool_kept')) if final.get('spool_kept') else ''})")
+    lf0, lf1 = soak.start_listener.get("base_fds"), soak.end_listener.get("base_fds")
     check(lf0 is not None and lf1 is not None and lf1 <= lf0 + 2,
-          f"listener fds did not grow (start {lf0}, end {lf1})")
+          f"listener fds did not grow, its rings' aside (start {lf0} + {soak.start_listener.get('rings')} rings, "
+          f"end {lf1} + {soak.end_listener.get('rings')} rings)")
     mf0, mf1 = soak.main_fds_start, soak.main_fds_end
     check(mf0 is not None and mf1 is not None and mf1 <= mf0 + 3,
           f"main process fds did not grow (start {mf0}, end {mf1})")
@@ -825,6 +869,8 @@ def verify(soak: Soak) -> bool:
           f"at end: pid {s1.get('pid')} rss {mb(s1.get('rss'))} fds {s1.get('fds')} (up {s1.get('uptime')} s)   "
           f"max seen: rss {mb(soak.max_rss)} fds {soak.max_fds}")
     print(f"main process fds: start {mf0} end {mf1}")
+    print(f"spool: {soak.spool}; rings at the end {soak.end_rings} (most seen {soak.max_rings}); after stop() "
+          f"{'still there' if soak.spool_after_stop else 'gone'}; reopens {final.get('reopens')}")
     print(f"files: {len(v.files)} ({len(full_paths)} full, {len(simple_paths)} simplified), {mb(sizes)}, "
           f"parsed in {t_parse:.1f} s; full-log blocks {v.blocks}: application {in_files} (worker "
           f"{v.full.records}, main {v.main_records}, other {v.other_app}), mplog notices "
@@ -840,6 +886,328 @@ def verify(soak: Soak) -> bool:
         print(f"  {'PASS' if ok else 'FAIL'}  {text}")
     passed = all(ok for ok, _t in checks)
     print(f"RESULT: {'PASS' if passed else 'FAIL'} ({sum(ok for ok, _t in checks)}/{len(checks)} checks passed)")
+    print("=" * 100, flush=True)
+    return passed
+
+
+# -- the group-SIGTERM phase ---------------------------------------------------------------------
+GROUP_NAME = "group"
+GROUP_LOGGER = "soak.group"
+GROUP_MIN_RECORDS = 300   # every process has logged this many before the signal
+_PROGRESS = struct.Struct("=qq")  # calls returned, pid
+
+
+class Progress:
+    """How many logging calls of one process have returned, in a small shared file: a store into
+    a MAP_SHARED mapping is in the page cache at once, so it survives the process's death."""
+
+    def __init__(self, path: str) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, _PROGRESS.size)
+            self._mm = mmap.mmap(fd, _PROGRESS.size)
+        finally:
+            os.close(fd)
+        self.words = memoryview(self._mm).cast("q")
+        self.words[1] = os.getpid()
+
+    @staticmethod
+    def read(path: str) -> Tuple[int, int]:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(_PROGRESS.size)
+        except OSError:
+            return 0, 0
+        return _PROGRESS.unpack(data) if len(data) == _PROGRESS.size else (0, 0)
+
+
+def group_log_loop(log: logging.Logger, pid_id: int, rnd: int, progress_path: str, big_every: int,
+                   big_size: int, hard_deadline: float) -> None:
+    """Log as fast as the service takes it until killed; count each call once it has returned."""
+    progress = Progress(progress_path)
+    words = progress.words
+    seq = 0
+    while True:
+        size = big_size if big_every and seq % big_every == big_every - 1 else SMALL_BODY
+        log.info(record_message(pid_id, rnd, seq, size))
+        seq += 1
+        words[0] = seq  # after the call returned
+        if seq % 1000 == 0 and time.time() > hard_deadline:  # the soak is gone: never log forever
+            return
+
+
+def group_worker(cfg: Any, pid_id: int, rnd: int, progress_path: str, big_every: int, big_size: int,
+                 hard_deadline: float) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # die of it at once, as an application's worker does
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mplog.worker_init(cfg)
+    group_log_loop(logging.getLogger(GROUP_LOGGER), pid_id, rnd, progress_path, big_every, big_size, hard_deadline)
+
+
+def group_child(spec_json: str) -> int:
+    """The application of one group-SIGTERM round: a session of its own (the soak started it so),
+    a LogService, workers, and this process logging too, until the group is signalled."""
+    spec = json.loads(spec_json)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec["start_method"] == "fork":
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    svc = mplog.LogService(spec["dir"], name=GROUP_NAME, shutdown_timeout=spec["shutdown_timeout"])
+    svc.start()
+    ctx = multiprocessing.get_context(spec["start_method"])
+    n = spec["workers"]
+    procs = []
+    for wid in range(n):
+        proc = ctx.Process(target=group_worker, name=f"group-w{wid}", daemon=True,
+                           args=(svc.worker_config, wid, spec["round"], os.path.join(spec["dir"], f"progress.{wid}"),
+                                 spec["big_every"], spec["big_size"], spec["hard_deadline"]))
+        proc.start()
+        procs.append(proc)
+    h = svc.health()
+    info = {"pid": os.getpid(), "pgid": os.getpgid(0), "listener": h["listener"]["pid"],
+            "spool": h["queue"]["spool"], "workers": [p.pid for p in procs]}
+    tmp = spec["info"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, spec["info"])
+    # This process is producer ``n``: the main process's ring must be written too.
+    group_log_loop(logging.getLogger(GROUP_LOGGER), n, spec["round"], os.path.join(spec["dir"], f"progress.{n}"),
+                   spec["big_every"], spec["big_size"], spec["hard_deadline"])
+    return 4  # only when the soak never signalled us: its verification then fails
+
+
+def _proc_stat(pid: int) -> Optional[Tuple[str, int]]:
+    """(state, pgid) of ``pid`` from /proc, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0].decode(), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def group_members(pgid: int) -> List[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _proc_stat(int(name))
+            if st is not None and st[1] == pgid and st[0] not in ("Z", "X"):
+                out.append(int(name))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")[:100].strip()
+    except OSError:
+        return "?"
+
+
+class GroupRound:
+    """One round of the group-SIGTERM phase, run from the soak's main process."""
+
+    def __init__(self, soak: Soak, rnd: int) -> None:
+        self.soak = soak
+        self.rnd = rnd
+        self.dir = os.path.join(soak.dir, f"group-{rnd}")
+        self.info: Dict[str, Any] = {}
+        self.producers = soak.args.group_workers + 1
+        self.before: List[Tuple[int, int]] = []   # progress when the signal was sent
+        self.after: List[Tuple[int, int]] = []    # progress once the group was gone
+        self.started_ok = False
+        self.error: Optional[str] = None
+        self.t_signal = 0.0
+        self.producers_gone_s: Optional[float] = None
+        self.listener_gone_s: Optional[float] = None
+        self.group_gone_s: Optional[float] = None
+        self.survivors: List[str] = []
+        self.child_rc: Optional[int] = None
+        self.child_output = ""
+        self.spool_left: Optional[bool] = None
+        self.spool_listing: List[str] = []
+
+    def progress_path(self, k: int) -> str:
+        return os.path.join(self.dir, f"progress.{k}")
+
+    def run(self) -> "GroupRound":
+        a = self.soak.args
+        rng = self.soak.rng
+        os.makedirs(self.dir, exist_ok=True)
+        info_path = os.path.join(self.dir, "info.json")
+        spec = {"dir": self.dir, "round": self.rnd, "workers": a.group_workers, "start_method": a.start_method,
+                "shutdown_timeout": a.shutdown_timeout, "big_every": a.big_every, "big_size": a.big_size,
+                "info": info_path, "hard_deadline": time.time() + 300.0}
+        out_path = os.path.join(self.dir, "application.out")
+        with open(out_path, "wb") as out:
+            popen = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_group-child", json.dumps(spec)],
+                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        pgid = self.soak.group_pgid = popen.pid
+        try:
+            self._run(popen, pgid, info_path, rng)
+        finally:
+            if group_members(pgid):
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                self.child_rc = popen.wait(10.0)
+            except subprocess.TimeoutExpired:
+                pass
+            self.soak.group_pgid = None
+            try:
+                with open(out_path, "rb") as f:
+                    self.child_output = f.read().decode("utf-8", "replace")
+            except OSError:
+                pass
+        return self
+
+    def _run(self, popen: "subprocess.Popen[bytes]", pgid: int, info_path: str, rng: random.Random) -> None:
+        a = self.soak.args
+        say = self.soak.say
+        # Up: the info file, then every producer past GROUP_MIN_RECORDS (bounded).
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline and popen.poll() is None:
+            if not self.info and os.path.exists(info_path):
+                with open(info_path) as f:
+                    self.info = json.load(f)
+            if self.info and all(Progress.read(self.progress_path(k))[0] >= GROUP_MIN_RECORDS
+                                 for k in range(self.producers)):
+                self.started_ok = True
+                break
+            time.sleep(0.05)
+        if not self.started_ok:
+            self.error = (f"the application did not get every process logging within 60 s (exit "
+                          f"{popen.poll()}, progress {[Progress.read(self.progress_path(k))[0] for k in range(self.producers)]})")
+            say(f"group round {self.rnd}: {self.error}")
+            return
+        time.sleep(rng.uniform(0.5, 2.0))  # logging goes on, the rings fill up
+        self.t_signal = time.monotonic()
+        self.before = [Progress.read(self.progress_path(k)) for k in range(self.producers)]
+        os.killpg(pgid, signal.SIGTERM)
+        producers = set(self.info["workers"]) | {self.info["pid"]}
+        listener = self.info["listener"]
+        limit = self.t_signal + a.shutdown_timeout + 20.0
+        while True:
+            if popen.poll() is not None and self.child_rc is None:
+                self.child_rc = popen.returncode
+            members = set(group_members(pgid))
+            now = time.monotonic() - self.t_signal
+            if self.producers_gone_s is None and not members & producers:
+                self.producers_gone_s = now
+            if self.listener_gone_s is None and listener not in members:
+                self.listener_gone_s = now
+            if not members:
+                self.group_gone_s = now
+                break
+            if time.monotonic() >= limit:
+                self.survivors = [f"{pid} {_cmdline(pid)}" for pid in sorted(members)]
+                say(f"group round {self.rnd}: still running {a.shutdown_timeout + 20:.0f} s after the SIGTERM: "
+                    f"{self.survivors}; killing the group")
+                os.killpg(pgid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        self.after = [Progress.read(self.progress_path(k)) for k in range(self.producers)]
+        spool = self.info.get("spool")
+        self.spool_left = bool(spool) and os.path.exists(spool)
+        if self.spool_left:
+            try:
+                self.spool_listing = sorted(os.listdir(spool))
+            except OSError:
+                pass
+        say(f"group round {self.rnd}: SIGTERM to the group after {sum(c for c, _ in self.before):,} returned calls; "
+            f"producers gone after {self.producers_gone_s} s, listener after {self.listener_gone_s} s, "
+            f"group after {self.group_gone_s} s; spool {'LEFT' if self.spool_left else 'gone'}")
+
+
+def verify_group(g: GroupRound) -> bool:
+    a = g.soak.args
+    checks: List[Tuple[bool, str]] = []
+
+    def check(ok: bool, text: str) -> None:
+        checks.append((bool(ok), text))
+
+    print()
+    print("=" * 100)
+    print(f"mplog group-SIGTERM round {g.rnd}: an application in its own session, {a.group_workers} workers "
+          f"({a.start_method}) and its main process logging flat out; os.killpg(pgid, SIGTERM); logs in {g.dir}")
+    check(g.started_ok, "every process of the application was logging when the group was signalled"
+          + (f" ({g.error})" if g.error else ""))
+    if not g.started_ok:
+        return _print_checks(checks, g)
+    pids = {(k, g.rnd): pid for k, (_count, pid) in enumerate(g.after)}
+    v = Verification(pids, worker_logger=GROUP_LOGGER)
+    full, simple = os.path.join(g.dir, f"{GROUP_NAME}.debug.log"), os.path.join(g.dir, f"{GROUP_NAME}.log")
+    if os.path.exists(full):
+        v.full_log(full)
+    if os.path.exists(simple):
+        v.simplified_log(simple)
+    returned = [count for count, _pid in g.after]
+    missing = beyond = 0
+    examples: List[str] = []
+    for k, count in enumerate(returned):
+        distinct, top = v.full.present((k, g.rnd))
+        arr = v.full.counts.get((k, g.rnd), bytearray())
+        below = sum(1 for i in range(min(count, len(arr))) if arr[i]) if arr else 0
+        missing += count - below
+        if count - below and len(examples) < 5:
+            first = next((i for i in range(count) if i >= len(arr) or not arr[i]), None)
+            examples.append(f"process {k}: {count - below} of its {count} returned calls missing (first seq {first})")
+        if top > count + 1:  # the call in flight when the signal came may be there or not
+            beyond += 1
+            examples.append(f"process {k}: seq {top - 1} in the file, {count} calls returned")
+    in_flight = sum(1 for k, count in enumerate(returned) if v.full.present((k, g.rnd))[1] == count + 1)
+    gone_within = a.shutdown_timeout + 20.0
+    check(not g.survivors and g.group_gone_s is not None,
+          f"every process of the group exited after the SIGTERM, within {gone_within:.0f} s (group gone after "
+          f"{g.group_gone_s} s; survivors {g.survivors})")
+    check(g.listener_gone_s is not None and g.producers_gone_s is not None and g.listener_gone_s >= g.producers_gone_s,
+          f"the listener went last (producers gone after {g.producers_gone_s} s, listener after {g.listener_gone_s} s)")
+    check(v.garbled == 0 and v.simple_garbled == 0,
+          f"every block of the full log and line of the simplified log parses (garbled {v.garbled}, {v.simple_garbled})")
+    check(v.bad_records == 0 and v.other_app == 0 and v.main_records == 0,
+          f"every record is intact and from the process that logged it (bad {v.bad_records}, foreign "
+          f"{v.other_app + v.main_records})")
+    check(missing == 0, f"every record whose logging call returned is in the full log ({sum(returned):,} calls "
+          f"returned; missing {missing})")
+    check(v.full.dups == 0, f"no record twice in the full log (duplicates {v.full.dups}"
+          + (": " + ", ".join(v.full.dup_examples) if v.full.dup_examples else "") + ")")
+    check(beyond == 0, f"no record beyond the call in flight of each process ({beyond}; calls in flight that "
+          f"reached the file: {in_flight} of {g.producers})")
+    check(v.simple.dups == 0 and v.simple.same_as(v.full),
+          f"the simplified log holds the same records ({v.simple.records:,} vs {v.full.records:,}; duplicates "
+          f"{v.simple.dups})")
+    summary_ok = (len(v.summaries) == 1 and v.summaries[0][0] == v.full.records and v.summaries[0][2] == 0
+                  and v.summaries[0][1] == 0)
+    check(v.app_gone_notices == 1 and summary_ok and not v.other_notices and not v.restart_notices,
+          f"the listener said the application exited without stopping it, and its one stop summary counts the "
+          f"records in the file, 0 dropped, 0 lost (notices {v.app_gone_notices}, summaries {v.summaries} "
+          f"{v.summary_hows} vs {v.full.records:,} in the file; other notices {len(v.other_notices) + v.restart_notices})")
+    check(g.spool_left is False, f"the spool directory is gone ({g.info.get('spool')}: "
+          + (f"still there, holding {g.spool_listing[:8]}" if g.spool_left else "gone") + ")")
+    for e in examples + v.examples:
+        print(f"  example: {e}")
+    for n in v.other_notices[:5]:
+        print(f"  other notice: {n}")
+    print(f"returned calls per process {returned}; records in the full log {v.full.records:,} "
+          f"({len(v.files)} files, {mb(sum(size for _p, size in v.files))}); application exit code {g.child_rc}")
+    return _print_checks(checks, g)
+
+
+def _print_checks(checks: List[Tuple[bool, str]], g: GroupRound) -> bool:
+    lines = [line for line in g.child_output.splitlines() if line.strip()]
+    if lines:
+        print(f"application output ({len(lines)} lines){':' if len(lines) <= 12 else ', the last 12:'}")
+        for line in lines[-12:]:
+            print(f"  | {line[:200]}")
+    print("checks:")
+    for ok, text in checks:
+        print(f"  {'PASS' if ok else 'FAIL'}  {text}")
+    passed = all(ok for ok, _t in checks)
+    print(f"RESULT (group round {g.rnd}): {'PASS' if passed else 'FAIL'} "
+          f"({sum(ok for ok, _t in checks)}/{len(checks)} checks passed)")
     print("=" * 100, flush=True)
     return passed
 
@@ -865,7 +1233,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dir", help="log directory (default: a new temporary one, removed after a PASS)")
     p.add_argument("--keep", action="store_true", help="keep the temporary log directory")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    p.add_argument("--group-sigterm", type=int, default=1, metavar="ROUNDS",
+                   help="rounds of the group-SIGTERM phase after the soak: an application in its own session "
+                        "gets os.killpg(pgid, SIGTERM) while it and its workers log (0: skip; default 1)")
+    p.add_argument("--group-workers", type=int, default=4, metavar="N",
+                   help="worker processes of the group-SIGTERM application (default 4)")
+    p.add_argument("--_group-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args._group_child:
+        return group_child(args._group_child)
+    if args.group_sigterm < 0 or args.group_workers < 1:
+        p.error("--group-sigterm must be >= 0 and --group-workers >= 1")
     if args.workers < 1 or args.rate <= 0 or args.duration <= 0:
         p.error("--workers, --rate and --duration must be positive")
     if args.seed is None:
@@ -874,7 +1252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dir:
         directory = os.path.abspath(args.dir)
         os.makedirs(directory, exist_ok=True)
-        leftovers = [n for n in os.listdir(directory) if n.startswith(NAME + ".") or n == f"{NAME}-reports"]
+        leftovers = [n for n in os.listdir(directory)
+                     if n.startswith(NAME + ".") or n == f"{NAME}-reports" or n.startswith("group-")]
         if leftovers:
             print(f"soak: {directory} already holds {sorted(leftovers)[:4]}...: the files are appended to, "
                   "which would mix runs; use an empty directory", file=sys.stderr)
@@ -892,7 +1271,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     print(f"mplog soak: {args.duration:g} s, {args.workers} workers x {args.rate:g} records/s, start method "
           f"{args.start_method}, listener kill ~{args.kill_listener_every:g} s, worker kill "
-          f"~{args.kill_worker_every:g} s, rotation {args.rotate_every:g} s, seed {args.seed}, logs in {directory}",
+          f"~{args.kill_worker_every:g} s, rotation {args.rotate_every:g} s, seed {args.seed}, then "
+          f"{args.group_sigterm} group-SIGTERM round(s) with {args.group_workers} workers, logs in {directory}",
           flush=True)
     print(f"testing mplog {mplog_source()}", flush=True)
 
@@ -911,15 +1291,28 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         os._exit(3)
 
-    budget = args.duration + 180.0
+    budget = args.duration + 180.0 + args.group_sigterm * (100.0 + args.shutdown_timeout)
     timer = threading.Timer(budget, watchdog)
     timer.daemon = True
     timer.start()
     passed = False
     try:
         soak.run()
+        rounds: List[GroupRound] = []
+        if soak.interrupted is None:
+            try:
+                for k in range(args.group_sigterm):
+                    soak.say(f"group-SIGTERM round {k}")
+                    rounds.append(GroupRound(soak, k).run())
+            except KeyboardInterrupt:
+                soak.interrupted = "interrupted (Ctrl-C / SIGTERM) during the group-SIGTERM phase"
+                soak.say(soak.interrupted + "; verifying what was written")
         timer.cancel()
         passed = verify(soak)
+        for g in rounds:
+            passed = verify_group(g) and passed
+        if rounds:
+            print(f"OVERALL: {'PASS' if passed else 'FAIL'} (soak and {len(rounds)} group-SIGTERM round(s))", flush=True)
     except KeyboardInterrupt:
         print("soak: interrupted again: aborting without verification", file=sys.stderr)
         return 1
