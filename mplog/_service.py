@@ -261,6 +261,11 @@ class LogService:
             _check_directory(cfg.directory, (cfg.simplified_path, cfg.full_path))
             prefix = spool_prefix(str(cfg.directory), cfg.name)
             root = spool_root()
+            mine = _running.get(prefix)
+            if mine is not None and not mine._stopped:  # lockf does not stop this process itself
+                raise OSError(errno.EBUSY, f"another mplog service (pid {os.getpid()}, this process) is writing "
+                                           "these log files; stop it, or use mplog.ServiceHandler to share it",
+                              str(cfg.simplified_path))
             self._lock_fd = _lock_file_set(root, prefix, cfg)  # one writer per file set
             clean_spools(SPOOL_MAX_AGE_S, root)  # abandoned spools of any run of this user
             # Spools of earlier runs of this file set that died with records unwritten.

@@ -420,6 +420,8 @@ class ServiceQueue:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
+        # From now on this process's records are checked for doubles (see Channel.seen_before).
+        _channel_for(config).dedupe = True
 
     def __reduce__(self) -> Any:
         return (ServiceQueue, (self.config,))

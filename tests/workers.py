@@ -174,3 +174,39 @@ def log_until_then_once_more(config: Any, tag: str, stop: Any, out_dir: str, std
     after = {"sent": slot.get(S_SENT), "diverted": slot.get(S_DIVERTED), "dropped": slot.get(S_DROPPED)}
     with open(os.path.join(out_dir, tag), "w") as f:
         json.dump({"calls": i, "before": before, "after": after}, f)
+
+
+def log_through_queue(args: Tuple[Any, str, int]) -> int:
+    """A task that gets the service's queue as an argument and logs through a QueueHandler."""
+    import logging.handlers
+    queue, tag, n = args
+    log = logging.getLogger("t.queue")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    handler = logging.handlers.QueueHandler(queue)
+    log.addHandler(handler)
+    try:
+        for i in range(n):
+            log.info("%s %d", tag, i)
+    finally:
+        log.removeHandler(handler)
+    return os.getpid()
+
+
+def log_thread_and_age(tag: str) -> Tuple[int, int, float]:
+    """Log one record; return this process's pid, thread id and the record's relativeCreated."""
+    seen = {}
+
+    class Keep(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            seen["rel"] = record.relativeCreated
+            return True
+
+    log = logging.getLogger("t.ids")
+    keep = Keep()
+    log.addFilter(keep)
+    try:
+        log.info("%s", tag)
+    finally:
+        log.removeFilter(keep)
+    return os.getpid(), threading.get_ident(), seen["rel"]
