@@ -89,24 +89,42 @@ def _file_set_key(cfg: ServiceConfig) -> str:
 
 
 def _lock_file_set(root: str, prefix: str, cfg: ServiceConfig) -> int:
-    """Take the file set's lock (``lockf``: the kernel drops it when its process dies, and a
-    forked child does not inherit it), or raise OSError naming the files and the holder."""
+    """Take the file set's lock, or raise OSError naming the files and the holder.
+
+    The lock is a Unix socket bound to an abstract name (Linux): the kernel drops it when the
+    holder dies, and nothing is left on disk. A forked child closes its copy (see _worker), so
+    an orphaned worker never keeps the next run out. Elsewhere, a ``lockf`` lock on a file in
+    the spool root does the same job (and leaves that small file behind).
+    """
+    import socket
+    name = f"\0{prefix}lock"
+    if sys.platform.startswith("linux"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(name)
+        except OSError:
+            sock.close()
+            raise OSError(errno.EBUSY, f"another mplog service (pid {_holder(root, prefix)}) is writing these log "
+                                       "files; stop it, choose another name, or use mplog.ServiceHandler to join it",
+                          str(cfg.simplified_path)) from None
+        fd = sock.detach()
+        _service_read_fds[fd] = os.getpid()  # a forked child closes it (not its lock)
+        return fd
     path = os.path.join(root, prefix + "lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        try:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").split()[0]
-        except (OSError, IndexError):
-            holder = "?"
         os.close(fd)
-        raise OSError(errno.EBUSY, f"another mplog service (pid {holder}) is writing these log files; "
-                                   "stop it, choose another name, or use mplog.ServiceHandler to join it",
-                      str(cfg.simplified_path)) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        raise OSError(errno.EBUSY, "another mplog service is writing these log files", str(cfg.simplified_path)) from None
     return fd
+
+
+def _holder(root: str, prefix: str) -> str:
+    for spool in list_spools(root, prefix):
+        if spool.alive:
+            return str(spool.owner_pid)
+    return "?"
 
 
 def _join_children(deadline: float) -> None:
@@ -465,6 +483,7 @@ class LogService:
 
     def _unlock(self) -> None:
         if self._lock_fd >= 0:
+            _service_read_fds.pop(self._lock_fd, None)
             try:
                 os.close(self._lock_fd)  # releases the lockf lock
             except OSError:

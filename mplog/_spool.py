@@ -249,7 +249,7 @@ class RingReader:
         self.done = self.words[W_DONE]
         self.bad_since = 0.0  # when an entry first failed its check at ``pos``
         self.corrupt = 0  # records skipped because they failed their check for good
-        self.released = self.pos  # pages before this were handed back to the kernel
+        self.can_release = hasattr(mmap, "MADV_REMOVE")
 
     def close(self) -> None:
         try:
@@ -361,9 +361,8 @@ class RingReader:
     def commit(self, pos: int, done: int) -> None:
         """Give the space up to ``pos`` back to the producer (after the records are written)."""
         w = self.words
-        if pos - self.released >= 256 * 1024:
-            self._release(self.released, pos)
-            self.released = pos
+        if self.can_release:
+            self._release(w[W_TAIL], pos)
         w[W_DONE] = done
         w[W_TAIL] = pos
 
@@ -378,13 +377,11 @@ class RingReader:
         return False
 
     def _release(self, old: int, new: int) -> None:
-        # Hand the pages of what was consumed back to the kernel before the producer may reuse
-        # them, so a ring costs memory for its backlog, not for its capacity (tmpfs keeps a
-        # touched page until then). Only whole pages wholly inside [old, new), in 256 KiB steps:
-        # a page fault per page is what the producer pays for it.
-        if not hasattr(mmap, "MADV_REMOVE"):
-            return
-        old = max(old, new - self.capacity)  # at most one lap of the ring
+        # Hand the pages of what this commit consumed back to the kernel before the producer may
+        # reuse them, so a ring costs memory for its backlog, not its capacity (tmpfs keeps a
+        # touched page until then). Only whole pages inside [old, new): the producer may already
+        # be writing the next lap into the rest of the page that holds ``old``, so that page (one
+        # per batch, ~0.5 MB a ring at the defaults) stays. One madvise() per batch.
         cap = self.capacity
         start = (old + PAGE - 1) // PAGE * PAGE
         stop = new // PAGE * PAGE
@@ -394,7 +391,8 @@ class RingReader:
             try:
                 self._mm.madvise(mmap.MADV_REMOVE, RING_HEADER + off, length)
             except (OSError, ValueError):
-                return  # not tmpfs, or not allowed: the pages stay, which is only memory
+                self.can_release = False  # not tmpfs, or not allowed: the pages stay, only memory
+                return
             start += length
 
 

@@ -501,6 +501,7 @@ def _after_fork_in_child() -> None:
     import weakref
     for channel in _channels.values():
         channel.after_fork()
+    _close_inherited_read_ends()  # the FIFO's read end and the file set's lock are the parent's
     # Handlers a forked child inherited write through the parent's files: install() removes them.
     _inherited[:] = [weakref.ref(h) for h in _all_handlers()]
 

@@ -710,3 +710,16 @@ def test_a_signal_handler_that_logs_inside_a_logging_call_neither_deadlocks_nor_
     assert sorted(m for m in msgs if m.startswith("from handler ")) == sorted(
         f"from handler {k}" for k in range(len(fired)))
     assert len(fired) > 10
+
+
+def test_a_ring_costs_memory_for_its_backlog_not_its_capacity(service):
+    """After 60,000 records (several laps of a 3.8 MB ring) are written, the spool's pages in
+    memory are a fraction of the ring's capacity: the listener gives back what it wrote."""
+    svc = service()
+    log = logging.getLogger("mem")
+    for i in range(60_000):
+        log.info("memory %d %s", i, "m" * 60)
+    assert svc.flush(60)
+    q = svc.health()["queue"]
+    assert q["rings"] == 1 and q["capacity_bytes"] >= 3_000_000
+    assert q["bytes"] < q["capacity_bytes"] / 3, q

@@ -168,7 +168,7 @@ def log_until_then_once_more(config: Any, tag: str, stop: Any, out_dir: str, std
         for _ in range(20):
             log.info("%s item %d", tag, i)
             i += 1
-    slot = _worker._installed.queue._slot  # this process's own counters
+    slot = _worker._installed.channel._slot  # this process's own counters
     before = {"sent": slot.get(S_SENT), "diverted": slot.get(S_DIVERTED), "dropped": slot.get(S_DROPPED)}
     log.info("%s after stop", tag)
     after = {"sent": slot.get(S_SENT), "diverted": slot.get(S_DIVERTED), "dropped": slot.get(S_DROPPED)}
