@@ -58,8 +58,9 @@ _MAGIC = 0x6D706C6F67520001  # "mplogR" + layout 1
 W_MAGIC, W_CAP, W_PID, W_START, W_HEAD, W_PUBLISHED = 0, 1, 2, 3, 4, 5
 W_TAIL, W_DONE, W_PEND_TAIL, W_PEND_DONE, W_PEND_BATCH = 8, 9, 10, 11, 12  # the listener's
 
-_ENTRY = struct.Struct("<IIQ")  # length | flags, crc32, seq
+_ENTRY = struct.Struct("<IIQ")  # length | flags, crc32 of the payload, seq
 ENTRY_SIZE = _ENTRY.size  # 16
+_pack_entry = _ENTRY.pack_into
 _SEQ = struct.Struct("<Q")
 WRAP = 0xFFFFFFFF
 F_EXTERNAL = 0x80000000  # the payload is (size, crc) of a record in a file of its own
@@ -110,7 +111,9 @@ def process_alive(pid: int, start: int = 0) -> bool:
 
 
 def _entry_crc(length_word: int, seq: int, payload: bytes) -> int:
-    return crc32(payload, crc32(_ENTRY.pack(length_word, 0, seq)))
+    # The payload's CRC: a stale entry of an earlier lap fails the sequence check, a torn or
+    # not-yet-visible one the CRC (and the length must fit the ring).
+    return crc32(payload)
 
 
 class RingWriter:
@@ -180,7 +183,7 @@ class RingWriter:
         elif head + need - tail > cap:
             return False
         at = RING_HEADER + pos
-        _ENTRY.pack_into(mm, at, length_word, _entry_crc(length_word, seq, payload), seq)
+        _pack_entry(mm, at, length_word, crc32(payload), seq)
         mm[at + ENTRY_SIZE:at + ENTRY_SIZE + len(payload)] = payload
         self._head = head + need
         self._seq = seq
@@ -297,7 +300,7 @@ class RingReader:
                 break
             n = length_word & _LEN_MASK
             payload = mm[at + ENTRY_SIZE:at + ENTRY_SIZE + n] if ENTRY_SIZE + n <= left else b""
-            if seq != expected or len(payload) != n or crc32(payload, crc32(_ENTRY.pack(length_word, 0, seq))) != crc:
+            if seq != expected or len(payload) != n or crc32(payload) != crc:
                 if self._failed(pos, head, producer_gone):
                     return self._skip(out, externals)
                 break

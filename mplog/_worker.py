@@ -189,30 +189,28 @@ class Channel:
     put = put_nowait
 
     def put_payload(self, payload: bytes, failures: int = 0) -> None:
-        if self._pid != os.getpid() or self._slot is None:  # first use, or first use after a fork
+        slot = self._slot
+        if slot is None:  # first use, or first use after a fork (after_fork forgets the slot)
             try:
                 self._attach()
             except OSError:
                 self._to_stderr(payload, "[UNDELIVERED] ")
                 return
-        slot = self._slot
-        assert slot is not None
+            slot = self._slot
+            assert slot is not None
         with slot.lock:
             if self._busy:  # a signal handler, inside this thread's own put: publish it after
                 self._deferred.append((payload, failures))
                 return
             self._busy = True
             try:
-                self._put(payload, failures)
+                self._put(slot, payload, failures)
                 while self._deferred:
-                    self._put(*self._deferred.pop(0))
+                    self._put(slot, *self._deferred.pop(0))
             finally:
                 self._busy = False
 
-    def _put(self, payload: bytes, failures: int) -> None:
-        slot = self._slot
-        counters = self._counters
-        assert slot is not None and counters is not None
+    def _put(self, slot: Slot, payload: bytes, failures: int) -> None:
         words, base = slot.words, slot.base
         if failures:
             words[base + S_REPLACED] += failures
@@ -230,20 +228,22 @@ class Channel:
         except OSError:  # a big record's own file could not be written (ENOSPC in the spool)
             self._divert(slot, payload)
             return
-        if not ok:
-            ok = self._overflow(ring, payload)
-            if ok is None:
-                self._divert(slot, payload)
-                return
+        if ok:  # the hot path
+            words[base + S_SENT] += 1
+            if self._overflowing:
+                self._overflowing = False  # room again: the next overflow may wait once more
+            if words[_SLEEPING]:
+                self._wake()
+            return
+        ok = self._overflow(ring, payload)
+        if ok is None:
+            self._divert(slot, payload)
+            return
         if ok:
             words[base + S_SENT] += 1
             self._overflowing = False
-            if counters.words[_SLEEPING]:
-                # The listener sleeps only when every ring was empty. One bell wakes it; the
-                # flag is a hint that any process may clear, so a stalled listener gets one
-                # bell, not one per record.
-                counters.words[_SLEEPING] = 0
-                self._ring_bell()
+            if words[_SLEEPING]:
+                self._wake()
             return
         words[base + S_DROPPED] += 1
         words[base + S_SENT] += 1
@@ -251,6 +251,14 @@ class Channel:
             self._to_stderr(payload, "[DROPPED] ")
         else:
             self._note_drop()
+
+    def _wake(self) -> None:
+        # The listener sleeps only when every ring was empty. One bell wakes it; the flag is a
+        # hint that any process may clear, so a stalled listener gets one bell, not one per record.
+        counters = self._counters
+        assert counters is not None
+        counters.words[_SLEEPING] = 0
+        self._ring_bell()
 
     def _overflow(self, ring: RingWriter, payload: bytes) -> Optional[bool]:
         """The ring is full. True: written after a wait; False: drop; None: the service is gone."""
