@@ -40,14 +40,14 @@ from ._files import FileSet
 from ._format import (SEPARATOR, FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour,
                       format_both)
 from ._journal import Journal
-from ._record import TEXT_VERSION, Formatted, Record, deserialize, make_record
+from ._record import TEXT_VERSION, Formatted, Record, decode_formatted, deserialize, make_record
 from ._spool import RingReader, SpoolReader, Taken, remove_spool
 from ._transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FrameParser
 
 __all__ = ["Listener", "main"]
 
 _MAX_DISTINCT_WARNINGS = 1000
-_BLOCK_END = SEPARATOR + "\n"
+_BLOCK_END = (SEPARATOR + "\n").encode()
 _IDLE_POLL_MS = 100  # a missed doorbell (see Listener.sleep) costs at most this much latency
 
 
@@ -86,11 +86,17 @@ class Batch:
         self.console_colour = cfg.console_colour
         self.forwarder = forwarder
         self.warnings: Dict[str, int] = {}
-        self._full: List[str] = []
-        self._simp: List[str] = []
+        self._full: List[bytes] = []
+        self._simp: List[bytes] = []
         self._cons: List[str] = []
 
     def add_payload(self, payload: bytes, origin: str) -> None:
+        if payload[:1] == b"\x02":  # formatted by the process that logged it: the hot path
+            try:
+                self.add_text(decode_formatted(payload))
+                return
+            except ValueError:
+                pass  # falls through to the placeholder below
         try:
             rec = deserialize(payload)
         except ValueError as exc:
@@ -102,17 +108,20 @@ class Batch:
             self.add_record(rec)
 
     def add_text(self, t: Formatted) -> None:
-        """A record formatted by the process that logged it: append its texts."""
-        full, simple, levelno = t.full, t.simple, t.levelno
-        if not (type(full) is str and full.startswith("[") and full.endswith(_BLOCK_END)
-                and type(levelno) is int and (simple is None or (type(simple) is str and simple.endswith("\n")))):
+        """A record formatted by the process that logged it: append its texts' bytes."""
+        full, simple = t.full, t.simple
+        if not (full[:1] == b"[" and full.endswith(_BLOCK_END) and (simple is None or simple.endswith(b"\n"))):
             self.counters.add("replaced_listener")  # not what our writers send: a placeholder
             self.add_record(make_record(time.time(), logging.WARNING, "mplog", "<malformed pre-formatted record>"))
             return
-        self._append(full, simple, levelno)
-        warning = t.warning
-        if warning and type(warning) is str:
-            self._tally(warning)
+        self._full.append(full)
+        if simple is not None:
+            self._simp.append(simple)
+            if self.console is not None and t.levelno >= self.console:
+                line = simple.decode("utf-8", "replace")
+                self._cons.append(colour(line, t.levelno) if self.console_colour else line)
+        if t.warning:
+            self._tally(t.warning)
 
     def add_record(self, rec: Record) -> None:
         try:
@@ -131,12 +140,13 @@ class Batch:
         except Exception as exc:  # a bad field or a formatter bug costs one record, not the listener
             self.counters.add("replaced_listener")
             self._full.append(self.full.format(make_record(
-                time.time(), logging.ERROR, "mplog", f"<record could not be formatted: {exc!r}>")))
+                time.time(), logging.ERROR, "mplog", f"<record could not be formatted: {exc!r}>")).encode(
+                "utf-8", "backslashreplace"))
 
     def _append(self, full: str, simple: Optional[str], levelno: int) -> None:
-        self._full.append(full)
+        self._full.append(full.encode("utf-8", "backslashreplace"))
         if simple is not None:
-            self._simp.append(simple)
+            self._simp.append(simple.encode("utf-8", "backslashreplace"))
             if self.console is not None and levelno >= self.console:
                 self._cons.append(colour(simple, levelno) if self.console_colour else simple)
 
@@ -145,8 +155,8 @@ class Batch:
             self.warnings[key] = self.warnings.get(key, 0) + 1
 
     def take_texts(self) -> Tuple[bytes, bytes, str]:
-        full = "".join(self._full).encode("utf-8", "backslashreplace")
-        simp = "".join(self._simp).encode("utf-8", "backslashreplace")
+        full = b"".join(self._full)
+        simp = b"".join(self._simp)
         cons = "".join(self._cons)
         self._full.clear()
         self._simp.clear()

@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import marshal
 import reprlib
+import struct
 import traceback
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
-__all__ = ["USER_MESSAGE_KEY", "TAG_FIELDS", "TAG_TEXT", "TEXT_VERSION", "encode_formatted", "Formatted", "Record", "deserialize", "exception_summary",
+__all__ = ["USER_MESSAGE_KEY", "TAG_FIELDS", "TAG_TEXT", "TEXT_VERSION", "decode_formatted", "encode_formatted", "Formatted", "Record", "deserialize", "exception_summary",
            "flatten", "json_value", "make_record", "safe_text", "text_of", "sanitize", "serialize"]
 
 USER_MESSAGE_KEY = "is_user_message"
@@ -241,33 +242,63 @@ TEXT_VERSION = TAG_TEXT  # the name the rest of mplog used before the tags were 
 
 class Formatted(NamedTuple):
     """A record already formatted by the process that logged it (the default formats): the
-    listener only appends its texts. ``warning`` is the first line of a WARNING's message, for
-    the stop summary's tally."""
+    listener only appends its texts, as the UTF-8 bytes they travel in. ``warning`` is the first
+    line of a WARNING's message, for the stop summary's tally."""
 
     version: int
     levelno: int
     user: bool
-    full: str
-    simple: Optional[str]
+    full: bytes
+    simple: Optional[bytes]
     warning: Optional[str]
 
 
-_make_formatted = Formatted._make
+# A formatted record is not marshal data (whose first byte is a type code, never 2): the tag,
+# then levelno(2) flags(1) len(full)(4) len(simple)(4), then the texts' bytes, then a warning's.
+_TEXT_HEAD = struct.Struct("<BHBII")
+_F_USER, _F_SIMPLE, _F_WARNING = 1, 2, 4
 
 
 def encode_formatted(levelno: int, user: bool, full: str, simple: Optional[str], warning: Optional[str]) -> bytes:
     """The payload of a record formatted by the process that logged it."""
-    return marshal.dumps((TAG_TEXT, levelno, user, full, simple, warning))
+    full_b = full.encode("utf-8", "backslashreplace")
+    flags = _F_USER if user else 0
+    if simple is None:
+        simple_b = b""
+    else:
+        simple_b = simple.encode("utf-8", "backslashreplace")
+        flags |= _F_SIMPLE
+    if warning is None:
+        return _TEXT_HEAD.pack(TAG_TEXT, levelno & 0xFFFF, flags, len(full_b), len(simple_b)) + full_b + simple_b
+    flags |= _F_WARNING
+    return (_TEXT_HEAD.pack(TAG_TEXT, levelno & 0xFFFF, flags, len(full_b), len(simple_b)) + full_b + simple_b
+            + warning.encode("utf-8", "backslashreplace"))
+
+
+def decode_formatted(payload: bytes) -> Formatted:
+    """Raises ValueError for a payload that is not a well-formed formatted record."""
+    try:
+        _tag, levelno, flags, nf, ns = _TEXT_HEAD.unpack_from(payload)
+    except struct.error:
+        raise ValueError("truncated formatted record") from None
+    a = _TEXT_HEAD.size
+    b = a + nf
+    c = b + ns
+    if c > len(payload):
+        raise ValueError("truncated formatted record")
+    warning = payload[c:].decode("utf-8", "replace") if flags & _F_WARNING else None
+    return Formatted(TAG_TEXT, levelno, bool(flags & _F_USER), payload[a:b],
+                     payload[b:c] if flags & _F_SIMPLE else None, warning)
 
 
 def deserialize(payload: bytes) -> Any:
     """Rebuild a Record (or a Formatted); raises ValueError for a payload that is neither."""
+    if payload[:1] == b"\x02":
+        return decode_formatted(payload)
     try:
         fields = marshal.loads(payload)
     except (EOFError, ValueError, TypeError) as exc:
         raise ValueError(f"undecodable record: {exc}") from None
-    if type(fields) is tuple and len(fields) == 6 and fields[0] == TAG_TEXT:
-        return _make_formatted(fields)
     if type(fields) is not tuple or len(fields) != _FIELDS_LEN or fields[0] != TAG_FIELDS:
         raise ValueError("record of an unknown shape")
     # Field types are not checked here: the listener formats each record inside its own

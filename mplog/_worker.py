@@ -298,10 +298,10 @@ class Channel:
             from ._format import SimplifiedFormatter
             rec = deserialize(payload)
             if rec[0] == TEXT_VERSION:  # formatted here already: its simplified line, or its block
-                line = prefix + (rec.simple or rec.full)
+                data = prefix.encode() + (rec.simple or rec.full)
             else:
-                line = prefix + SimplifiedFormatter().format(rec)
-            os.write(2, line.encode("utf-8", "backslashreplace"))
+                data = (prefix + SimplifiedFormatter().format(rec)).encode("utf-8", "backslashreplace")
+            os.write(2, data)
         except Exception:
             pass  # stderr itself is gone; the record is already counted
 

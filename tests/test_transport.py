@@ -170,12 +170,11 @@ def _foreign_ring(svc):
 def test_undecodable_and_malformed_records_become_placeholders(service):
     """A record that is not marshal data, and one that claims to be a formatted record but is
     not one of ours: each becomes one counted placeholder; nothing of them reaches the file."""
-    import marshal
-
     svc = service()
     ring = _foreign_ring(svc)
     assert ring.write(b"\x00garbled marshal")
-    assert ring.write(marshal.dumps((2, 20, False, "no header\n[2026-01-01] fake\n", None, None)))
+    from mplog._record import encode_formatted
+    assert ring.write(encode_formatted(20, False, "no header\n[2026-01-01] fake\n", None, None))
     logging.getLogger("fifo").info("after")
     assert svc.flush(10)
     assert [b["message"] for b in app_blocks(svc.full_path)] == ["after"]
@@ -209,3 +208,25 @@ def test_a_record_that_fails_its_check_is_counted_and_never_written(service):
     assert svc.flush(10)
     assert "SECRET-DAMAGED" not in svc.full_path.read_text()
     assert [b["message"] for b in app_blocks(svc.full_path)] == ["after"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=64))
+def test_decoding_a_formatted_record_raises_only_value_error(tail):
+    """Whatever bytes follow the formatted-record tag, decoding gives a record or ValueError
+    (the listener turns the latter into a counted placeholder), never anything else."""
+    from mplog._record import Formatted, deserialize
+    try:
+        rec = deserialize(b"\x02" + tail)
+    except ValueError:
+        return
+    assert isinstance(rec, Formatted) and isinstance(rec.full, bytes)
+
+
+def test_formatted_record_round_trip():
+    from mplog._record import decode_formatted, encode_formatted
+    payload = encode_formatted(30, True, "[x] full é\n" + "-" * 72 + "\n", "[x] simple\n", "careful")
+    rec = decode_formatted(payload)
+    assert (rec.levelno, rec.user, rec.full.decode(), rec.simple, rec.warning) == (
+        30, True, "[x] full é\n" + "-" * 72 + "\n", b"[x] simple\n", "careful")
+    assert decode_formatted(encode_formatted(10, False, "[y]\n", None, None)).simple is None
