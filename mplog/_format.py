@@ -162,6 +162,47 @@ class Preformatter:
         self.simple = SimplifiedFormatter(self.stamps)
         self.simplified_level = simplified_level
 
+    def fast_payload(self, record: logging.LogRecord) -> Optional[bytes]:
+        """The common record (no extras, context, traceback or stack, printable text) formatted
+        straight from the LogRecord, skipping the flattening: the same bytes ``payload`` gives,
+        at about half the caller's cost. None when the record needs the full path."""
+        msg = record.msg
+        if type(msg) is not str:
+            return None
+        if record.args:
+            try:
+                msg = msg % record.args
+            except Exception:
+                return None  # the full path renders the failure as a placeholder
+            if type(msg) is not str:
+                return None
+        created = record.created
+        sec = int(created)
+        stamps = self.stamps
+        if sec != stamps._sec:
+            stamps._sec = sec
+            stamps._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+        ts = stamps._text
+        levelname, name, pname, fname = record.levelname, record.name, record.processName, record.filename
+        if not (type(levelname) is str and type(name) is str and type(pname) is str and type(fname) is str
+                and type(record.process) is int and type(record.lineno) is int and record.pathname
+                and type(created) is float):
+            return None  # a filter put something unusual there: the full path copes
+        head = (f"[{ts}.{int((created % 1) * 1000):03d}] [{levelname}] [{name}] "
+                f"[{pname}:{record.process}] [{fname}:{record.lineno}]")
+        if not (msg.isprintable() and head.isprintable()):
+            return None
+        full = f"{head}\n  Message: {msg}\n{SEPARATOR}\n"
+        levelno = record.levelno
+        if levelno < self.simplified_level:
+            simple = None
+        elif levelno >= logging.WARNING:
+            simple = f"[{ts}] {levelname}: {msg}\n"
+        else:
+            simple = f"[{ts}] {msg}\n"
+        warning = msg[:200] if logging.WARNING <= levelno < logging.ERROR and record.name != "mplog" else None
+        return encode_formatted(levelno, False, full, simple, warning)
+
     def payload(self, rec: Record) -> bytes:
         levelno = rec.levelno
         user = bool(rec.user)

@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from ._config import WorkerConfig
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
 from ._format import Preformatter
-from ._record import TEXT_VERSION, _make, deserialize, flatten, sanitize, serialize
+from ._record import _STANDARD_LEN, TEXT_VERSION, _make, deserialize, flatten, sanitize, serialize
 from ._spool import W_DONE, RingWriter, ring_capacity
 from ._transport import K_WAKE, FifoWriter
 
@@ -122,7 +122,13 @@ class Channel:
         pre = self._pre
         if pre is None:
             return serialize(record, _context.get(), message)
-        fields, failures = flatten(record, _context.get(), message)
+        context = _context.get()
+        if (message is None and context is None and len(record.__dict__) == _STANDARD_LEN
+                and record.exc_info is None and record.exc_text is None and record.stack_info is None):
+            payload = pre.fast_payload(record)
+            if payload is not None:
+                return payload, 0
+        fields, failures = flatten(record, context, message)
         try:
             return pre.payload(_make(fields)), failures
         except Exception:

@@ -4,6 +4,7 @@ placeholder stood in, and the caller never raises."""
 from __future__ import annotations
 
 import logging
+import pytest
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
@@ -143,3 +144,25 @@ def test_fields_of_unexpected_types_still_give_a_record(service):
     blocks = app_blocks(svc.full_path)
     assert [(b["message"], b["level"]) for b in blocks] == [("odd level name", "WEIRD")]
     assert svc.health()["records"]["replaced"] == 1
+
+
+@pytest.mark.parametrize("levelno", [5, 10, 20, 30, 40, 50])
+@pytest.mark.parametrize("msg, args", [("processed item %d of %s", (7, "stage")), ("plain", None),
+                                       ("accents %s", ("é ü 漢",)), ("%(k)s by name", ({"k": "v"},))])
+def test_fast_path_formats_exactly_like_the_full_path(levelno, msg, args):
+    """The caller's fast path (a common record formatted straight from the LogRecord) gives the
+    very bytes of the full path (flatten, then format)."""
+    from mplog._format import Preformatter
+    from mplog._record import _make, flatten
+    pre = Preformatter(logging.INFO)
+    record = logging.LogRecord("t.fast", levelno, "/srv/app/stage.py", 42, msg, args, None, "work")
+    fast = pre.fast_payload(record)
+    assert fast is not None and fast == pre.payload(_make(flatten(record, None)[0]))
+
+
+@pytest.mark.parametrize("msg, args", [("two\nlines", None), ("escape \x1b[2J", None), ("bad %d", ("x",)),
+                                       (12345, None)])
+def test_fast_path_leaves_the_unusual_to_the_full_path(msg, args):
+    from mplog._format import Preformatter
+    record = logging.LogRecord("t.fast", logging.INFO, "/srv/app/stage.py", 1, msg, args, None)
+    assert Preformatter(logging.INFO).fast_payload(record) is None
