@@ -241,11 +241,11 @@ class Channel:
             if words[_SLEEPING]:
                 self._wake()
             return
-        ok = self._overflow(ring, payload)
-        if ok is None:
+        waited = self._overflow(ring, payload)
+        if waited is None:
             self._divert(slot, payload)
             return
-        if ok:
+        if waited:
             words[base + S_SENT] += 1
             self._overflowing = False
             if words[_SLEEPING]:
