@@ -129,9 +129,13 @@ def test_fuzz_garbage_never_crashes_or_desynchronises(messages, garbage):
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=20000))
 def test_fuzz_random_bytes(data):
+    """Random bytes never crash the parser, and whatever it returns is a whole, known frame."""
+    from mplog._transport import _KINDS
     p = FrameParser()
-    p.feed(data)
+    out = p.feed(data)
     p.close()
+    assert all(kind in _KINDS and len(payload) <= PAYLOAD_MAX for kind, _pid, _tid, _seq, payload in out)
+    assert p.skipped_bytes <= len(data) and (p.malformed > 0) == (p.skipped_bytes > 0)
 
 
 def test_buggy_writer_garbage_in_the_live_fifo(service):
