@@ -157,6 +157,7 @@ class ServiceConfig:
     compress: bool = False
     syslog: Optional[Tuple[str, int]] = None
     syslog_level: int = logging.DEBUG
+    capture_children: bool = True
 
     @property
     def simplified_path(self) -> Path:
@@ -254,8 +255,9 @@ class ServiceConfig:
             values["syslog"] = (target[0], target[1])
         if "syslog_level" in options:
             values["syslog_level"] = parse_level("syslog_level", options["syslog_level"])
-        if "capture_warnings" in options:
-            if not isinstance(options["capture_warnings"], bool):
-                raise ValueError(f"capture_warnings: expected True or False, got {options['capture_warnings']!r}")
-            values["capture_warnings"] = options["capture_warnings"]
+        for key in ("capture_warnings", "capture_children"):
+            if key in options:
+                if not isinstance(options[key], bool):
+                    raise ValueError(f"{key}: expected True or False, got {options[key]!r}")
+                values[key] = options[key]
         return cls(directory=path, name=name, **values)

@@ -19,7 +19,7 @@ import logging.handlers
 import os
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from ._config import WorkerConfig
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
@@ -130,6 +130,11 @@ class Channel:
             bell.write_record(K_WAKE, b"", 0.0)
         except OSError:
             pass
+
+    def stopped(self) -> bool:
+        """True once the service has stopped (its listener wrote the stop summary)."""
+        counters = self._counters
+        return counters is not None and counters.words[1] == STATE_STOPPED
 
     def close(self) -> None:
         if self._doorbell is not None:
@@ -366,13 +371,14 @@ def _close_inherited_read_ends() -> None:
             del _service_read_fds[fd]
 
 
-def install(config: Union[WorkerConfig, str, Dict[str, Any]]) -> MPQueueHandler:
+def install(config: Union[WorkerConfig, str, Dict[str, Any]], *,
+            handler_factory: Optional[Callable[[WorkerConfig], MPQueueHandler]] = None) -> MPQueueHandler:
     """Route this process's root logger to the service. Replaces the root's handlers (a forked
     child's inherited ones included) so no line is written twice. May raise; see worker_init."""
     global _installed
     cfg = _coerce(config)
     _close_inherited_read_ends()
-    handler = MPQueueHandler(cfg)
+    handler = (handler_factory or MPQueueHandler)(cfg)
     handler.queue._attach()  # claim the slot now: fail here, not in the first logging call
     root = logging.getLogger()
     for old in list(root.handlers):
