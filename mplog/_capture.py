@@ -43,7 +43,7 @@ from ._config import WorkerConfig
 from ._worker import MPQueueHandler, install, uninstall
 from . import _worker
 
-__all__ = ["ENV", "OFF_ENV", "CapturedHandler", "adopt", "boot", "clean_environ", "disabled_by_env",
+__all__ = ["ENV", "OFF_ENV", "CapturedHandler", "adopt", "boot", "capture_dir", "clean_environ", "disabled_by_env",
            "is_captured", "publish", "release", "resume", "withdraw"]
 
 ENV = "MPLOG_CAPTURE"  # "<pid of the process whose children are captured>:<capture directory>"

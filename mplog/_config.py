@@ -107,6 +107,7 @@ class ListenerConfig:
     syslog: Optional[Tuple[str, int]] = None
     syslog_level: int = logging.DEBUG
     recover: Tuple[str, ...] = ()  # spools of earlier runs of this file set, to write first
+    capture_dir: Optional[str] = None  # the main process's capture directory (_capture.py)
     # per start
     reply_fd: int = -1
     lifeline_fd: int = -1

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ._capture import ENV as CAPTURE_ENV
-from ._capture import disabled_by_env, publish, withdraw
+from ._capture import capture_dir, disabled_by_env, publish, withdraw
 from ._config import ListenerConfig, ServiceConfig, WorkerConfig
 from ._counters import Counters
 from ._health import Health, down_report
@@ -214,7 +214,7 @@ class LogService:
             simplified_format=cfg.simplified_format, full_format=cfg.full_format, datefmt=cfg.datefmt,
             file_mode=cfg.file_mode, rotate_bytes=cfg.rotate_bytes, rotate_interval=cfg.rotate_interval,
             backup_count=cfg.backup_count, compress=cfg.compress, syslog=cfg.syslog, syslog_level=cfg.syslog_level,
-            recover=leftovers)
+            recover=leftovers, capture_dir=capture_dir() if self._will_capture() else None)
         try:
             import psutil
             self._ps_main = psutil.Process()
@@ -234,10 +234,13 @@ class LogService:
         if cfg.capture_warnings:
             logging.captureWarnings(True)
         self._supervisor.write_health_file()
-        if cfg.capture_children and not disabled_by_env():
+        if self._will_capture():
             self._capture_children()
 
     # -- pool workers made without the initializer (issue 13; see _capture.py) ----------------
+    def _will_capture(self) -> bool:
+        return self.config.capture_children and not disabled_by_env()
+
     def _capture_children(self) -> None:
         assert self._worker_config is not None
         try:
