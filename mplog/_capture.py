@@ -392,12 +392,12 @@ def _defer(here: str, cfg: WorkerConfig) -> None:
     root has none) behaves as it does without mplog, and the root's handlers are replaced."""
     import multiprocessing.process as mpp
     _state.pending = (here, cfg)
-    if getattr(mpp.BaseProcess._bootstrap, "_mplog", False):
+    original = getattr(mpp.BaseProcess, "_bootstrap")
+    if getattr(original, "_mplog", False):
         return
-    original = mpp.BaseProcess._bootstrap
 
     def _bootstrap(self: Any, *args: Any, **kwargs: Any) -> Any:
-        mpp.BaseProcess._bootstrap = original  # type: ignore[method-assign]
+        setattr(mpp.BaseProcess, "_bootstrap", original)  # once; a forked grandchild inherits the handler
         pending, _state.pending = _state.pending, None
         if pending is not None:
             try:
@@ -410,8 +410,8 @@ def _defer(here: str, cfg: WorkerConfig) -> None:
                     pass
         return original(self, *args, **kwargs)
 
-    _bootstrap._mplog = True  # type: ignore[attr-defined]
-    mpp.BaseProcess._bootstrap = _bootstrap  # type: ignore[method-assign]
+    setattr(_bootstrap, "_mplog", True)
+    setattr(mpp.BaseProcess, "_bootstrap", _bootstrap)
 
 
 def boot(here: str) -> None:

@@ -67,7 +67,7 @@ def summarise(chunk: List[float]) -> Tuple[int, float]:
 
 def report(data: List[float], workers: int) -> None:
     try:
-        import joblib
+        import joblib  # type: ignore[import-untyped,import-not-found,unused-ignore]
     except ImportError:
         log.info("joblib is not installed: no report stage (pip install joblib)")
         return

@@ -187,7 +187,7 @@ class Channel:
                 self._divert(slot, payload)
                 return
         try:
-            ok = ring.write(payload)
+            ok: Optional[bool] = ring.write(payload)
         except OSError:  # a big record's own file could not be written (ENOSPC in the spool)
             self._divert(slot, payload)
             return
