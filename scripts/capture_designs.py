@@ -106,13 +106,13 @@ def interpreter_cost(repeat: int) -> Dict[str, float]:
     env_off = dict(os.environ)
     with mplog.LogService(tempfile.mkdtemp(prefix="mplog-designs-"), name="t"):
         env_on = dict(os.environ)
-        for label, env in (("plain", env_off), ("published", env_on)):
-            times = []
-            for _ in range(repeat):
+        times: Dict[str, List[float]] = {"plain": [], "published": []}
+        for _ in range(repeat):  # interleaved: a shared machine's load moves
+            for label, env in (("plain", env_off), ("published", env_on)):
                 t = time.perf_counter()
                 subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
-                times.append((time.perf_counter() - t) * 1000)
-            out[label] = statistics.median(times)
+                times[label].append((time.perf_counter() - t) * 1000)
+    out.update({label: statistics.median(v) for label, v in times.items()})
     return out
 
 
@@ -120,25 +120,31 @@ def _noop() -> None:
     pass
 
 
+def _init_then_noop(cfg: Any) -> None:
+    import mplog
+    mplog.worker_init(cfg)
+
+
 def worker_start_cost(repeat: int) -> Dict[str, float]:
-    """ms from Process.start() to join() of a spawn child that does nothing, with and without
-    the capture (the captured child imports mplog and installs its handler)."""
+    """ms from Process.start() to join() of a spawn child that does nothing: with the capture
+    off; captured (imports mplog, installs its handler); and with the capture off but calling
+    worker_init itself, what an initializer costs (and design B's). Interleaved rounds."""
     import multiprocessing
 
     import mplog
     ctx = multiprocessing.get_context("spawn")
-    out: Dict[str, float] = {}
-    for label, capture in (("without capture", False), ("captured", True)):
-        with mplog.LogService(tempfile.mkdtemp(prefix="mplog-designs-"), name="t", capture_children=capture):
-            times = []
-            for _ in range(repeat):
+    times: Dict[str, List[float]] = {"without capture": [], "captured": [], "initializer": []}
+    for _ in range(repeat):
+        for label in times:
+            with mplog.LogService(tempfile.mkdtemp(prefix="mplog-designs-"), name="t",
+                                  capture_children=label == "captured") as svc:
+                target, args = (_init_then_noop, (svc.worker_config,)) if label == "initializer" else (_noop, ())
                 t = time.perf_counter()
-                p = ctx.Process(target=_noop)
+                p = ctx.Process(target=target, args=args)
                 p.start()
                 p.join(60)
-                times.append((time.perf_counter() - t) * 1000)
-            out[label] = statistics.median(times)
-    return out
+                times[label].append((time.perf_counter() - t) * 1000)
+    return {label: statistics.median(v) for label, v in times.items()}
 
 
 def _pid(i: int) -> int:
@@ -214,8 +220,9 @@ def main() -> int:
     print(f"- `python -c pass`, not a pool worker: {cost['plain']:.1f} ms plain, {cost['published']:.1f} ms "
           f"under a running service's environment (sitecustomize looks and leaves)")
     start = worker_start_cost(args.repeat)
-    print(f"- a spawn child that does nothing, start to join: {start['without capture']:.1f} ms without capture, "
-          f"{start['captured']:.1f} ms captured (imports mplog, installs its handler)")
+    print(f"- a spawn child that does nothing, start to join: {start['without capture']:.1f} ms without mplog, "
+          f"{start['captured']:.1f} ms captured, {start['initializer']:.1f} ms calling worker_init itself "
+          f"(what an initializer, and design B, cost)")
     for design in ("A", "B"):
         r = sub("--reuse", design)
         print(f"- {design}: joblib.Parallel(n_jobs=2) of 20 tasks, warm {r['warm']:.3f} s; the first call in a "
