@@ -76,7 +76,7 @@ def test_loky_reusable_executor_workers_log_to_the_service(service, context):
     inherits the handler): every record once, from its worker."""
     svc = service()
     tags = _tags(f"loky-{context}", 8)
-    executor = loky.get_reusable_executor(2, context=context)
+    executor = loky.get_reusable_executor(1, context=context)
     pids = list(executor.map(workers.log_tagged, tags))
     _check(svc, dict(zip(tags, pids)))
 
@@ -115,10 +115,10 @@ def test_multiprocessing_pools_and_processes_without_the_initializer(service, me
     ctx = multiprocessing.get_context(method)
     pids: Dict[str, int] = {}
     tags = _tags(f"pool-{method}", 6)
-    with ctx.Pool(2) as pool:
+    with ctx.Pool(1) as pool:
         pids.update(zip(tags, pool.map(workers.log_tagged, tags)))
     tags = _tags(f"ppe-{method}", 6)
-    with ProcessPoolExecutor(2, mp_context=ctx) as ppe:
+    with ProcessPoolExecutor(1, mp_context=ctx) as ppe:
         pids.update(zip(tags, ppe.map(workers.log_tagged, tags)))
     p = ctx.Process(target=workers.log_tagged, args=(f"process-{method}",))
     p.start()
@@ -136,7 +136,7 @@ def test_nested_executors_without_the_initializer(service, outer, inner):
         pytest.skip(f"{outer} or {inner} is not available here")
     svc = service()
     outer_tags = [f"nest-{outer}-0", f"nest-{outer}-1"]
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(outer)) as ppe:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(outer)) as ppe:
         got = list(ppe.map(workers.nested_executor, [(inner, t) for t in outer_tags]))
     pids = {f"{t}-{i}": pid for t, ps in zip(outer_tags, got) for i, pid in enumerate(ps)}
     _check(svc, pids)
@@ -171,14 +171,16 @@ def test_a_reused_worker_logs_nowhere_between_services_and_follows_the_next(tmp_
     """loky keeps its workers across services. A worker captured by the first service logs
     after that service stopped as if mplog were not there (lastResort), not into the old files;
     under a second service of the same process, the same worker's records arrive there once."""
-    executor = loky.get_reusable_executor(2)
+    # loky's workers exit after `timeout` idle seconds (10 by default); a slow machine must not
+    # replace one between the services: this test is about a worker the first service captured.
+    executor = loky.get_reusable_executor(2, timeout=300)
     with mplog.LogService(tmp_path / "one") as first:
         tags = _tags("first", 6)
         pids1 = dict(zip(tags, executor.map(workers.log_tagged, tags)))
         _check(first, pids1)
         started_in_first = set(executor._processes)  # every worker of the executor, busy or not
     first_text = first.full_path.read_text()
-    assert loky.get_reusable_executor(2) is executor  # the same workers, reused
+    assert loky.get_reusable_executor(2, timeout=300) is executor  # the same workers, reused
     between_tags = _tags("between", 4)
     between = list(executor.map(workers.log_past_the_service, between_tags))
     for tag, (pid, reached_last_resort, handlers) in zip(between_tags, between):
@@ -187,7 +189,7 @@ def test_a_reused_worker_logs_nowhere_between_services_and_follows_the_next(tmp_
         assert handlers == ["CapturedHandler"]  # still there, inert
     assert first.full_path.read_text() == first_text  # nothing more went to the stopped service
     with mplog.LogService(tmp_path / "two") as second:
-        assert loky.get_reusable_executor(2) is executor
+        assert loky.get_reusable_executor(2, timeout=300) is executor
         tags = _tags("second", 6)
         pids2 = dict(zip(tags, executor.map(workers.log_tagged, tags)))
         assert set(pids2.values()) <= started_in_first  # no new worker: the old ones followed
@@ -260,7 +262,7 @@ def test_an_existing_sitecustomize_still_runs(service, tmp_path, monkeypatch):
 def test_workers_started_before_the_service_are_named_in_a_notice(service):
     """Workers that predate the service cannot be reached: the service says so in its log,
     naming their pids, instead of losing their records silently."""
-    executor = loky.get_reusable_executor(2)
+    executor = loky.get_reusable_executor(2, timeout=300)  # none exits idle before the check
     early = set(executor.map(workers.log_tagged, _tags("early", 4)))
     svc = service()
     assert svc.flush(10)
