@@ -128,6 +128,24 @@ def test_multiprocessing_pools_and_processes_without_the_initializer(service, me
     _check(svc, pids)
 
 
+@pytest.mark.skipif("forkserver" not in START_METHODS, reason="no forkserver here")
+def test_a_forkserver_started_before_the_service(service):
+    """The forkserver process outlives services and may predate this one, with an environment
+    that knows nothing of it: its children still log to the service, because the config travels
+    in what each child unpickles first."""
+    import psutil
+    from multiprocessing import forkserver
+    forkserver._forkserver._stop()  # a fresh server, started now, before the service
+    forkserver.ensure_running()
+    server = psutil.Process(forkserver._forkserver._forkserver_pid)
+    assert "MPLOG_CAPTURE" not in server.environ()
+    svc = service()
+    tags = _tags("early-server", 6)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as ppe:
+        pids = dict(zip(tags, ppe.map(workers.log_tagged, tags)))
+    _check(svc, pids)
+
+
 @pytest.mark.parametrize("outer,inner", [("spawn", "forkserver"), ("forkserver", "spawn")])
 def test_nested_executors_without_the_initializer(service, outer, inner):
     """A ProcessPoolExecutor started inside another's worker, neither with the initializer: the
