@@ -115,6 +115,7 @@ class ListenerConfig:
     syslog_level: int = logging.DEBUG
     recover: Tuple[str, ...] = ()  # spools of earlier runs of this file set, to write first
     follow_symlinks: bool = False  # only in a directory no one else can write (see _service)
+    capture_dir: Optional[str] = None  # the main process's capture directory (_capture.py)
     # per start
     reply_fd: int = -1
     lifeline_fd: int = -1
@@ -166,6 +167,7 @@ class ServiceConfig:
     syslog: Optional[Tuple[str, int]] = None
     syslog_level: int = logging.DEBUG
     exit_timeout: float = 60.0
+    capture_children: bool = True
 
     @property
     def simplified_path(self) -> Path:
@@ -270,8 +272,9 @@ class ServiceConfig:
         maximum = values.get("restart_backoff_max", cls.restart_backoff_max)
         if initial > maximum:
             raise ValueError(f"restart_backoff_initial ({initial!r}) must not exceed restart_backoff_max ({maximum!r})")
-        if "capture_warnings" in options:
-            if not isinstance(options["capture_warnings"], bool):
-                raise ValueError(f"capture_warnings: expected True or False, got {options['capture_warnings']!r}")
-            values["capture_warnings"] = options["capture_warnings"]
+        for key in ("capture_warnings", "capture_children"):
+            if key in options:
+                if not isinstance(options[key], bool):
+                    raise ValueError(f"{key}: expected True or False, got {options[key]!r}")
+                values[key] = options[key]
         return cls(directory=path, name=name, **values)

@@ -1,4 +1,5 @@
-"""The demo: a believable batch pipeline (load → align → score) over a process pool per stage."""
+"""The demo: a believable batch pipeline (load → align → score) over a process pool per stage,
+then a report stage on joblib's workers (made by joblib, with no mplog code: issue 13)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,28 @@ def score(item: Tuple[int, float]) -> float:
     return result
 
 
+def summarise(chunk: List[float]) -> Tuple[int, float]:
+    """Runs in a loky worker that joblib made without mplog's initializer: it logs all the same."""
+    wlog = logging.getLogger("demo.report")
+    with mplog.context(stage="report"):
+        mean = sum(chunk) / len(chunk)
+        wlog.debug("summarising %d scores", len(chunk))
+        wlog.info("summarised %d scores: mean %.3f", len(chunk), mean)
+        return len(chunk), mean
+
+
+def report(data: List[float], workers: int) -> None:
+    try:
+        import joblib  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError:
+        log.info("joblib is not installed: no report stage (pip install joblib)")
+        return
+    size = max(1, len(data) // (workers * 2))
+    chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    parts = joblib.Parallel(n_jobs=workers)(joblib.delayed(summarise)(chunk) for chunk in chunks)
+    log.info("stage report done: %d chunks on joblib's workers, %d scores", len(parts), sum(n for n, _ in parts))
+
+
 def run_demo(directory: str, workers: int, items: int, start_method: Optional[str]) -> int:
     ctx = multiprocessing.get_context(start_method)
     started = time.monotonic()
@@ -67,6 +90,7 @@ def run_demo(directory: str, workers: int, items: int, start_method: Optional[st
                 data = list(mplog.progress(results, total=len(data), desc=f"{stage.__name__:>5}"))
             log.info("stage %s done: %d items", stage.__name__, len(data))
         log.info("mean score %.4f", sum(data) / len(data))
+        report(data, workers)
         svc.flush()
         health = svc.health()
     final = svc.health()

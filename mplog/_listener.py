@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shutil
 import signal
 import struct
 import sys
@@ -465,6 +466,8 @@ class Listener:
                 self.notice("the application exited without stopping the log service", logging.WARNING)
                 self.finish("stopped (application gone)", time.monotonic() + 1.0)
                 self.remove_if_empty()
+                if cfg.capture_dir:  # its children's capture: nobody else is left to withdraw it
+                    shutil.rmtree(cfg.capture_dir, ignore_errors=True)
                 return 0
             if self.terminated and now - self.terminated >= 1.0:
                 # SIGTERM to this process alone (the application lives on and did not stop us):

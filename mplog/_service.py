@@ -25,15 +25,17 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+from ._capture import ENV as CAPTURE_ENV
+from ._capture import capture_dir, disabled_by_env, publish, withdraw
 from ._config import ListenerConfig, ServiceConfig, WorkerConfig
 from ._counters import Counters
 from ._health import Health, down_report
 from ._spool import (SPOOL_MAX_AGE_S, clean_spools, list_spools, remove_spool, ring_capacity, spool_prefix,
                      spool_root, unwritten_records, write_owner)
 from ._supervisor import Supervisor, write_health_file
-from ._transport import K_FLUSH, K_REOPEN, K_STOP, FifoWriter
+from ._transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FifoWriter
 from ._worker import ServiceQueue, SpoolHandler, _service_read_fds, uninstall, with_levels, worker_init
 
 __all__ = ["LogService", "ServiceHandler"]
@@ -134,6 +136,39 @@ def _join_children(deadline: float) -> None:
             child.join(max(0.0, deadline - time.monotonic()))
 
 
+def _pool_worker_kind(cmdline: List[str]) -> Optional[str]:
+    for flag, value in zip(cmdline, cmdline[1:]):
+        if flag == "-c" and value.lstrip().startswith("from multiprocessing.spawn import spawn_main"):
+            return "multiprocessing spawn worker"
+        if flag == "-m" and value.endswith("loky.backend.popen_loky_posix"):
+            return "loky worker"
+    return None
+
+
+def _uncaptured_workers(capture_dir: str) -> List[Tuple[int, str]]:
+    """This process's pool workers (spawn children, loky workers, at any depth) that were not
+    started under a capture of this process: nothing routes their records to a service."""
+    try:
+        import psutil
+        children = psutil.Process().children(recursive=True)
+    except Exception:
+        return []
+    found = []
+    for child in children:
+        try:
+            kind = _pool_worker_kind(child.cmdline())
+            if kind is None:
+                continue
+            # The environment it was started with: a worker captured by an earlier service of
+            # this process follows this one.
+            if child.environ().get(CAPTURE_ENV, "").partition(":")[2] == capture_dir:
+                continue
+        except Exception:  # gone, or not ours to read
+            continue
+        found.append((child.pid, kind))
+    return found
+
+
 class LogService:
     """One listener process writing ``<directory>/<name>.log`` and ``<name>.debug.log`` for every
     process of the application. See the README for every option."""
@@ -153,6 +188,7 @@ class LogService:
         shutdown_timeout: float = 5.0,
         exit_timeout: float = 60.0,
         capture_warnings: bool = True,
+        capture_children: bool = True,
         console: Optional[Union[int, str]] = None,
         restart_backoff_initial: float = 0.1,
         restart_backoff_max: float = 5.0,
@@ -184,6 +220,8 @@ class LogService:
         :param shutdown_timeout: ``stop()`` returns within this (+0.5 s), whatever the listener does.
         :param exit_timeout: at exit, how long to wait for non-daemon children before stopping.
         :param capture_warnings: route ``warnings`` into logging, in every process.
+        :param capture_children: while it runs, pools made without the initializer (joblib, Dask,
+            spawn and forkserver pools) log here too (README: joblib, scikit-learn and Dask).
         :param console: a level: also echo simplified lines at or above it to stderr.
         :param restart_backoff_initial: the first delay before restarting a crash-looping listener.
         :param restart_backoff_max: the longest such delay.
@@ -226,6 +264,7 @@ class LogService:
         self._flush_lock = threading.Lock()
         self._ps_main: Any = None
         self._saved_signals: list = []
+        self._capture_dir: Optional[str] = None
 
     # -- paths and configs -----------------------------------------------------------------
     @property
@@ -333,7 +372,8 @@ class LogService:
             simplified_format=cfg.simplified_format, full_format=cfg.full_format, datefmt=cfg.datefmt,
             file_mode=cfg.file_mode, rotate_bytes=cfg.rotate_bytes, rotate_interval=cfg.rotate_interval,
             backup_count=cfg.backup_count, compress=cfg.compress, syslog=cfg.syslog, syslog_level=cfg.syslog_level,
-            recover=leftovers, follow_symlinks=private_directory(cfg.directory))
+            recover=leftovers, follow_symlinks=private_directory(cfg.directory),
+            capture_dir=capture_dir() if self._will_capture() else None)
         try:
             import psutil
             self._ps_main = psutil.Process()
@@ -366,6 +406,37 @@ class LogService:
         if cfg.capture_warnings:
             logging.captureWarnings(True)
         self._supervisor.write_health_file()
+        if self._will_capture():
+            self._capture_children()
+
+    # -- pool workers made without the initializer (issue 13; see _capture.py) ----------------
+    def _will_capture(self) -> bool:
+        return self.config.capture_children and not disabled_by_env()
+
+    def _capture_children(self) -> None:
+        assert self._worker_config is not None
+        try:
+            self._capture_dir = publish(self._worker_config)
+        except OSError as exc:
+            self._notice(f"pool workers made without mplog's initializer will not log here: the capture "
+                         f"directory cannot be written ({exc})")
+            return
+        strays = _uncaptured_workers(self._capture_dir)
+        if strays:
+            shown = ", ".join(f"{pid} ({kind})" for pid, kind in strays[:10])
+            more = f" and {len(strays) - 10} more" if len(strays) > 10 else ""
+            self._notice(f"{len(strays)} pool worker process(es) started before this service cannot log to it: "
+                         f"{shown}{more}. Their records go where logging sends them without mplog. Start the "
+                         f"pool after the service, or pass svc.pool_kwargs() (joblib: call "
+                         f"get_reusable_executor().shutdown() from joblib.externals.loky first)")
+
+    def _notice(self, text: str) -> None:
+        self._send_control(K_NOTICE, text.encode("utf-8", "backslashreplace"), time.monotonic() + 1.0)
+
+    def _withdraw_capture(self) -> None:
+        if self._capture_dir is not None and self._worker_config is not None:
+            withdraw(self._worker_config.service_id)
+            self._capture_dir = None
 
     def _send_control(self, kind: int, payload: bytes, deadline: Optional[float]) -> bool:
         writer = self._writer
@@ -439,6 +510,7 @@ class LogService:
                 return self.health()
             self._stopped = True
             deadline = time.monotonic() + self.config.shutdown_timeout
+            self._withdraw_capture()  # first: no new child joins a service that is stopping
             self._restore_root()
             self._restore_signals()
             atexit.unregister(self._at_exit)
@@ -491,6 +563,7 @@ class LogService:
             self._lock_fd = -1
 
     def _cleanup(self) -> None:
+        self._withdraw_capture()
         if self._handler is not None:
             self._handler.channel.close()
         if self._writer is not None:

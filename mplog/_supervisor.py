@@ -37,6 +37,7 @@ from typing import Any, Deque, Dict, Optional
 import psutil
 
 from ._config import ListenerConfig, ServiceConfig
+from ._capture import clean_environ
 from ._console import emit
 from ._counters import STATE_DEGRADED, STATE_RUNNING, STATE_STOPPED, Counters
 
@@ -169,7 +170,7 @@ class Supervisor:
                                   parent_pid=os.getpid(), restart_reason=restart_reason,
                                   console_fd=self._console_w)
         written = self.counters.get("written")
-        env = dict(os.environ)
+        env = clean_environ(dict(os.environ))  # the listener is no pool worker to capture
         # The listener must import this very copy of mplog, installed or not.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from ._config import WorkerConfig
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
@@ -181,6 +181,11 @@ class Channel:
         except OSError:
             pass
 
+    def stopped(self) -> bool:
+        """True once the service has stopped (its listener wrote the stop summary)."""
+        counters = self._counters
+        return counters is not None and counters.words[1] == STATE_STOPPED
+
     def close(self) -> None:
         if self._doorbell is not None:
             self._doorbell.close()
@@ -230,7 +235,7 @@ class Channel:
                 self._divert(slot, payload)
                 return
         try:
-            ok = ring.write(payload)
+            ok: Optional[bool] = ring.write(payload)
         except OSError:  # a big record's own file could not be written (ENOSPC in the spool)
             self._divert(slot, payload)
             return
@@ -587,14 +592,17 @@ def _close_inherited_read_ends() -> None:
             del _service_read_fds[fd]
 
 
-def install(config: Union[WorkerConfig, str, Dict[str, Any]]) -> SpoolHandler:
+def install(config: Union[WorkerConfig, str, Dict[str, Any]], *,
+            handler_factory: Optional[Callable[[WorkerConfig], SpoolHandler]] = None) -> SpoolHandler:
     """Route this process's root logger to the service. Replaces the root's handlers, and
     removes the handlers a forked child inherited from every logger, so no line is written
-    twice; applies the main process's logger levels. May raise; see worker_init."""
+    twice; applies the main process's logger levels. May raise; see worker_init.
+    ``handler_factory`` makes the handler (the capture of pools started without the
+    initializer uses its own, see _capture)."""
     global _installed
     cfg = _coerce(config)
     _close_inherited_read_ends()
-    handler = SpoolHandler(cfg)
+    handler = (handler_factory or SpoolHandler)(cfg)
     handler.channel._attach()  # claim the slot now: fail here, not in the first logging call
     _drop_inherited_handlers(handler)
     root = logging.getLogger()

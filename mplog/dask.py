@@ -65,6 +65,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple, Union
 import distributed  # type: ignore[import-not-found,unused-ignore]
 
 from ._record import _STANDARD, USER_MESSAGE_KEY, _describe, _message, safe_text
+from . import _capture
 from ._worker import _context
 
 __all__ = ["MplogWorkerPlugin", "DaskLogForwarder", "forward_dask_logs"]
@@ -254,6 +255,9 @@ class MplogWorkerPlugin(distributed.WorkerPlugin):
         self._wake_pending = False
         self._closed = False
         self._loop = worker.loop
+        # A worker process that mplog captured by itself (a LocalCluster started while a
+        # LogService runs) would send each record twice: this explicit route takes over.
+        self._released = _capture.release() is not None
         root = logging.getLogger()
         self._saved_level: Optional[int] = None
         if root.level != logging.NOTSET and root.level > self.level:
@@ -277,6 +281,8 @@ class MplogWorkerPlugin(distributed.WorkerPlugin):
             root.setLevel(self._saved_level)
         self._closed = True
         self.send(final=True)
+        if getattr(self, "_released", False):
+            _capture.resume()
 
     # -- the logging thread's side ----------------------------------------------------------
     def _append(self, flat: Dict[str, Any], failures: int, size: int) -> None:

@@ -21,6 +21,13 @@ import pytest
 
 import mplog
 
+# Scripts the tests run in a subprocess must import the mplog under test, as the listener they
+# start always does, not another copy that happens to be installed (an editable install of
+# another checkout): a service and its listener of two versions cannot talk.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mplog.__file__)))
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != _ROOT:
+    os.environ["PYTHONPATH"] = _ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
 
 HEADER = re.compile(

@@ -71,6 +71,9 @@ def test_demo_on_a_terminal_bar_and_lines_do_not_shred(tmp_path):
     assert re.search(r"align \[#+\] 120/120", text)
     assert "simplified log:" in text and "stop summary:" in text and '"status": "healthy"' in text
     assert (tmp_path / "d" / "demo.debug.log").stat().st_size > 0
+    # The joblib stage: its loky workers, made with no mplog code, logged to the service.
+    assert "stage report done" in (tmp_path / "d" / "demo.log").read_text()
+    assert "summarised" in (tmp_path / "d" / "demo.debug.log").read_text()
 
 
 def test_console_plain_when_not_a_terminal_or_no_color(tmp_path):

@@ -75,7 +75,7 @@ def test_exit_does_not_hang_with_dead_listener(tmp_path):
 
 
 KILLED_MAIN = """
-import logging, sys, time
+import logging, os, sys, time
 import mplog
 
 if __name__ == "__main__":
@@ -84,12 +84,14 @@ if __name__ == "__main__":
     log = logging.getLogger("app")
     for i in range(3000):
         log.info("before kill %d", i)
-    print("LISTENER", svc.health()["listener"]["pid"], flush=True)
+    print("LISTENER", svc.health()["listener"]["pid"], os.environ["MPLOG_CAPTURE"].partition(":")[2], flush=True)
     sys.stdin.read()  # wait to be killed
 """
 
 
 def test_listener_drains_and_exits_when_main_is_sigkilled(tmp_path):
+    """The main process is SIGKILLed: the listener writes every record, notes it, exits, and
+    removes what the main process would have at stop(), its children's capture directory too."""
     logs = tmp_path / "logs"
     env = dict(os.environ)
     p = subprocess.Popen([sys.executable, str(_script(tmp_path, KILLED_MAIN)), str(logs)],
@@ -97,9 +99,12 @@ def test_listener_drains_and_exits_when_main_is_sigkilled(tmp_path):
     try:
         line = p.stdout.readline()
         listener = psutil.Process(int(line.split()[1]))
+        capture_dir = line.split()[2]
+        assert os.path.isfile(os.path.join(capture_dir, "config.json"))
         p.kill()
         p.wait(10)
         listener.wait(10)  # raises TimeoutExpired if it lingers as an orphan
+        assert not os.path.exists(capture_dir)
     finally:
         if p.poll() is None:
             p.kill()

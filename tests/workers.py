@@ -210,3 +210,64 @@ def log_thread_and_age(tag: str) -> Tuple[int, int, float]:
     finally:
         log.removeFilter(keep)
     return os.getpid(), threading.get_ident(), seen["rel"]
+
+
+# -- helpers for test_capture (pools made without the initializer) ---------------------------
+def log_tagged(tag: str) -> int:
+    """Log one INFO record naming ``tag``; return this worker's pid."""
+    logging.getLogger("t.capture").info("capture %s", tag)
+    return os.getpid()
+
+
+def shutdown_loky() -> None:
+    """Stop this process's reusable loky executor (joblib's too), if one runs, and its workers."""
+    import sys
+    for name in ("joblib.externals.loky.reusable_executor", "loky.reusable_executor"):
+        module = sys.modules.get(name)
+        executor = getattr(module, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True, kill_workers=True)
+
+
+def nested_joblib(tag: str) -> list:
+    """Inside a loky worker, a loky Parallel of its own, made without the initializer."""
+    import joblib
+    try:
+        return joblib.Parallel(n_jobs=2, backend="loky")(
+            joblib.delayed(log_tagged)(f"{tag}-{i}") for i in range(4))
+    finally:
+        shutdown_loky()  # its workers must not outlive this one
+
+
+def nested_executor(args: Tuple[str, str]) -> list:
+    """Inside a worker, a ProcessPoolExecutor of ``method``, made without the initializer."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    method, tag = args
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method)) as pool:
+        return list(pool.map(log_tagged, [f"{tag}-{i}" for i in range(4)]))
+
+
+def log_past_the_service(tag: str) -> Tuple[int, list, list]:
+    """Log one WARNING with ``logging.lastResort`` replaced by a recorder: returns the pid, the
+    messages that reached lastResort (where logging sends a record no handler takes), and the
+    root's handler class names."""
+    seen: list = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    saved = logging.lastResort
+    logging.lastResort = Recorder(logging.WARNING)
+    try:
+        logging.getLogger("t.capture").warning("capture %s", tag)
+    finally:
+        logging.lastResort = saved
+    return os.getpid(), seen, [type(h).__name__ for h in logging.getLogger().handlers]
+
+
+def child_state(_: Any) -> Tuple[int, list, Any, Any]:
+    """This process's pid, root handler class names, MPLOG_CAPTURE and the chained marker."""
+    return (os.getpid(), [type(h).__name__ for h in logging.getLogger().handlers],
+            os.environ.get("MPLOG_CAPTURE"), os.environ.get("MPLOG_TEST_CHAINED"))
