@@ -69,6 +69,9 @@ class WorkerConfig:
     # for queue_size, _spool.ring_capacity).
     queue_size: int = 10000
     ring_bytes: int = 0
+    # The main process that owns the service: every other process is watched (see _process).
+    owner_pid: int = 0
+    capture_output: bool = False  # fd 1 and 2 of each worker become records (see _capture)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -157,6 +160,7 @@ class ServiceConfig:
     compress: bool = False
     syslog: Optional[Tuple[str, int]] = None
     syslog_level: int = logging.DEBUG
+    capture_output: bool = False
 
     @property
     def simplified_path(self) -> Path:
@@ -254,8 +258,9 @@ class ServiceConfig:
             values["syslog"] = (target[0], target[1])
         if "syslog_level" in options:
             values["syslog_level"] = parse_level("syslog_level", options["syslog_level"])
-        if "capture_warnings" in options:
-            if not isinstance(options["capture_warnings"], bool):
-                raise ValueError(f"capture_warnings: expected True or False, got {options['capture_warnings']!r}")
-            values["capture_warnings"] = options["capture_warnings"]
+        for key in ("capture_warnings", "capture_output"):
+            if key in options:
+                if not isinstance(options[key], bool):
+                    raise ValueError(f"{key}: expected True or False, got {options[key]!r}")
+                values[key] = options[key]
         return cls(directory=path, name=name, **values)

@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 from ._config import ListenerConfig, ServiceConfig, WorkerConfig
 from ._counters import Counters
 from ._health import Health, down_report
+from ._process import ExceptionHooks
 from ._spool import (SPOOL_MAX_AGE_S, clean_spools, list_spools, remove_spool, ring_capacity, spool_prefix,
                      spool_root, unwritten_records, write_owner)
 from ._supervisor import Supervisor, write_health_file
@@ -87,6 +88,7 @@ class LogService:
         self._flush_lock = threading.Lock()
         self._ps_main: Any = None
         self._saved_signals: list = []
+        self._hooks: Optional[ExceptionHooks] = None
 
     # -- paths and configs -----------------------------------------------------------------
     @property
@@ -166,7 +168,8 @@ class LogService:
             service_id=uuid.uuid4().hex,
             # Custom formats and syslog need the record's fields in the listener.
             preformat=cfg.simplified_format is None and cfg.full_format is None and cfg.syslog is None,
-            simplified_level=cfg.simplified_level, queue_size=cfg.queue_size, ring_bytes=self._ring_bytes)
+            simplified_level=cfg.simplified_level, queue_size=cfg.queue_size, ring_bytes=self._ring_bytes,
+            owner_pid=os.getpid(), capture_output=cfg.capture_output)
         colour = (cfg.console is not None and sys.stderr is not None and sys.stderr.isatty()
                   and not os.environ.get("NO_COLOR"))
         listener = ListenerConfig(
@@ -197,6 +200,8 @@ class LogService:
         root.setLevel(cfg.level)
         if cfg.capture_warnings:
             logging.captureWarnings(True)
+        # Uncaught exceptions of the main process and its threads are logged, then printed.
+        self._hooks = ExceptionHooks(bootstrap=False)
         self._supervisor.write_health_file()
 
     def _send_control(self, kind: int, payload: bytes, deadline: Optional[float]) -> bool:
@@ -294,6 +299,9 @@ class LogService:
             return self._final
 
     def _restore_root(self) -> None:
+        if self._hooks is not None:
+            self._hooks.uninstall()
+            self._hooks = None
         root = logging.getLogger()
         if self._handler is not None:
             uninstall(self._handler)

@@ -39,7 +39,7 @@ import os
 import shutil
 import struct
 import time
-from typing import TYPE_CHECKING, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Container, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 from zlib import crc32
 
 from ._counters import S_PID, S_RING
@@ -249,6 +249,8 @@ class RingReader:
         self.done = self.words[W_DONE]
         self.bad_since = 0.0  # when an entry first failed its check at ``pos``
         self.corrupt = 0  # records skipped because they failed their check for good
+        self.last: Optional[bytes] = None  # the latest payload taken (for the record of its end)
+        self.stamped: Optional[bytes] = None  # the one whose time is in the slot (S_LAST_NS)
 
     def close(self) -> None:
         try:
@@ -545,6 +547,7 @@ class SpoolReader:
         self._turn = 0
         self.corrupt = 0
         self.retired = 0
+        self.gone: Set[int] = set()  # slots whose process ended: a bad entry will never mend
 
     def refresh(self) -> None:
         """Open the rings of processes that started logging since the last look."""
@@ -573,7 +576,7 @@ class SpoolReader:
             if ring.pos >= ring.words[W_HEAD]:
                 continue
             before = ring.corrupt
-            t = ring.take(left)
+            t = ring.take(left, ring.slot in self.gone)
             if ring.corrupt != before:
                 self.corrupt += ring.corrupt - before
             if t.pos != ring.words[W_TAIL]:
@@ -599,17 +602,21 @@ class SpoolReader:
     def producers_alive(self) -> List[int]:
         return [r.pid for r in self.rings.values() if process_alive(r.pid, r.start)]
 
-    def retire(self) -> int:
+    def retire(self, keep: Container[int] = ()) -> int:
         """Close and remove the rings of processes that are gone, once they are empty (worker
-        churn must not fill the spool). Returns how many."""
+        churn must not fill the spool), but not those in ``keep`` (the end of their process is
+        not written yet). Returns how many."""
         gone = 0
         for index, ring in list(self.rings.items()):
+            if index in keep:
+                continue
             if ring.empty() and ring.pos == ring.words[W_HEAD] and not process_alive(ring.pid, ring.start):
                 # Read once more: the producer may have published between the two checks.
                 if not ring.empty():
                     continue
                 ring.close()
                 del self.rings[index]
+                self.gone.discard(index)
                 for path in [ring.path] + glob.glob(glob.escape(ring.path) + ".*"):
                     try:
                         os.unlink(path)

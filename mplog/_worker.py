@@ -23,9 +23,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from ._config import WorkerConfig
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
+from . import _process
 from ._format import Preformatter
 from ._record import TEXT_VERSION, _make, deserialize, flatten, sanitize, serialize
-from ._spool import RingWriter, ring_capacity
+from ._spool import RingWriter, _process_start, ring_capacity
 from ._transport import K_WAKE, FifoWriter
 
 __all__ = ["MPQueueHandler", "Channel", "worker_init", "install", "uninstall", "context",
@@ -91,9 +92,14 @@ class Channel:
         if self._pid != pid or self._counters is None:
             if self._counters is None:
                 self._counters = Counters.open(self.config.counters_path)
-            self._slot = self._counters.claim_slot(pid)
+            slot = self._slot = self._counters.claim_slot(pid, _process_start(pid), _process.process_name())
             self._ring = None  # a forked child's copy of the parent's ring is not its own
             self._pid = pid
+            if pid != self.config.owner_pid:
+                # Once per process: leave what tells the listener how it ends (see _process),
+                # and ring, so that the listener watches it from now, not from its next look.
+                _process.watch(slot, os.path.dirname(self.config.counters_path), self.config.capture_output)
+                self._ring_bell()
         return self._counters
 
     def after_fork(self) -> None:
@@ -249,7 +255,7 @@ class Channel:
                 line = prefix + (rec.simple or rec.full)
             else:
                 line = prefix + SimplifiedFormatter().format(rec)
-            os.write(2, line.encode("utf-8", "backslashreplace"))
+            os.write(_process.err_fd(), line.encode("utf-8", "backslashreplace"))
         except Exception:
             pass  # stderr itself is gone; the record is already counted
 
@@ -276,7 +282,7 @@ class Channel:
             reason = why or f"the log spool is full (overflow={self.config.overflow!r})"
             msg = f"mplog: {n} record(s) dropped by process {os.getpid()}: {reason}\n"
             try:
-                os.write(2, msg.encode("utf-8", "backslashreplace"))
+                os.write(_process.err_fd(), msg.encode("utf-8", "backslashreplace"))
             except OSError:
                 pass
 
@@ -335,6 +341,7 @@ def _channel_for(config: WorkerConfig) -> Channel:
 
 
 def _after_fork_in_child() -> None:
+    _process.after_fork_in_child()
     for channel in _channels.values():
         channel.after_fork()
 
