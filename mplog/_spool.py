@@ -607,6 +607,7 @@ class SpoolReader:
         churn must not fill the spool), but not those in ``keep`` (the end of their process is
         not written yet). Returns how many."""
         gone = 0
+        names: Optional[List[str]] = None  # the spool's files, listed once for every ring retired
         for index, ring in list(self.rings.items()):
             if index in keep:
                 continue
@@ -617,7 +618,13 @@ class SpoolReader:
                 ring.close()
                 del self.rings[index]
                 self.gone.discard(index)
-                for path in [ring.path] + glob.glob(glob.escape(ring.path) + ".*"):
+                if names is None:
+                    try:
+                        names = os.listdir(self.runtime)
+                    except OSError:
+                        names = []
+                base = os.path.basename(ring.path) + "."  # its big records' files
+                for path in [ring.path] + [os.path.join(self.runtime, n) for n in names if n.startswith(base)]:
                     try:
                         os.unlink(path)
                     except OSError:

@@ -21,6 +21,12 @@ import pytest
 
 import mplog
 
+# Scripts the tests run with ``python script.py`` must import this checkout's mplog, not whatever
+# ``pip install -e`` points at (another worktree, say): its listener would be this checkout's
+# (``python -m mplog._listener`` from the current directory) and the two would not match.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
 
 HEADER = re.compile(
