@@ -37,8 +37,8 @@ HEADER_WORDS = 128
 _TEXT_WORD, _TEXT_BYTES = 96, 256  # words 96..127: the listener's last error, as UTF-8
 SLOT_FIELDS = ("pid", "sent", "dropped", "replaced", "diverted", "ring", "seen", "errors",
                # who the process is and how it ended (see _process and _exits)
-               "start", "wstate", "last_ns", "death", "death_ns", "name", "name+8", "name+16")
-SLOT_WORDS = 16
+               "start", "wstate", "last_ns", "death", "death_ns", "name")  # name: the last 11 words
+SLOT_WORDS = 24
 # Word offsets inside a slot. The process writes all but ``seen``, ``last_ns``, ``death`` and
 # ``death_ns``, which the listener writes.
 S_PID, S_SENT, S_DROPPED, S_REPLACED, S_DIVERTED, S_RING, S_SEEN, S_ERRORS = range(8)
@@ -47,9 +47,11 @@ S_WSTATE = 9  # the process's own word: what it watches (W_*) and how it exited 
 S_LAST_NS = 10  # the listener's: when the latest record it wrote from this process was logged
 S_DEATH = 11  # the listener's: how the process ended (see _exits.pack), 0 while it runs
 S_DEATH_NS = 12  # the listener's: when it saw the process end
-S_NAME, NAME_BYTES = 13, 24  # words 13..15: the process name, UTF-8, NUL-padded (cut at 24 bytes)
+# Words 13..23: the process name, UTF-8, NUL-padded, cut at 88 bytes (a nested pool's worker
+# is "ForkServerPoolWorker-12:3"; 24 bytes were too few).
+S_NAME, NAME_BYTES = 13, 88
 MAX_SLOTS = 1 << 16
-_MAGIC = 0x6D706C6F67310003  # layout 3: 16-word slots
+_MAGIC = 0x6D706C6F67310003  # layout 3: 24-word slots
 
 # S_WSTATE bits. Set at the claim: what this process has mplog watch.
 W_FAULTS = 1 << 0  # faulthandler writes this process's crash stacks to ``fault.<slot>``
@@ -59,7 +61,7 @@ X_CLEAN = 1 << 8  # it reached its normal exit (multiprocessing's exit function,
 X_CODE_KNOWN = 1 << 9  # ... and knew its exit status, in the bits X_CODE_SHIFT.. (0..255)
 X_UNCAUGHT = 1 << 10  # an uncaught exception ended its main thread (a Process target)
 X_CODE_SHIFT = 16
-_SIZE = 8 * (HEADER_WORDS + SLOT_WORDS * MAX_SLOTS)  # 8 MiB, sparse on tmpfs: 128 bytes a process
+_SIZE = 8 * (HEADER_WORDS + SLOT_WORDS * MAX_SLOTS)  # 12 MiB, sparse on tmpfs: 192 bytes a process
 
 STATE_STARTING, STATE_RUNNING, STATE_DEGRADED, STATE_STOPPING, STATE_STOPPED = range(5)
 STATE_NAMES = ("starting", "running", "degraded", "stopping", "stopped")

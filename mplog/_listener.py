@@ -235,15 +235,20 @@ class Listener:
     # -- how processes end -----------------------------------------------------------------
     def on_exits(self, events: List[Tuple[int, int]]) -> None:
         by_fd = self.watch.by_fd
-        for fd, _ev in events:
-            w = by_fd.get(fd)
-            if w is not None:
-                self.on_exit(w)
+        ended = [by_fd[fd] for fd, _ev in events if fd in by_fd]
+        # Every status first: a zombie's parent may reap it at any moment. Then the ends in
+        # the order they explain each other: a pool stops its other workers (SIGTERM) after
+        # one of them died.
+        statuses = [(w, self.watch.status(w)) for w in ended]
+        statuses.sort(key=lambda ws: ws[1] is not None and ws[1] & 0x7F in (signal.SIGTERM, signal.SIGINT))
+        for w, status in statuses:
+            self.on_exit(w, status)
 
-    def on_exit(self, w: Watched) -> None:
+    def on_exit(self, w: Watched, status: Optional[int] = None) -> None:
         """A process of the service ended: write what it left (its ring, its captured output),
         then one record saying how it ended, attributed to it; then mark its slot."""
-        status = self.watch.status(w)  # first: a zombie's parent may reap it at any moment
+        if status is None:
+            status = self.watch.status(w)
         for fd in ([w.fd] if w.fd >= 0 else []):
             for poller in self.pollers:
                 try:
@@ -251,6 +256,7 @@ class Listener:
                 except (KeyError, ValueError):
                     pass
         self.intake.gone.add(w.slot)  # a torn last entry is skipped, not waited for
+        self.intake.refresh()  # a ring it opened just before it died: its records come first
         ring = self.intake.rings.get(w.slot)
         deadline = time.monotonic() + 2.0
         while ring is not None and ring.pos < ring.words[W_HEAD] and time.monotonic() < deadline:
