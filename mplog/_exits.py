@@ -60,6 +60,7 @@ _PIDFD_INFO_EXIT = 1 << 3
 _PIDFD_INFO_SIZE = 64  # struct pidfd_info, version 0
 _PIDFD_GET_INFO = (3 << 30) | (_PIDFD_INFO_SIZE << 16) | (0xFF << 8) | 11  # _IOWR(PIDFS_IOCTL_MAGIC, 11, ...)
 _EXIT_CODE_AT = 8 + 8 + 4 * 11  # mask, cgroupid, 11 ids: then __s32 exit_code
+_PF_EXITING = 0x4  # /proc/<pid>/stat field 9: the process has begun to exit
 _pidfd_info_works = True  # until the kernel says it has no such ioctl
 
 try:
@@ -112,10 +113,10 @@ def pidfd_exit_status(fd: int) -> Optional[int]:
 
 
 def zombie_exit_status(pid: int, start: int) -> Optional[int]:
-    """The wait status of ``pid`` while it is a zombie, if it is still the process that
-    started at ``start`` ticks (``/proc/<pid>/stat`` field 52, Linux 3.5+)."""
+    """The wait status of ``pid`` while it is a zombie (or being reaped: ``X``), if it is still
+    the process that started at ``start`` ticks (``/proc/<pid>/stat`` field 52, Linux 3.5+)."""
     fields = proc_stat(pid)
-    if fields is None or len(fields) < 50 or fields[0] != b"Z":
+    if fields is None or len(fields) < 50 or fields[0] not in (b"Z", b"X"):
         return None
     try:
         if start and int(fields[19]) != start:
@@ -277,7 +278,7 @@ def payload_summary(payload: bytes) -> Optional[Tuple[float, str]]:
 K_SIGNAL, K_EXIT, K_UNKNOWN = 1, 2, 3
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Watched:
     """A process the listener watches: from its slot, and what the listener opened for it."""
 
@@ -567,16 +568,48 @@ class ExitWatch:
             p.register(fd, select.POLLIN)
         return [self.by_fd[fd] for fd, _ev in p.poll(timeout_ms) if fd in self.by_fd]
 
+    def wait_dying(self, ppids: "set[int]", known: "set[Watched]", deadline: float) -> List[Watched]:
+        """Watched children of ``ppids`` that are exiting now (``PF_EXITING``: killed, their
+        memory still being freed), once they have ended, or by ``deadline``."""
+        dying = []
+        for w in self.by_fd.values():
+            if w in known or w.ppid not in ppids:
+                continue
+            fields = proc_stat(w.pid)
+            try:
+                if fields is None or fields[0] in (b"Z", b"X") or int(fields[6]) & _PF_EXITING:
+                    dying.append(w)
+            except (IndexError, ValueError):
+                pass
+        ended: List[Watched] = []
+        while dying:
+            p = select.poll()
+            for w in dying:
+                p.register(w.fd, select.POLLIN)
+            left = deadline - time.monotonic()
+            ready = {fd for fd, _ev in p.poll(max(0, int(left * 1000)))} if left > 0 else set()
+            if not ready:
+                break
+            ended += [w for w in dying if w.fd in ready]
+            dying = [w for w in dying if w.fd not in ready]
+        return ended
+
     def status(self, w: Watched) -> Optional[int]:
         """The ended process's wait status: from the pidfd (reaped), else from /proc (zombie),
         else from the pidfd again (reaped in between). Call it first: a zombie may be reaped
         at any moment."""
-        st = pidfd_exit_status(w.fd)
-        if st is None:
-            st = zombie_exit_status(w.pid, w.start)
-        if st is None:
+        deadline = time.monotonic() + 0.05
+        while True:
             st = pidfd_exit_status(w.fd)
-        return st
+            if st is None:
+                st = zombie_exit_status(w.pid, w.start)
+            if st is None:
+                st = pidfd_exit_status(w.fd)
+            # Being reaped right now: the parent has taken the zombie and the pidfd's exit
+            # information is set a moment later (release_task). A bounded retry.
+            if st is not None or not _pidfd_info_works or w.fd < 0 or time.monotonic() >= deadline:
+                return st
+            time.sleep(0.001)
 
     def leftovers(self, w: Watched) -> List[Record]:
         """What the process wrote to its captured stdout/stderr and never read itself: one

@@ -236,10 +236,19 @@ class Listener:
     def on_exits(self, events: List[Tuple[int, int]]) -> None:
         by_fd = self.watch.by_fd
         ended = [by_fd[fd] for fd, _ev in events if fd in by_fd]
+        if not ended:
+            return
         # Every status first: a zombie's parent may reap it at any moment. Then the ends in
         # the order they explain each other: a pool stops its other workers (SIGTERM) after
         # one of them died.
         statuses = [(w, self.watch.status(w)) for w in ended]
+        stopped = [w for w, st in statuses if st is not None and st & 0x7F in (signal.SIGTERM, signal.SIGINT)]
+        if stopped:
+            # The pool saw its worker die when the worker's pipes closed, early in its exit; a
+            # big process becomes a zombie (readable pidfd) only after its memory is freed,
+            # maybe after the siblings the pool then stopped: wait for those still dying.
+            for w in self.watch.wait_dying({w.ppid for w in stopped}, set(ended), time.monotonic() + 2.0):
+                statuses.append((w, self.watch.status(w)))
         statuses.sort(key=lambda ws: ws[1] is not None and ws[1] & 0x7F in (signal.SIGTERM, signal.SIGINT))
         for w, status in statuses:
             self.on_exit(w, status)
