@@ -307,6 +307,7 @@ class Exit:
     oom: Tuple[str, int] = ("", -1)  # for a SIGKILL (or an unknown end): OomCounter's verdict
     oom_file: str = ""
     collateral_of: int = 0  # a SIGTERM right after a sibling died: the pid of that sibling
+    unseen: bool = False  # it was gone when the listener first looked (no pidfd, no status)
     kind: int = K_UNKNOWN
     value: int = 0
     core: bool = False
@@ -433,6 +434,9 @@ def describe(e: Exit) -> Tuple[Optional[int], str, Dict[str, str], Optional[str]
         how = f"exited with status {e.value}"
         hint = ("after an uncaught exception (logged before this)" if e.wstate & X_UNCAUGHT
                 else "sys.exit() or os._exit() with that status")
+    elif e.unseen:
+        how = "ended before the listener could watch it, without a clean exit (exit status unknown)"
+        hint = f"so a signal or os._exit(); the OOM killer is the usual sender of a SIGKILL ({_oom_text(e)})"
     else:
         how = "ended without a clean exit (exit status unknown)"
         hint = f"so a SIGKILL or os._exit(); the OOM killer is the usual sender of a SIGKILL ({_oom_text(e)})"
@@ -639,7 +643,8 @@ class ExitWatch:
         slot = self.counters.slot(w.slot)
         wstate = slot.get(S_WSTATE)
         e = Exit(pid=w.pid, name=w.name, status=status, wstate=wstate, started=start_wall(w.start),
-                 ended=time.time(), fault=read_fault(self.runtime, w.slot) if wstate & W_FAULTS else "")
+                 ended=time.time(), fault=read_fault(self.runtime, w.slot) if wstate & W_FAULTS else "",
+                 unseen=w.fd < 0 and status is None)
         if last is not None:
             e.last = payload_summary(last)
         if e.last is None and slot.get(S_LAST_NS):

@@ -269,7 +269,7 @@ class Listener:
         ring = self.intake.rings.get(w.slot)
         deadline = time.monotonic() + 2.0
         while ring is not None and ring.pos < ring.words[W_HEAD] and time.monotonic() < deadline:
-            if not self.pump():
+            if not self.pump(ring):  # its records, and no one else's, before the record of its end
                 break
         for rec in self.watch.leftovers(w):
             self.batch.add_record(rec)
@@ -293,9 +293,10 @@ class Listener:
         c.set("syslog_pending", st["pending"] + st["in_flight"])
 
     # -- records -------------------------------------------------------------------------
-    def pump(self) -> int:
-        """Take one batch from the spool, write it, commit it. Returns the records taken."""
-        taken = self.intake.take(self.flush_count)
+    def pump(self, only: Optional[RingReader] = None) -> int:
+        """Take one batch from the spool (or from the ring ``only``), write it, commit it.
+        Returns the records taken."""
+        taken = self.intake.take(self.flush_count, only)
         if not taken:
             return 0
         n = 0

@@ -564,15 +564,20 @@ class SpoolReader:
                 except OSError:
                     pass  # removed already (a recovered spool), or not a ring: nothing to read
 
-    def take(self, limit: int) -> List[Tuple[RingReader, Taken]]:
-        """Up to ``limit`` records, from the rings in turn (not committed: see _journal)."""
+    def take(self, limit: int, only: Optional[RingReader] = None) -> List[Tuple[RingReader, Taken]]:
+        """Up to ``limit`` records, from the rings in turn, or from ``only`` (not committed:
+        see _journal)."""
         out: List[Tuple[RingReader, Taken]] = []
-        rings = list(self.rings.values())
-        if not rings:
-            return out
-        self._turn = (self._turn + 1) % len(rings)
+        if only is not None:
+            rings = [only]
+        else:
+            rings = list(self.rings.values())
+            if not rings:
+                return out
+            self._turn = (self._turn + 1) % len(rings)
+            rings = rings[self._turn:] + rings[:self._turn]
         left = limit
-        for ring in rings[self._turn:] + rings[:self._turn]:
+        for ring in rings:
             if ring.pos >= ring.words[W_HEAD]:
                 continue
             before = ring.corrupt

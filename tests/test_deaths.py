@@ -78,6 +78,9 @@ def test_pool_worker_crashes_are_named_in_both_logs(service, ctx):
             pool.apply_async(workers.crash, (kind,))
             _exits_of(svc, n)
         wait_for(lambda: svc.health()["workers"]["live"] == 1, what="the pool's replacement worker")
+        # Once flush() returns the listener has seen every slot claimed before it, so it watches
+        # the replacement (a process killed before the listener saw it has no known status).
+        assert svc.flush(30)
     finally:
         pool.terminate()
         pool.join()
