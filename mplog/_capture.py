@@ -117,9 +117,9 @@ class Capture:
                 for s in self.streams:
                     self._flush_partial(s)
             for fd, _ev in events:
-                s = by_fd.get(fd)
-                if s is not None:
-                    self._read(s)
+                ready = by_fd.get(fd)
+                if ready is not None:
+                    self._read(ready)
         for s in self.streams:  # stopping: what is left, then a last line without its newline
             self._read(s)
             self._flush_partial(s)

@@ -37,19 +37,21 @@ HEADER_WORDS = 128
 _TEXT_WORD, _TEXT_BYTES = 96, 256  # words 96..127: the listener's last error, as UTF-8
 SLOT_FIELDS = ("pid", "sent", "dropped", "replaced", "diverted", "ring", "seen", "errors",
                # who the process is and how it ended (see _process and _exits)
-               "start", "wstate", "last_ns", "death", "death_ns", "name")  # name: the last 11 words
+               "start", "wstate", "last_ns", "death", "death_ns", "watched", "ppid", "name")  # name: 9 words
 SLOT_WORDS = 24
-# Word offsets inside a slot. The process writes all but ``seen``, ``last_ns``, ``death`` and
-# ``death_ns``, which the listener writes.
+# Word offsets inside a slot. The process writes all but ``seen``, ``last_ns``, ``death``,
+# ``death_ns`` and ``watched``, which the listener writes.
 S_PID, S_SENT, S_DROPPED, S_REPLACED, S_DIVERTED, S_RING, S_SEEN, S_ERRORS = range(8)
 S_START = 8  # the process's start time in clock ticks after boot: with the pid, its identity
 S_WSTATE = 9  # the process's own word: what it watches (W_*) and how it exited (X_*)
 S_LAST_NS = 10  # the listener's: when the latest record it wrote from this process was logged
 S_DEATH = 11  # the listener's: how the process ended (see _exits.pack), 0 while it runs
 S_DEATH_NS = 12  # the listener's: when it saw the process end
-# Words 13..23: the process name, UTF-8, NUL-padded, cut at 88 bytes (a nested pool's worker
-# is "ForkServerPoolWorker-12:3"; 24 bytes were too few).
-S_NAME, NAME_BYTES = 13, 88
+S_WATCHED = 13  # the listener's: 1 once it holds a pidfd for the process
+S_PPID = 14  # the process's parent when it claimed the slot
+# Words 15..23: the process name, UTF-8, NUL-padded, cut at 72 bytes (a nested pool's worker
+# is "ForkServerPoolWorker-12:3"; the 24 bytes a 16-word slot had left were too few).
+S_NAME, NAME_BYTES = 15, 72
 MAX_SLOTS = 1 << 16
 _MAGIC = 0x6D706C6F67310003  # layout 3: 24-word slots
 
@@ -130,9 +132,9 @@ class Counters:
         return self._mm[start:start + _TEXT_BYTES].split(b"\0", 1)[0].decode("utf-8", "replace")
 
     # -- per-process slots ----------------------------------------------------------------
-    def claim_slot(self, pid: int, start: int = 0, name: str = "") -> "Slot":
-        """A fresh slot for ``pid`` (started at ``start`` ticks, called ``name``). Never reused:
-        a dead process's counts stay in the sums."""
+    def claim_slot(self, pid: int, start: int = 0, name: str = "", ppid: int = 0) -> "Slot":
+        """A fresh slot for ``pid`` (started at ``start`` ticks, called ``name``, child of
+        ``ppid``). Never reused: a dead process's counts stay in the sums."""
         words = self.words
         fcntl.lockf(self._fd, fcntl.LOCK_EX, 8, 8 * _INDEX["slots_used"], os.SEEK_SET)
         try:
@@ -146,6 +148,7 @@ class Counters:
             # without its pid (the listener watches processes from these words).
             words[base + S_PID] = pid
             words[base + S_START] = start
+            words[base + S_PPID] = ppid
             raw = name.encode("utf-8", "replace")[:NAME_BYTES]
             while raw:
                 try:

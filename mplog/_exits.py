@@ -48,8 +48,8 @@ import time
 from typing import Deque, Dict, List, Optional, Tuple
 
 from ._capture import MAX_LINE, STREAMS
-from ._counters import (S_DEATH, S_DEATH_NS, S_LAST_NS, S_PID, S_START, S_WSTATE, W_CAPTURE, W_FAULTS, X_CLEAN,
-                        X_CODE_KNOWN, X_CODE_SHIFT, X_UNCAUGHT, Counters)
+from ._counters import (S_DEATH, S_DEATH_NS, S_LAST_NS, S_PID, S_PPID, S_START, S_WATCHED, S_WSTATE, W_CAPTURE,
+                        W_FAULTS, X_CLEAN, X_CODE_KNOWN, X_CODE_SHIFT, X_UNCAUGHT, Counters)
 from ._record import TAG_FIELDS, TAG_TEXT, Record, make_record
 
 __all__ = ["Exit", "ExitWatch", "Watched", "describe", "exit_cause", "fault_signal", "pack", "unpack",
@@ -519,7 +519,7 @@ class ExitWatch:
             pid = slot.get(S_PID)
             if pid <= 0 or pid == self.owner_pid or slot.get(S_DEATH):
                 continue  # the service's owner, a slot not in use, or an end already written
-            w = Watched(index, pid, slot.get(S_START), c.slot_name(index))
+            w = Watched(index, pid, slot.get(S_START), c.slot_name(index), ppid=slot.get(S_PPID))
             self.by_slot[index] = w
             try:
                 w.fd = os.pidfd_open(pid)  # type: ignore[attr-defined]
@@ -528,13 +528,13 @@ class ExitWatch:
             fields = proc_stat(pid)
             same = fields is not None and len(fields) > 19 and (not w.start or int(fields[19]) == w.start)
             if fields is not None and same:
-                w.ppid = int(fields[1])
                 path = _oom_file(pid)
                 if path is not None:
                     w.oom = self._oom.get(path) or self._oom.setdefault(path, OomCounter(path))
             if w.fd >= 0 and same:
                 self.by_fd[w.fd] = w
                 fds.append(w.fd)
+                slot.set(S_WATCHED, 1)  # worker_init waits for this
             else:  # already gone (its pid maybe reused): nothing to wait for
                 if w.fd >= 0:
                     os.close(w.fd)

@@ -32,7 +32,8 @@ import sys
 import threading
 from typing import Any, Callable, List, Optional
 
-from ._counters import S_WSTATE, W_CAPTURE, W_FAULTS, X_CLEAN, X_CODE_KNOWN, X_CODE_SHIFT, X_UNCAUGHT, Slot
+from ._counters import (S_WATCHED, S_WSTATE, STATE_STOPPED, STATE_STOPPING, W_CAPTURE, W_FAULTS, X_CLEAN, X_CODE_KNOWN, X_CODE_SHIFT,
+                        X_UNCAUGHT, Counters, Slot)
 
 __all__ = ["ExceptionHooks", "after_fork_in_child", "err_fd", "process_name", "watch"]
 
@@ -154,6 +155,20 @@ def watch(slot: Slot, runtime: str, capture: bool) -> None:
         ExceptionHooks.install_in_process()
     except Exception as exc:
         _say(f"mplog: cannot watch process {os.getpid()}: {type(exc).__name__}: {exc}\n")
+
+
+def wait_watched(slot: Slot, counters: Counters, timeout: float) -> bool:
+    """Wait until the listener watches this process (it rang the doorbell when it claimed its
+    slot), for ``timeout`` seconds at most, and only while the service runs. True if it does."""
+    import time
+    deadline = time.monotonic() + timeout
+    pause = 0.0001
+    while not slot.get(S_WATCHED):
+        if counters.get("state") in (STATE_STOPPING, STATE_STOPPED) or time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)  # a bounded wait on a word the listener sets
+        pause = min(pause * 2, 0.002)
+    return True
 
 
 def after_fork_in_child() -> None:

@@ -92,7 +92,8 @@ class Channel:
         if self._pid != pid or self._counters is None:
             if self._counters is None:
                 self._counters = Counters.open(self.config.counters_path)
-            slot = self._slot = self._counters.claim_slot(pid, _process_start(pid), _process.process_name())
+            slot = self._slot = self._counters.claim_slot(pid, _process_start(pid), _process.process_name(),
+                                                          os.getppid())
             self._ring = None  # a forked child's copy of the parent's ring is not its own
             self._pid = pid
             if pid != self.config.owner_pid:
@@ -188,7 +189,7 @@ class Channel:
                 self._divert(slot, payload)
                 return
         try:
-            ok = ring.write(payload)
+            ok: Optional[bool] = ring.write(payload)
         except OSError:  # a big record's own file could not be written (ENOSPC in the spool)
             self._divert(slot, payload)
             return
@@ -328,6 +329,7 @@ class MPQueueHandler(logging.handlers.QueueHandler):
 
 
 # -- per-process installation ---------------------------------------------------------------
+_WATCH_WAIT = 0.05  # seconds worker_init waits, at most, for the listener to watch it
 _channels: Dict[str, Channel] = {}
 _installed: Optional[MPQueueHandler] = None
 _service_read_fds: Dict[int, int] = {}  # fd -> pid of the main process that owns it
@@ -380,7 +382,12 @@ def install(config: Union[WorkerConfig, str, Dict[str, Any]]) -> MPQueueHandler:
     cfg = _coerce(config)
     _close_inherited_read_ends()
     handler = MPQueueHandler(cfg)
-    handler.queue._attach()  # claim the slot now: fail here, not in the first logging call
+    counters = handler.queue._attach()  # claim the slot now: fail here, not in the first logging call
+    slot = handler.queue._slot
+    if slot is not None and os.getpid() != cfg.owner_pid:
+        # A worker that dies a few ms after it starts (its first task crashes) must not die
+        # before the listener holds a pidfd for it, or its exit status is lost: wait, briefly.
+        _process.wait_watched(slot, counters, _WATCH_WAIT)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
