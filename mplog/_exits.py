@@ -51,6 +51,7 @@ from ._capture import MAX_LINE, STREAMS
 from ._counters import (S_DEATH, S_DEATH_NS, S_LAST_NS, S_PID, S_PPID, S_START, S_WATCHED, S_WSTATE, W_CAPTURE,
                         W_FAULTS, X_CLEAN, X_CODE_KNOWN, X_CODE_SHIFT, X_UNCAUGHT, Counters)
 from ._record import TAG_FIELDS, TAG_TEXT, Record, make_record
+from ._spool import process_alive
 
 __all__ = ["Exit", "ExitWatch", "Watched", "describe", "exit_cause", "fault_signal", "pack", "unpack",
            "OomCounter", "start_wall"]
@@ -62,6 +63,7 @@ _PIDFD_GET_INFO = (3 << 30) | (_PIDFD_INFO_SIZE << 16) | (0xFF << 8) | 11  # _IO
 _EXIT_CODE_AT = 8 + 8 + 4 * 11  # mask, cgroupid, 11 ids: then __s32 exit_code
 _PF_EXITING = 0x4  # /proc/<pid>/stat field 9: the process has begun to exit
 _pidfd_info_works = True  # until the kernel says it has no such ioctl
+_HAS_PIDFD = hasattr(os, "pidfd_open")
 
 try:
     _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -290,6 +292,7 @@ class Watched:
     fd: int = -1  # its pidfd
     oom: Optional[OomCounter] = None
     fifos: List[Tuple[int, str, int]] = dataclasses.field(default_factory=list)  # (fd, logger, level)
+    unseen: bool = False  # gone when the listener first looked at its slot
 
 
 @dataclasses.dataclass
@@ -535,14 +538,23 @@ class ExitWatch:
                 self.by_fd[w.fd] = w
                 fds.append(w.fd)
                 slot.set(S_WATCHED, 1)  # worker_init waits for this
+            elif not _HAS_PIDFD and process_alive(pid, w.start):
+                slot.set(S_WATCHED, 1)  # no pidfds here (not Linux): looked at once a second
             else:  # already gone (its pid maybe reused): nothing to wait for
                 if w.fd >= 0:
                     os.close(w.fd)
                     w.fd = -1
+                w.unseen = True
                 gone.append(w)
         self._scanned = used
         self.open_fifos()
         return fds, gone
+
+    def unpolled_ended(self) -> List[Watched]:
+        """Without pidfds (not Linux): the watched processes found gone (once a second)."""
+        if _HAS_PIDFD:
+            return []
+        return [w for w in list(self.by_slot.values()) if w.fd < 0 and not process_alive(w.pid, w.start)]
 
     @property
     def behind(self) -> bool:
@@ -644,7 +656,7 @@ class ExitWatch:
         wstate = slot.get(S_WSTATE)
         e = Exit(pid=w.pid, name=w.name, status=status, wstate=wstate, started=start_wall(w.start),
                  ended=time.time(), fault=read_fault(self.runtime, w.slot) if wstate & W_FAULTS else "",
-                 unseen=w.fd < 0 and status is None)
+                 unseen=w.unseen and status is None)
         if last is not None:
             e.last = payload_summary(last)
         if e.last is None and slot.get(S_LAST_NS):

@@ -224,6 +224,8 @@ class Listener:
         c.set("rotations", self.files.rotations)
         c.set("reopens", self.files.reopens)
         self.refresh()
+        for w in self.watch.unpolled_ended():
+            self.on_exit(w)
         self.watch.open_fifos()
         for index, ring in self.intake.rings.items():
             if ring.last is not None and ring.last is not ring.stamped:

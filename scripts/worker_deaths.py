@@ -140,12 +140,12 @@ def main() -> int:
                     break
                 except OSError:
                     time.sleep(0.05)
-    dead = [e["pid"] for e in workers["abnormal_exits"]
-            if e["cause"] in ("SIGKILL(-9)", "SIGSEGV(-11)", "UNKNOWN")]
+    ended = [e["pid"] for e in workers["abnormal_exits"]]
+    dead = [e["pid"] for e in workers["abnormal_exits"] if e["cause"] in ("SIGKILL(-9)", "SIGSEGV(-11)", "UNKNOWN")]
     simp = os.path.join(directory, "run.log")
     full = os.path.join(directory, "run.debug.log")
-    print(f"\n== {simp} (its lines about the dead workers)\n")
-    print(excerpt(simp, dead, full=False))
+    print(f"\n== {simp} (its lines about the workers that ended)\n")
+    print(excerpt(simp, ended, full=False))
     print(f"== {full} (the dead workers' records)\n")
     print(excerpt(full, dead, full=True))
     print("== health()['workers']\n")
