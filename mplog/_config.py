@@ -73,6 +73,10 @@ class WorkerConfig:
     levels: Tuple[Tuple[str, int], ...] = ()
     flush_timeout: float = 5.0
 
+    # The main process that owns the service: every other process is watched (see _process).
+    owner_pid: int = 0
+    capture_output: bool = False  # fd 1 and 2 of each worker become records (see _output)
+
     def __post_init__(self) -> None:
         if not isinstance(self.levels, tuple):  # from JSON: lists of lists
             object.__setattr__(self, "levels", tuple((str(n), int(v)) for n, v in self.levels))
@@ -168,6 +172,7 @@ class ServiceConfig:
     syslog_level: int = logging.DEBUG
     exit_timeout: float = 60.0
     capture_children: bool = True
+    capture_output: bool = False
 
     @property
     def simplified_path(self) -> Path:
@@ -272,7 +277,7 @@ class ServiceConfig:
         maximum = values.get("restart_backoff_max", cls.restart_backoff_max)
         if initial > maximum:
             raise ValueError(f"restart_backoff_initial ({initial!r}) must not exceed restart_backoff_max ({maximum!r})")
-        for key in ("capture_warnings", "capture_children"):
+        for key in ("capture_warnings", "capture_children", "capture_output"):
             if key in options:
                 if not isinstance(options[key], bool):
                     raise ValueError(f"{key}: expected True or False, got {options[key]!r}")

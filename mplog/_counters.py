@@ -15,9 +15,9 @@ import fcntl
 import mmap
 import os
 import threading
-from typing import Dict
+from typing import Dict, List
 
-__all__ = ["Counters", "FIELDS", "SLOT_FIELDS", "STATE_NAMES", "Slot", "settle_accounts"]
+__all__ = ["Counters", "FIELDS", "SLOT_FIELDS", "SLOT_WORDS", "STATE_NAMES", "Slot", "settle_accounts"]
 
 # Service fields, by index into the int64 array.
 FIELDS = (
@@ -35,13 +35,35 @@ _INDEX = {name: i for i, name in enumerate(FIELDS)}
 assert len(FIELDS) <= 96
 HEADER_WORDS = 128
 _TEXT_WORD, _TEXT_BYTES = 96, 256  # words 96..127: the listener's last error, as UTF-8
-SLOT_FIELDS = ("pid", "sent", "dropped", "replaced", "diverted", "ring", "seen", "errors")
-SLOT_WORDS = 8
-# Word offsets inside a slot.
+SLOT_FIELDS = ("pid", "sent", "dropped", "replaced", "diverted", "ring", "seen", "errors",
+               # who the process is and how it ended (see _process and _exits)
+               "start", "wstate", "last_ns", "death", "death_ns", "watched", "ppid", "name")  # name: 9 words
+SLOT_WORDS = 24
+# Word offsets inside a slot. The process writes all but ``seen``, ``last_ns``, ``death``,
+# ``death_ns`` and ``watched``, which the listener writes.
 S_PID, S_SENT, S_DROPPED, S_REPLACED, S_DIVERTED, S_RING, S_SEEN, S_ERRORS = range(8)
+S_START = 8  # the process's start time in clock ticks after boot: with the pid, its identity
+S_WSTATE = 9  # the process's own word: what it watches (W_*) and how it exited (X_*)
+S_LAST_NS = 10  # the listener's: when the latest record it wrote from this process was logged
+S_DEATH = 11  # the listener's: how the process ended (see _exits.pack), 0 while it runs
+S_DEATH_NS = 12  # the listener's: when it saw the process end
+S_WATCHED = 13  # the listener's: 1 once it holds a pidfd for the process
+S_PPID = 14  # the process's parent when it claimed the slot
+# Words 15..23: the process name, UTF-8, NUL-padded, cut at 72 bytes (a nested pool's worker
+# is "ForkServerPoolWorker-12:3"; the 24 bytes a 16-word slot had left were too few).
+S_NAME, NAME_BYTES = 15, 72
 MAX_SLOTS = 1 << 16
-_MAGIC = 0x6D706C6F67310002
-_SIZE = 8 * (HEADER_WORDS + SLOT_WORDS * MAX_SLOTS)  # 4 MiB, sparse on tmpfs
+_MAGIC = 0x6D706C6F67310003  # layout 3: 24-word slots
+
+# S_WSTATE bits. Set at the claim: what this process has mplog watch.
+W_FAULTS = 1 << 0  # faulthandler writes this process's crash stacks to ``fault.<slot>``
+W_CAPTURE = 1 << 1  # its fd 1 and 2 go to ``out.<slot>`` and ``err.<slot>`` (capture_output)
+# Set at its exit, by the process itself.
+X_CLEAN = 1 << 8  # it reached its normal exit (multiprocessing's exit function, or atexit)
+X_CODE_KNOWN = 1 << 9  # ... and knew its exit status, in the bits X_CODE_SHIFT.. (0..255)
+X_UNCAUGHT = 1 << 10  # an uncaught exception ended its main thread (a Process target)
+X_CODE_SHIFT = 16
+_SIZE = 8 * (HEADER_WORDS + SLOT_WORDS * MAX_SLOTS)  # 12 MiB, sparse on tmpfs: 192 bytes a process
 
 STATE_STARTING, STATE_RUNNING, STATE_DEGRADED, STATE_STOPPING, STATE_STOPPED = range(5)
 STATE_NAMES = ("starting", "running", "degraded", "stopping", "stopped")
@@ -110,21 +132,45 @@ class Counters:
         return self._mm[start:start + _TEXT_BYTES].split(b"\0", 1)[0].decode("utf-8", "replace")
 
     # -- per-process slots ----------------------------------------------------------------
-    def claim_slot(self, pid: int) -> "Slot":
-        """A fresh slot for ``pid``. Never reused: a dead process's counts stay in the sums."""
+    def claim_slot(self, pid: int, start: int = 0, name: str = "", ppid: int = 0) -> "Slot":
+        """A fresh slot for ``pid`` (started at ``start`` ticks, called ``name``, child of
+        ``ppid``). Never reused: a dead process's counts stay in the sums."""
+        words = self.words
         fcntl.lockf(self._fd, fcntl.LOCK_EX, 8, 8 * _INDEX["slots_used"], os.SEEK_SET)
         try:
-            used = self.words[_INDEX["slots_used"]]
+            used = words[_INDEX["slots_used"]]
             if used >= MAX_SLOTS:
                 slot = MAX_SLOTS - 1  # shared overflow slot: increments may race, documented
             else:
                 slot = used
-                self.words[_INDEX["slots_used"]] = used + 1
+            base = HEADER_WORDS + SLOT_WORDS * slot
+            # Who it is, before the slot is counted: a reader of slots_used never sees a slot
+            # without its pid (the listener watches processes from these words).
+            words[base + S_PID] = pid
+            words[base + S_START] = start
+            words[base + S_PPID] = ppid
+            raw = name.encode("utf-8", "replace")[:NAME_BYTES]
+            while raw:
+                try:
+                    raw.decode("utf-8")
+                    break
+                except UnicodeDecodeError:  # cut inside a character: drop what is left of it
+                    raw = raw[:-1]
+            self._mm[8 * (base + S_NAME):8 * (base + S_NAME) + NAME_BYTES] = raw.ljust(NAME_BYTES, b"\0")
+            if used < MAX_SLOTS:
+                words[_INDEX["slots_used"]] = used + 1
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 8, 8 * _INDEX["slots_used"], os.SEEK_SET)
-        base = HEADER_WORDS + SLOT_WORDS * slot
-        self.words[base + S_PID] = pid
         return Slot(self.words, slot)
+
+    def slot_name(self, index: int) -> str:
+        at = 8 * (HEADER_WORDS + SLOT_WORDS * index + S_NAME)
+        return self._mm[at:at + NAME_BYTES].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    def slot_column(self, offset: int) -> List[int]:
+        """One word of every slot in use (a strided copy, made in C)."""
+        start = HEADER_WORDS + offset
+        return list(self.words[start:start + SLOT_WORDS * self.slots_used:SLOT_WORDS])
 
     def slot(self, index: int) -> "Slot":
         return Slot(self.words, index)

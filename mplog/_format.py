@@ -18,6 +18,9 @@ from ._record import Record, encode_formatted, text_of
 __all__ = ["clean", "clean_inline", "colour", "Timestamps", "SimplifiedFormatter", "FullFormatter", "SEPARATOR"]
 
 SEPARATOR = "-" * 72
+# Loggers whose warnings the stop summary does not tally: mplog's own, and captured stderr
+# lines (a traceback printed there would be a dozen "distinct warnings").
+NOT_TALLIED = frozenset(("mplog", "stderr"))
 
 # C0 (but tab and newline), DEL, C1, line/paragraph separators, bidi overrides, lone surrogates.
 _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
@@ -209,7 +212,7 @@ class Preformatter:
         full, simple = format_both(rec, self.stamps, self.full, self.simple,
                                    levelno >= self.simplified_level or user)
         warning = None
-        if logging.WARNING <= levelno < logging.ERROR and rec.name != "mplog":
+        if logging.WARNING <= levelno < logging.ERROR and rec.name not in NOT_TALLIED:
             warning = rec.msg.split("\n", 1)[0][:200]
         return encode_formatted(levelno, user, full, simple, warning)
 

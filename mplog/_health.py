@@ -10,15 +10,50 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ._config import ServiceConfig
-from ._counters import Counters, settle_accounts
+from ._counters import S_DEATH, S_DEATH_NS, S_PID, S_START, Counters, settle_accounts
+from ._exits import start_wall, unpack
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._supervisor import Supervisor
 
-__all__ = ["Health", "down_report"]
+__all__ = ["Health", "down_report", "workers_report"]
+
+MAX_EXITS_SHOWN = 100  # the latest abnormal exits in a report; ``abnormal`` counts them all
+
+
+def workers_report(counters: Counters, owner_pid: int) -> Dict[str, Any]:
+    """``live``: processes of the service (but its main process) not seen to end;
+    ``exited``: those that ended normally; ``abnormal``: how many did not, and
+    ``abnormal_exits``: the latest of them, each with pid, name, cause (``SIGKILL(-9)``,
+    ``EXIT(3)``, ``UNKNOWN``), when, how long it lived, and for a SIGKILL whether the OOM killer
+    is confirmed (``oom``). From the slots: one strided read per column, no system call."""
+    pids = counters.slot_column(S_PID)
+    deaths = counters.slot_column(S_DEATH)
+    live = exited = 0
+    abnormal: List[int] = []
+    for index, (pid, death) in enumerate(zip(pids, deaths)):
+        if pid <= 0 or pid == owner_pid:
+            continue
+        if not death:
+            live += 1
+        elif unpack(death)["abnormal"]:
+            abnormal.append(index)
+        else:
+            exited += 1
+    exits = []
+    for index in abnormal[-MAX_EXITS_SHOWN:]:
+        slot = counters.slot(index)
+        when = slot.get(S_DEATH_NS) / 1e9
+        started = start_wall(slot.get(S_START))
+        entry: Dict[str, Any] = {"pid": pids[index], "name": counters.slot_name(index), "time": round(when, 3),
+                                 "lifetime_s": round(when - started, 2) if started else None}
+        entry.update(unpack(deaths[index]))
+        del entry["abnormal"]
+        exits.append(entry)
+    return {"live": live, "exited": exited, "abnormal": len(abnormal), "abnormal_exits": exits}
 
 _STOPPED_LISTENER = {"pid": None, "alive": False, "status": "stopped", "cpu_percent": None,
                      "rss_bytes": None, "num_fds": None, "uptime_s": None}
@@ -115,6 +150,7 @@ class Health:
             "last_write_age_s": (round(time.time() - last_write_ns / 1e9, 3) if last_write_ns else None),
             "files": files,
             "processes": totals["processes"],
+            "workers": workers_report(self.counters, os.getpid()),
         }
         if self.config.syslog:
             report["syslog"] = {

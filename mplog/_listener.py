@@ -20,7 +20,8 @@ exactly where the dead one stopped.
 
 The rooms: ``Listener`` is the loop and the control protocol; ``SpoolReader`` the intake;
 ``Journal`` the batch journal; ``FileSet`` the two files; ``Batch`` the formatting of records
-into the texts of one batch.
+into the texts of one batch; ``ExitWatch`` (``_exits``) the watch over how each process of the
+service ends, whose pidfds wake this loop like the FIFO does.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ._config import ListenerConfig
 from ._counters import STATE_STOPPED, Counters, settle_accounts
+from ._exits import ExitWatch, Watched, describe
 from ._files import FileSet
-from ._format import (SEPARATOR, FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour,
+from ._format import (NOT_TALLIED, SEPARATOR, FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour,
                       format_both)
 from ._journal import Journal
 from ._record import TEXT_VERSION, Formatted, Record, decode_formatted, deserialize, make_record
-from ._spool import RingReader, SpoolReader, Taken, remove_spool
+from ._spool import W_HEAD, RingReader, SpoolReader, Taken, remove_spool
 from ._transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FrameParser
 
 __all__ = ["Listener", "main"]
@@ -136,7 +138,7 @@ class Batch:
             self._append(full, line, levelno)
             if self.forwarder is not None:
                 self.forwarder.submit(rec)
-            if logging.WARNING <= levelno < logging.ERROR and rec.name != "mplog":
+            if logging.WARNING <= levelno < logging.ERROR and rec.name not in NOT_TALLIED:
                 self._tally(rec.msg.split("\n", 1)[0][:200])
         except Exception as exc:  # a bad field or a formatter bug costs one record, not the listener
             self.counters.add("replaced_listener")
@@ -190,6 +192,8 @@ class Listener:
         self._rotations_base = self.counters.get("rotations")
         self._reopens_base = self.counters.get("reopens")
         self.intake = SpoolReader(cfg.runtime_dir, self.counters)
+        self.watch = ExitWatch(self.counters, cfg.runtime_dir, cfg.parent_pid or os.getppid())
+        self.pollers: List["select.poll"] = []  # the loop's: each also waits on the watch's pidfds
         self.journal = Journal(self.counters)
         self.control = FrameParser()
         self.reopen_requested = False
@@ -218,6 +222,16 @@ class Listener:
         self.batch.add_record(rec)
         self.write([], 0)
 
+    def refresh(self) -> None:
+        """Find the rings, and the processes, that appeared since the last look."""
+        self.intake.refresh()
+        fds, gone = self.watch.refresh()
+        for fd in fds:
+            for poller in self.pollers:
+                poller.register(fd, select.POLLIN)
+        for w in gone:
+            self.on_exit(w)
+
     def housekeeping(self) -> None:
         """Once a second: follow logrotate, rotate by age, retire the rings of dead processes."""
         c = self.counters
@@ -226,9 +240,66 @@ class Listener:
         self.reopen_requested = False
         c.set("rotations", self._rotations_base + self.files.rotations)
         c.set("reopens", self._reopens_base + self.files.reopens)
-        self.intake.refresh()
-        self.intake.retire()
+        self.refresh()
+        for w in self.watch.unpolled_ended():
+            self.on_exit(w)
+        self.watch.open_fifos()
+        for index, ring in self.intake.rings.items():
+            if ring.last is not None and ring.last is not ring.stamped:
+                ring.stamped = ring.last
+                self.watch.stamp(index, ring.last)
+        self.intake.retire(keep=self.watch.by_slot)
         self.publish_syslog()
+
+    # -- how processes end -----------------------------------------------------------------
+    def on_exits(self, events: List[Tuple[int, int]]) -> None:
+        by_fd = self.watch.by_fd
+        ended = [by_fd[fd] for fd, _ev in events if fd in by_fd]
+        if not ended:
+            return
+        # Every status first: a zombie's parent may reap it at any moment. Then the ends in
+        # the order they explain each other: a pool stops its other workers (SIGTERM) after
+        # one of them died.
+        statuses = [(w, self.watch.status(w)) for w in ended]
+        stopped = [w for w, st in statuses if st is not None and st & 0x7F in (signal.SIGTERM, signal.SIGINT)]
+        if stopped:
+            # The pool saw its worker die when the worker's pipes closed, early in its exit; a
+            # big process becomes a zombie (readable pidfd) only after its memory is freed,
+            # maybe after the siblings the pool then stopped: wait for those still dying.
+            for w in self.watch.wait_dying({w.ppid for w in stopped}, set(ended), time.monotonic() + 2.0):
+                statuses.append((w, self.watch.status(w)))
+        statuses.sort(key=lambda ws: ws[1] is not None and ws[1] & 0x7F in (signal.SIGTERM, signal.SIGINT))
+        for w, status in statuses:
+            self.on_exit(w, status)
+
+    def on_exit(self, w: Watched, status: Optional[int] = None) -> None:
+        """A process of the service ended: write what it left (its ring, its captured output),
+        then one record saying how it ended, attributed to it; then mark its slot."""
+        if status is None:
+            status = self.watch.status(w)
+        for fd in ([w.fd] if w.fd >= 0 else []):
+            for poller in self.pollers:
+                try:
+                    poller.unregister(fd)
+                except (KeyError, ValueError):
+                    pass
+        self.intake.gone.add(w.slot)  # a torn last entry is skipped, not waited for
+        self.intake.refresh()  # a ring it opened just before it died: its records come first
+        ring = self.intake.rings.get(w.slot)
+        deadline = time.monotonic() + 2.0
+        while ring is not None and ring.pos < ring.words[W_HEAD] and time.monotonic() < deadline:
+            if not self.pump(ring):  # its records, and no one else's, before the record of its end
+                break
+        for rec in self.watch.leftovers(w):
+            self.batch.add_record(rec)
+        e = self.watch.collect(w, status, ring.last if ring is not None else None)
+        level, message, context, body = describe(e)
+        if level is not None and level >= self.cfg.level:
+            self.batch.add_record(make_record(
+                e.ended, level, "mplog", message, pathname="<exit>", funcName="exit", processName=e.name,
+                process=e.pid, threadName="-", exc_text=body, extras=context))
+        self.write([], 0)
+        self.watch.mark(w, e)  # after the record is in the files: health never runs ahead of the logs
 
     def publish_syslog(self) -> None:
         if self.forwarder is None:
@@ -241,18 +312,22 @@ class Listener:
         c.set("syslog_pending", st["pending"] + st["in_flight"])
 
     # -- records -------------------------------------------------------------------------
-    def pump(self) -> int:
-        """Take one batch from the spool, write it, commit it. Returns the records taken."""
-        taken = self.intake.take(self.flush_count)
+    def pump(self, only: Optional[RingReader] = None) -> int:
+        """Take one batch from the spool (or from the ring ``only``), write it, commit it.
+        Returns the records taken."""
+        taken = self.intake.take(self.flush_count, only)
         if not taken:
             return 0
         n = 0
         add = self.batch.add_payload
         for ring, t in taken:
             origin = f"pid {ring.pid}"
-            for payload in t.payloads:
+            payloads = t.payloads
+            for payload in payloads:
                 add(payload, origin)
-            n += len(t.payloads)
+            if payloads:
+                ring.last = payloads[-1]  # for the record of its end, should it die
+            n += len(payloads)
         self._sync_corrupt()
         self.write(taken, n)
         return n
@@ -310,7 +385,7 @@ class Listener:
 
     def drain(self, deadline: float) -> bool:
         """Write everything the spool holds now (by ``deadline``). True if it is all written."""
-        self.intake.refresh()
+        self.refresh()
         while time.monotonic() < deadline:
             if not self.pump():
                 return not self.intake.has_backlog()
@@ -420,6 +495,7 @@ class Listener:
             self.notice(f"listener restarted after {cfg.restart_reason}; 0 records lost")
         poller = select.poll()
         poller.register(fifo, select.POLLIN)
+        self.pollers.append(poller)
         parent = cfg.parent_pid or os.getppid()
         parent_fd = -1
         try:
@@ -434,10 +510,16 @@ class Listener:
         pause = select.poll()
         if parent_fd >= 0:
             pause.register(parent_fd, select.POLLIN)
+        self.pollers.append(pause)
+        for fd in self.watch.by_fd:
+            poller.register(fd, select.POLLIN)
+            pause.register(fd, select.POLLIN)
         last_housekeeping = time.monotonic()
         parent_gone = False
         while True:
             self.read_control(fifo)
+            if self.watch.behind:  # a process just claimed a slot: watch it from now
+                self.refresh()
             busy = False
             for _ in range(64):  # bounded: control messages and housekeeping get their turn
                 if not self.pump():
@@ -450,6 +532,8 @@ class Listener:
             for fd, _ev in events:
                 if fd == parent_fd:
                     parent_gone = True
+            if events:
+                self.on_exits(events)
             now = time.monotonic()
             if now - last_housekeeping >= self.housekeeping_every or self.reopen_requested:
                 last_housekeeping = now
@@ -484,7 +568,7 @@ class Listener:
         # A writer that published before seeing the flag set gets no bell: look once more.
         # (Between the two processes' store and load there is no fence; the poll timeout
         # bounds the latency of the rare record that slips through.)
-        self.intake.refresh()
+        self.refresh()
         if self.intake.has_backlog():
             c.set("sleeping", 0)
             return []
@@ -497,6 +581,7 @@ class Listener:
         spool holds while any of its processes still runs, and go last."""
         while time.monotonic() < deadline:
             self.drain(deadline)
+            self.on_exits([(w.fd, 0) for w in self.watch.ready()])
             if not self.intake.producers_alive():
                 self.drain(deadline)  # what they published as they died
                 return
@@ -538,6 +623,7 @@ class Listener:
     def finish(self, how: str, deadline: float) -> None:
         c = self.counters
         self.drain(deadline)
+        self.on_exits([(w.fd, 0) for w in self.watch.ready()])  # ends seen before the stop
         # From now on writers divert to stderr. A writer that read the state just before this
         # may still publish: give it a moment, and take what it published.
         c.set("state", STATE_STOPPED)

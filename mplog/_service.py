@@ -32,6 +32,7 @@ from ._capture import capture_dir, disabled_by_env, publish, withdraw
 from ._config import ListenerConfig, ServiceConfig, WorkerConfig
 from ._counters import Counters
 from ._health import Health, down_report
+from ._process import ExceptionHooks
 from ._spool import (SPOOL_MAX_AGE_S, clean_spools, list_spools, remove_spool, ring_capacity, spool_prefix,
                      spool_root, unwritten_records, write_owner)
 from ._supervisor import Supervisor, write_health_file
@@ -189,6 +190,7 @@ class LogService:
         exit_timeout: float = 60.0,
         capture_warnings: bool = True,
         capture_children: bool = True,
+        capture_output: bool = False,
         console: Optional[Union[int, str]] = None,
         restart_backoff_initial: float = 0.1,
         restart_backoff_max: float = 5.0,
@@ -222,6 +224,8 @@ class LogService:
         :param capture_warnings: route ``warnings`` into logging, in every process.
         :param capture_children: while it runs, pools made without the initializer (joblib, Dask,
             spawn and forkserver pools) log here too (README: joblib, scikit-learn and Dask).
+        :param capture_output: each worker's stdout and stderr lines become records (loggers
+            ``stdout`` at INFO, ``stderr`` at WARNING); off by default.
         :param console: a level: also echo simplified lines at or above it to stderr.
         :param restart_backoff_initial: the first delay before restarting a crash-looping listener.
         :param restart_backoff_max: the longest such delay.
@@ -265,6 +269,7 @@ class LogService:
         self._ps_main: Any = None
         self._saved_signals: list = []
         self._capture_dir: Optional[str] = None
+        self._hooks: Optional[ExceptionHooks] = None
 
     # -- paths and configs -----------------------------------------------------------------
     @property
@@ -360,7 +365,8 @@ class LogService:
             service_id=uuid.uuid4().hex,
             # Custom formats and syslog need the record's fields in the listener.
             preformat=cfg.simplified_format is None and cfg.full_format is None and cfg.syslog is None,
-            simplified_level=cfg.simplified_level, queue_size=cfg.queue_size, ring_bytes=self._ring_bytes)
+            simplified_level=cfg.simplified_level, queue_size=cfg.queue_size, ring_bytes=self._ring_bytes,
+            owner_pid=os.getpid(), capture_output=cfg.capture_output)
         colour = (cfg.console is not None and sys.stderr is not None and sys.stderr.isatty()
                   and not os.environ.get("NO_COLOR"))
         listener = ListenerConfig(
@@ -405,6 +411,8 @@ class LogService:
         root.setLevel(min(cfg.level, root.level) if root.level else cfg.level)
         if cfg.capture_warnings:
             logging.captureWarnings(True)
+        # Uncaught exceptions of the main process and its threads are logged, then printed.
+        self._hooks = ExceptionHooks(bootstrap=False)
         self._supervisor.write_health_file()
         if self._will_capture():
             self._capture_children()
@@ -536,6 +544,9 @@ class LogService:
             return self._final
 
     def _restore_root(self) -> None:
+        if self._hooks is not None:
+            self._hooks.uninstall()
+            self._hooks = None
         root = logging.getLogger()
         if self._handler is not None:
             uninstall(self._handler)

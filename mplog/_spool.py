@@ -39,7 +39,7 @@ import os
 import shutil
 import struct
 import time
-from typing import TYPE_CHECKING, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Container, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 from zlib import crc32
 
 from ._counters import S_PID, S_RING
@@ -253,6 +253,8 @@ class RingReader:
         self.bad_since = 0.0  # when an entry first failed its check at ``pos``
         self.corrupt = 0  # records skipped because they failed their check for good
         self.can_release = hasattr(mmap, "MADV_REMOVE")
+        self.last: Optional[bytes] = None  # the latest payload taken (for the record of its end)
+        self.stamped: Optional[bytes] = None  # the one whose time is in the slot (S_LAST_NS)
 
     def close(self) -> None:
         try:
@@ -572,6 +574,7 @@ class SpoolReader:
         self.corrupt = 0
         self.retired = 0
         self.open_errors = 0
+        self.gone: Set[int] = set()  # slots whose process ended: a bad entry will never mend
 
     def refresh(self) -> None:
         """Open the rings of processes that started logging since the last look."""
@@ -594,19 +597,24 @@ class SpoolReader:
                         continue
                 del self._waiting[index]
 
-    def take(self, limit: int) -> List[Tuple[RingReader, Taken]]:
-        """Up to ``limit`` records, from the rings in turn (not committed: see _journal)."""
+    def take(self, limit: int, only: Optional[RingReader] = None) -> List[Tuple[RingReader, Taken]]:
+        """Up to ``limit`` records, from the rings in turn, or from ``only`` (not committed:
+        see _journal)."""
         out: List[Tuple[RingReader, Taken]] = []
-        rings = list(self.rings.values())
-        if not rings:
-            return out
-        self._turn = (self._turn + 1) % len(rings)
+        if only is not None:
+            rings = [only]
+        else:
+            rings = list(self.rings.values())
+            if not rings:
+                return out
+            self._turn = (self._turn + 1) % len(rings)
+            rings = rings[self._turn:] + rings[:self._turn]
         left = limit
-        for ring in rings[self._turn:] + rings[:self._turn]:
+        for ring in rings:
             if ring.pos >= ring.words[W_HEAD]:
                 continue
             before = ring.corrupt
-            t = ring.take(left)
+            t = ring.take(left, ring.slot in self.gone)
             if ring.corrupt != before:
                 self.corrupt += ring.corrupt - before
             if t.pos != ring.words[W_TAIL]:
@@ -635,18 +643,29 @@ class SpoolReader:
     def producers_alive(self) -> List[int]:
         return [r.pid for r in self.rings.values() if process_alive(r.pid, r.start)]
 
-    def retire(self) -> int:
+    def retire(self, keep: Container[int] = ()) -> int:
         """Close and remove the rings of processes that are gone, once they are empty (worker
-        churn must not fill the spool). Returns how many."""
+        churn must not fill the spool), but not those in ``keep`` (the end of their process is
+        not written yet). Returns how many."""
         gone = 0
+        names: Optional[List[str]] = None  # the spool's files, listed once for every ring retired
         for index, ring in list(self.rings.items()):
+            if index in keep:
+                continue
             if ring.empty() and ring.pos == ring.words[W_HEAD] and not process_alive(ring.pid, ring.start):
                 # Read once more: the producer may have published between the two checks.
                 if not ring.empty():
                     continue
                 ring.close()
                 del self.rings[index]
-                for path in [ring.path] + glob.glob(glob.escape(ring.path) + ".*"):
+                self.gone.discard(index)
+                if names is None:
+                    try:
+                        names = os.listdir(self.runtime)
+                    except OSError:
+                        names = []
+                base = os.path.basename(ring.path) + "."  # its big records' files
+                for path in [ring.path] + [os.path.join(self.runtime, n) for n in names if n.startswith(base)]:
                     try:
                         os.unlink(path)
                     except OSError:

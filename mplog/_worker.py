@@ -23,9 +23,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from ._config import WorkerConfig
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
+from . import _process
 from ._format import Preformatter
 from ._record import _STANDARD_LEN, TEXT_VERSION, _make, deserialize, flatten, sanitize, serialize
-from ._spool import W_DONE, RingWriter, ring_capacity
+from ._spool import W_DONE, RingWriter, _process_start, ring_capacity
 from ._transport import K_WAKE, FifoWriter
 
 __all__ = ["SpoolHandler", "MPQueueHandler", "ServiceQueue", "Channel", "worker_init", "install", "uninstall", "context",
@@ -141,9 +142,15 @@ class Channel:
         if self._pid != pid or self._counters is None:
             if self._counters is None:
                 self._counters = Counters.open(self.config.counters_path)
-            self._slot = self._counters.claim_slot(pid)
+            slot = self._slot = self._counters.claim_slot(pid, _process_start(pid), _process.process_name(),
+                                                          os.getppid())
             self._ring = None  # a forked child's copy of the parent's ring is not its own
             self._pid = pid
+            if pid != self.config.owner_pid:
+                # Once per process: leave what tells the listener how it ends (see _process),
+                # and ring, so that the listener watches it from now, not from its next look.
+                _process.watch(slot, os.path.dirname(self.config.counters_path), self.config.capture_output)
+                self._ring_bell()
         return self._counters
 
     def after_fork(self) -> None:
@@ -312,7 +319,7 @@ class Channel:
                 data = prefix.encode() + (rec.simple or rec.full)
             else:
                 data = (prefix + SimplifiedFormatter().format(rec)).encode("utf-8", "backslashreplace")
-            os.write(2, data)
+            os.write(_process.err_fd(), data)
         except Exception:
             pass  # stderr itself is gone; the record is already counted
 
@@ -339,7 +346,7 @@ class Channel:
             reason = why or f"the log spool is full (overflow={self.config.overflow!r})"
             msg = f"mplog: {n} record(s) dropped by process {os.getpid()}: {reason}\n"
             try:
-                os.write(2, msg.encode("utf-8", "backslashreplace"))
+                os.write(_process.err_fd(), msg.encode("utf-8", "backslashreplace"))
             except OSError:
                 pass
 
@@ -503,6 +510,7 @@ def _split_traceback(record: logging.LogRecord) -> logging.LogRecord:
 
 
 # -- per-process installation ---------------------------------------------------------------
+_WATCH_WAIT = 0.05  # seconds worker_init waits, at most, for the listener to watch it
 _channels: Dict[str, Channel] = {}
 _installed: Optional[SpoolHandler] = None
 _inherited: List[Any] = []  # weak references to handlers that existed when this process was forked
@@ -518,6 +526,7 @@ def _channel_for(config: WorkerConfig) -> Channel:
 
 def _after_fork_in_child() -> None:
     import weakref
+    _process.after_fork_in_child()
     for channel in _channels.values():
         channel.after_fork()
     _close_inherited_read_ends()  # the FIFO's read end and the file set's lock are the parent's
@@ -603,7 +612,15 @@ def install(config: Union[WorkerConfig, str, Dict[str, Any]], *,
     cfg = _coerce(config)
     _close_inherited_read_ends()
     handler = (handler_factory or SpoolHandler)(cfg)
-    handler.channel._attach()  # claim the slot now: fail here, not in the first logging call
+    counters = handler.channel._attach()  # claim the slot now: fail here, not in the first logging call
+    slot = handler.channel._slot
+    if slot is not None and os.getpid() != cfg.owner_pid:
+        # A worker that dies a few ms after it starts (its first task crashes) must not die
+        # before the listener holds a pidfd for it, or its exit status is lost: wait, briefly.
+        _process.wait_watched(slot, counters, _WATCH_WAIT)
+        # Captured at its start (_capture), this process got its hooks before _bootstrap ran;
+        # the hook on a Process target's traceback can only go in from inside it: now.
+        _process.ExceptionHooks.install_in_process()
     _drop_inherited_handlers(handler)
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -33,13 +33,16 @@ def test_worker_churn_leaks_nothing_in_the_listener(service, ctx):
     assert svc.flush(30)
     # The rings of processes that are gone are removed once empty (the main process logged
     # nothing, so it has none): the listener's baseline.
-    wait_for(lambda: svc.health()["queue"]["rings"] == 0, what="the first pool's rings retired")
+    # The listener holds a pidfd for each live process: none is left when their ends are written.
+    wait_for(lambda: svc.health()["queue"]["rings"] == 0 and svc.health()["workers"]["live"] == 0,
+             what="the first pool's rings retired and its ends written")
     fds0, threads0, rss0 = _listener_resources(svc)
     with ctx.Pool(2, maxtasksperchild=1, **svc.pool_kwargs()) as pool:
         pids = set(pool.map(workers.short_task, range(n), chunksize=1))
     assert svc.flush(60)
     assert len(pids) >= n * 0.9  # really one process per task (a few may be reused by timing)
-    wait_for(lambda: svc.health()["queue"]["rings"] == 0, what="the churned rings retired")
+    wait_for(lambda: svc.health()["queue"]["rings"] == 0 and svc.health()["workers"]["live"] == 0,
+             what="the churned rings retired and their ends written")
     fds1, threads1, rss1 = _listener_resources(svc)
     assert (fds1, threads1) == (fds0, threads0)
     assert rss1 - rss0 < 5 * 1024 * 1024

@@ -271,3 +271,119 @@ def child_state(_: Any) -> Tuple[int, list, Any, Any]:
     """This process's pid, root handler class names, MPLOG_CAPTURE and the chained marker."""
     return (os.getpid(), [type(h).__name__ for h in logging.getLogger().handlers],
             os.environ.get("MPLOG_CAPTURE"), os.environ.get("MPLOG_TEST_CHAINED"))
+
+
+# -- helpers for test_deaths ---------------------------------------------------------------------
+def _stderr_to(path: str) -> None:
+    """This process's stderr, fd 2 and sys.stderr, becomes ``path`` (a forkserver child's is
+    the forkserver's; a fork child's sys.stderr is pytest's capture)."""
+    import sys
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+
+def crash(kind: str) -> int:
+    """Log one record naming ``kind``, then end this process that way (a real crash, not a
+    simulation: the kernel delivers the signal, or C code faults)."""
+    import ctypes
+    import signal
+    logging.getLogger("t.crash").info("about to %s", kind)
+    if kind == "sigkill":  # as the OOM killer sends it
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "exit3":
+        os._exit(3)
+    elif kind == "segv":  # C code reads address 0
+        ctypes.string_at(0)
+    elif kind == "abort":  # C code calls abort()
+        os.abort()
+    elif kind == "libc_fatal":  # glibc prints a message to fd 2 and aborts, holding the GIL
+        ctypes.PyDLL(None).__libc_fatal(b"libfoo: fatal: corrupted heap\n")
+    elif kind in ("sigbus", "sigfpe"):
+        threading.Thread(target=signal.pause, name="idle-helper", daemon=True).start()  # a second stack
+        os.kill(os.getpid(), getattr(signal, kind.upper()))
+    return os.getpid()
+
+
+def crash_target(config: Any, kind: str, stderr_path: str) -> None:
+    """A plain Process target: its stderr goes to a file (a forkserver child's stderr is the
+    forkserver's), then it logs and ends by ``kind``: "raise" (an uncaught exception), "exit3"
+    (sys.exit(3)), "ok" (returns), or a crash()."""
+    import sys
+    _stderr_to(stderr_path)
+    mplog.worker_init(config)
+    logging.getLogger("t.target").info("target %s", kind)
+    if kind == "raise":
+        raise KeyError("uncaught in the target")
+    if kind == "exit3":
+        sys.exit(3)
+    if kind != "ok":
+        crash(kind)
+
+
+def nested_crash(config: Any, method: str) -> None:
+    """A Process that starts a Pool of one; its grandchild is SIGKILLed in a task. Waits for
+    the pool to replace it, then terminates the pool (the lost task's result never comes, so a
+    close() and join() would wait for it forever)."""
+    import multiprocessing
+    mplog.worker_init(config)
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(1, **mplog.pool_kwargs()) as pool:
+        first = pool.apply(os.getpid)
+        pool.apply_async(crash, ("sigkill",))
+        while pool.apply(os.getpid) == first:  # the replacement answers: the first one is gone
+            pass
+
+
+def thread_raises(stderr_path: str) -> int:
+    """A pool task whose thread dies of an uncaught exception; the task itself returns."""
+    _stderr_to(stderr_path)
+
+    def boom() -> None:
+        raise RuntimeError("boom in a thread")
+
+    t = threading.Thread(target=boom, name="boomer")
+    t.start()
+    t.join(30)
+    return os.getpid()
+
+
+def raises_to_the_caller(tag: str) -> None:
+    raise ValueError(f"{tag}: returned through the future")
+
+
+def chatty(tag: str) -> int:
+    """Write to stdout and stderr every way a worker does: print(), sys.stderr, the raw fd, a
+    child program, C's printf; and a last line without its newline."""
+    import ctypes
+    import subprocess
+    import sys
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            real = getattr(sys, name).fileno() == fd
+        except Exception:
+            real = False
+        if not real:  # a forked child of pytest inherits its capture objects, not fd 1 and 2
+            setattr(sys, name, open(fd, "w", buffering=1, closefd=False))
+    print(f"{tag} print line")
+    sys.stderr.write(f"{tag} stderr line\n")
+    os.write(1, f"{tag} fd-1 line\n".encode())
+    subprocess.run(["sh", "-c", f"echo {tag} child program line"], check=True)
+    libc = ctypes.CDLL(None)
+    libc.printf(f"{tag} C printf line\n".encode())
+    libc.fflush(None)
+    print(f"{tag} partial line", end="")
+    return os.getpid()
+
+
+def join_cgroup_then_exhaust_memory(config: Any, cgroup_procs: str) -> None:
+    """Move into a memory-limited cgroup (before claiming a slot, so the listener reads that
+    cgroup's oom_kill count), log, then allocate until the OOM killer ends this process."""
+    with open(cgroup_procs, "w") as f:
+        f.write(str(os.getpid()))
+    mplog.worker_init(config)
+    logging.getLogger("t.oom").info("allocating until the OOM killer comes")
+    hog = []
+    while True:
+        hog.append(b"x" * (16 << 20))  # written, so every page is really used
