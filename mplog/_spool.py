@@ -110,6 +110,14 @@ def process_alive(pid: int, start: int = 0) -> bool:
     return not start or int(fields[19]) == start
 
 
+def _unmap(words: memoryview, mm: mmap.mmap) -> None:
+    try:
+        words.release()
+        mm.close()
+    except (BufferError, ValueError):
+        pass  # a caller still holds a view: the mapping goes with the process
+
+
 def _entry_crc(length_word: int, seq: int, payload: bytes) -> int:
     # The payload's CRC: a stale entry of an earlier lap fails the sequence check, a torn or
     # not-yet-visible one the CRC (and the length must fit the ring).
@@ -144,11 +152,7 @@ class RingWriter:
         self._seq = 0
 
     def close(self) -> None:
-        try:
-            self.words.release()
-            self._mm.close()
-        except (BufferError, ValueError):
-            pass
+        _unmap(self.words, self._mm)
 
     def room(self, need: int = ENTRY_SIZE) -> bool:
         words = self.words
@@ -257,11 +261,7 @@ class RingReader:
         self.stamped: Optional[bytes] = None  # the one whose time is in the slot (S_LAST_NS)
 
     def close(self) -> None:
-        try:
-            self.words.release()
-            self._mm.close()
-        except (BufferError, ValueError):
-            pass
+        _unmap(self.words, self._mm)
 
     @property
     def head(self) -> int:
