@@ -319,10 +319,17 @@ class CapturedHandler(SpoolHandler):
     runs; after it stops, absent (records go where logging sends them with no handler), until
     the main process publishes another service, which it then follows."""
 
+    _emit_is_ours = True  # while the service runs, emit() adds nothing: handle() sees to the rest
+
     def __init__(self, config: WorkerConfig, here: str) -> None:
         super().__init__(config)
         self.here = here
         self._seen: Optional[Tuple[int, int]] = None
+
+    def handle(self, record: logging.LogRecord) -> Any:
+        if self.channel.stopped():
+            return logging.Handler.handle(self, record)  # filters, then emit(): follow, or no handler
+        return SpoolHandler.handle(self, record)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -62,8 +62,6 @@ class WorkerConfig:
     overflow_timeout: float
     capture_warnings: bool
     service_id: str
-    # Format in the logging process (the default formats; see _format.Preformatter).
-    preformat: bool = False
     simplified_level: int = logging.INFO
     # The ring in the spool: at most ``queue_size`` records in ``ring_bytes`` (0: the default
     # for queue_size, _spool.ring_capacity).

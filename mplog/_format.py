@@ -13,7 +13,7 @@ import re
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-from ._record import Record, encode_formatted, text_of
+from ._record import Record, text_of
 
 __all__ = ["clean", "clean_inline", "colour", "Timestamps", "SimplifiedFormatter", "FullFormatter", "SEPARATOR"]
 
@@ -152,69 +152,6 @@ def format_both(rec: Record, stamps: Timestamps, full_fmt: FullFormatter, simple
     if rec.levelno >= logging.WARNING:
         return full, f"[{ts}] {clean_inline(rec.levelname)}: {smsg}\n"
     return full, f"[{ts}] {smsg}\n"
-
-
-class Preformatter:
-    """In the process that logs: format a record in both default formats, so the listener only
-    appends text. The listener is the one process every record goes through; moving ~3 us of
-    formatting per record out of it is what lets it keep up with many writers on few cores."""
-
-    def __init__(self, simplified_level: int) -> None:
-        self.stamps = Timestamps()
-        self.full = FullFormatter(self.stamps)
-        self.simple = SimplifiedFormatter(self.stamps)
-        self.simplified_level = simplified_level
-
-    def fast_payload(self, record: logging.LogRecord) -> Optional[bytes]:
-        """The common record (no extras, context, traceback or stack, printable text) formatted
-        straight from the LogRecord, skipping the flattening: the same bytes ``payload`` gives,
-        at about half the caller's cost. None when the record needs the full path."""
-        msg = record.msg
-        if type(msg) is not str:
-            return None
-        if record.args:
-            try:
-                msg = msg % record.args
-            except Exception:
-                return None  # the full path renders the failure as a placeholder
-            if type(msg) is not str:
-                return None
-        created = record.created
-        sec = int(created)
-        stamps = self.stamps
-        if sec != stamps._sec:
-            stamps._sec = sec
-            stamps._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
-        ts = stamps._text
-        levelname, name, pname, fname = record.levelname, record.name, record.processName, record.filename
-        if not (type(levelname) is str and type(name) is str and type(pname) is str and type(fname) is str
-                and type(record.process) is int and type(record.lineno) is int and record.pathname
-                and type(created) is float):
-            return None  # a filter put something unusual there: the full path copes
-        head = (f"[{ts}.{int((created % 1) * 1000):03d}] [{levelname}] [{name}] "
-                f"[{pname}:{record.process}] [{fname}:{record.lineno}]")
-        if not (msg.isprintable() and head.isprintable()):
-            return None
-        full = f"{head}\n  Message: {msg}\n{SEPARATOR}\n"
-        levelno = record.levelno
-        if levelno < self.simplified_level:
-            simple = None
-        elif levelno >= logging.WARNING:
-            simple = f"[{ts}] {levelname}: {msg}\n"
-        else:
-            simple = f"[{ts}] {msg}\n"
-        warning = msg[:200] if logging.WARNING <= levelno < logging.ERROR and record.name != "mplog" else None
-        return encode_formatted(levelno, False, full, simple, warning)
-
-    def payload(self, rec: Record) -> bytes:
-        levelno = rec.levelno
-        user = bool(rec.user)
-        full, simple = format_both(rec, self.stamps, self.full, self.simple,
-                                   levelno >= self.simplified_level or user)
-        warning = None
-        if logging.WARNING <= levelno < logging.ERROR and rec.name not in NOT_TALLIED:
-            warning = rec.msg.split("\n", 1)[0][:200]
-        return encode_formatted(levelno, user, full, simple, warning)
 
 
 class _Fields(dict):  # type: ignore[type-arg]

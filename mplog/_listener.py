@@ -27,6 +27,7 @@ service ends, whose pidfds wake this loop like the FIFO does.
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 import select
 import shutil
@@ -43,13 +44,18 @@ from ._files import FileSet
 from ._format import (NOT_TALLIED, SEPARATOR, FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour,
                       format_both)
 from ._journal import Journal
-from ._record import TEXT_VERSION, Formatted, Record, decode_formatted, deserialize, make_record
+from ._record import TAG_COMMON, TEXT_VERSION, Formatted, Record, decode, decode_formatted, make_record
 from ._spool import W_HEAD, RingReader, SpoolReader, Taken, remove_spool
 from ._transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FrameParser
 
 __all__ = ["Listener", "main"]
 
 _MAX_DISTINCT_WARNINGS = 1000
+_WARNING, _ERROR = logging.WARNING, logging.ERROR
+_loads = marshal.loads
+_MILLIS = [f"{ms:03d}" for ms in range(1000)]
+_BLOCK_TAIL = SEPARATOR + "\n"
+_MAX_HEADS = 4096  # headers kept: call sites times processes; past this the cache starts again
 _BLOCK_END = (SEPARATOR + "\n").encode()
 _IDLE_POLL_MS = 100  # a missed doorbell (see Listener.sleep) costs at most this much latency
 
@@ -74,9 +80,10 @@ def _make_formatters(cfg: ListenerConfig, stamps: Timestamps) -> Tuple[Any, Any]
 
 
 class Batch:
-    """The texts of one batch: records in, two files' bytes and the console's lines out. One
-    path for every record: decode, then append its formatted texts (formatting here when the
-    worker did not)."""
+    """The texts of one batch: records in, two files' bytes and the console's lines out. Every
+    record is decoded and formatted here (the process that logged it only marshalled its
+    fields); ``add_payloads`` is the hot loop for common records in the default formats, and
+    hands everything else to ``add_payload``, the one general path."""
 
     def __init__(self, cfg: ListenerConfig, counters: Counters, forwarder: Any) -> None:
         self.counters = counters
@@ -89,40 +96,96 @@ class Batch:
         self.console_colour = cfg.console_colour
         self.forwarder = forwarder
         self.warnings: Dict[str, int] = {}
-        self._full: List[bytes] = []
-        self._simp: List[bytes] = []
+        # Texts, encoded once per batch: one join and one encode beat one encode per record.
+        self._full: List[str] = []
+        self._simp: List[str] = []
         self._cons: List[str] = []
+        self._heads: Dict[Tuple[Any, ...], str] = {}  # see add_payloads
+
+    def add_payloads(self, payloads: List[bytes], origin: str) -> None:
+        """Add one ring's records. The common record in the default formats is formatted in
+        this loop, with the same result as ``add_payload``; anything else goes there."""
+        if not self.fused or self.forwarder is not None or self.console is not None:
+            for payload in payloads:
+                self.add_payload(payload, origin)
+            return
+        loads = _loads
+        full_out = self._full.append
+        simp_out = self._simp.append
+        simplified_level = self.simplified_level
+        stamps = self.stamps
+        heads = self._heads
+        for payload in payloads:
+            try:
+                tag, fields = loads(payload)
+                if tag != TAG_COMMON:
+                    raise ValueError
+                (created, levelno, levelname, name, msg, args, pathname, lineno, _func, pname, process, _tname,
+                 _thread, _rel, _exc_info, exc_text, stack) = fields
+                if exc_text is not None or stack is not None or type(msg) is not str:
+                    raise ValueError
+                if args:
+                    msg = msg % args
+                if not msg.isprintable():
+                    raise ValueError
+                sec = int(created)
+                if sec != stamps._sec:
+                    stamps.second(created)
+                ts = stamps._text
+                # The header but its time, made once per call site and process (and checked
+                # once: a header field that would need escaping takes the general path).
+                key = (levelname, name, pname, process, pathname, lineno)
+                rest = heads.get(key)
+                if rest is None:
+                    rest = self._head_rest(key)
+                full_out(f"[{ts}.{_MILLIS[int((created % 1) * 1000)]}] {rest}\n  Message: {msg}\n{_BLOCK_TAIL}")
+                if levelno >= simplified_level:
+                    simp_out(f"[{ts}] {msg}\n" if levelno < _WARNING else f"[{ts}] {levelname}: {msg}\n")
+                if _WARNING <= levelno < _ERROR and name not in NOT_TALLIED:
+                    self._tally(msg[:200])
+            except Exception:  # noqa: BLE001 - not the common case, or not well formed: the general path
+                self.add_payload(payload, origin)
+
+    def _head_rest(self, key: Tuple[Any, ...]) -> str:
+        levelname, name, pname, process, pathname, lineno = key
+        filename = pathname[pathname.rfind("/") + 1:] if pathname else "?"
+        rest = f"[{levelname}] [{name}] [{pname}:{process}] [{filename}:{lineno}]"
+        if not rest.isprintable():
+            raise ValueError("a header field needs escaping")
+        if len(self._heads) >= _MAX_HEADS:
+            self._heads.clear()
+        self._heads[key] = rest
+        return rest
 
     def add_payload(self, payload: bytes, origin: str) -> None:
-        if payload[:1] == b"\x02":  # formatted by the process that logged it: the hot path
+        if payload[:1] == b"\x02":  # formatted by a process of an earlier mplog (a recovered spool)
             try:
                 self.add_text(decode_formatted(payload))
                 return
             except ValueError:
                 pass  # falls through to the placeholder below
+        failures = 0
         try:
-            rec = deserialize(payload)
+            rec, failures = decode(payload)
         except ValueError as exc:
-            self.counters.add("replaced_listener")
+            failures = 1
             rec = make_record(time.time(), logging.WARNING, "mplog", f"<undecodable record from {origin}: {exc}>")
+        if failures:
+            self.counters.add("replaced_listener", failures)
         if rec[0] == TEXT_VERSION:
             self.add_text(rec)
         else:
             self.add_record(rec)
 
     def add_text(self, t: Formatted) -> None:
-        """A record formatted by the process that logged it: append its texts' bytes."""
+        """A record formatted by the process that logged it: append its texts."""
         full, simple = t.full, t.simple
         if not (full[:1] == b"[" and full.endswith(_BLOCK_END) and (simple is None or simple.endswith(b"\n"))):
             self.counters.add("replaced_listener")  # not what our writers send: a placeholder
             self.add_record(make_record(time.time(), logging.WARNING, "mplog", "<malformed pre-formatted record>"))
             return
-        self._full.append(full)
-        if simple is not None:
-            self._simp.append(simple)
-            if self.console is not None and t.levelno >= self.console:
-                line = simple.decode("utf-8", "replace")
-                self._cons.append(colour(line, t.levelno) if self.console_colour else line)
+        self._append(full.decode("utf-8", "replace"), None if simple is None else simple.decode("utf-8", "replace"),
+                     t.levelno)
         if t.warning:
             self._tally(t.warning)
 
@@ -143,13 +206,12 @@ class Batch:
         except Exception as exc:  # a bad field or a formatter bug costs one record, not the listener
             self.counters.add("replaced_listener")
             self._full.append(self.full.format(make_record(
-                time.time(), logging.ERROR, "mplog", f"<record could not be formatted: {exc!r}>")).encode(
-                "utf-8", "backslashreplace"))
+                time.time(), logging.ERROR, "mplog", f"<record could not be formatted: {exc!r}>")))
 
     def _append(self, full: str, simple: Optional[str], levelno: int) -> None:
-        self._full.append(full.encode("utf-8", "backslashreplace"))
+        self._full.append(full)
         if simple is not None:
-            self._simp.append(simple.encode("utf-8", "backslashreplace"))
+            self._simp.append(simple)
             if self.console is not None and levelno >= self.console:
                 self._cons.append(colour(simple, levelno) if self.console_colour else simple)
 
@@ -158,8 +220,8 @@ class Batch:
             self.warnings[key] = self.warnings.get(key, 0) + 1
 
     def take_texts(self) -> Tuple[bytes, bytes, str]:
-        full = b"".join(self._full)
-        simp = b"".join(self._simp)
+        full = "".join(self._full).encode("utf-8", "backslashreplace")
+        simp = "".join(self._simp).encode("utf-8", "backslashreplace")
         cons = "".join(self._cons)
         self._full.clear()
         self._simp.clear()
@@ -319,12 +381,10 @@ class Listener:
         if not taken:
             return 0
         n = 0
-        add = self.batch.add_payload
+        add = self.batch.add_payloads
         for ring, t in taken:
-            origin = f"pid {ring.pid}"
             payloads = t.payloads
-            for payload in payloads:
-                add(payload, origin)
+            add(payloads, f"pid {ring.pid}")
             if payloads:
                 ring.last = payloads[-1]  # for the record of its end, should it die
             n += len(payloads)

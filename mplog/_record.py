@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import marshal
+import operator
 import reprlib
 import struct
 import traceback
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
-__all__ = ["USER_MESSAGE_KEY", "TAG_FIELDS", "TAG_TEXT", "TEXT_VERSION", "decode_formatted", "encode_formatted", "Formatted", "Record", "deserialize", "exception_summary",
+__all__ = ["USER_MESSAGE_KEY", "TAG_COMMON", "TAG_FIELDS", "TAG_TEXT", "COMMON_KEYS", "common_fields", "common_payload", "common_record", "decode", "TEXT_VERSION", "decode_formatted", "encode_formatted", "Formatted", "Record", "deserialize", "exception_summary",
            "flatten", "json_value", "make_record", "safe_text", "text_of", "sanitize", "serialize"]
 
 USER_MESSAGE_KEY = "is_user_message"
@@ -183,6 +184,55 @@ def flatten(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None,
     return fields, failures
 
 
+# The common record (no extras, no context, no formatter on the handler): the LogRecord's own
+# attributes, taken from its __dict__ in one C call and marshalled as they are, the message's
+# template and arguments included. The caller pays for one dict lookup per field and one
+# marshal.dumps; the listener does the rest (``%``, formatting). marshal refuses what is not
+# plain (an object argument, a str subclass, a traceback in exc_info): then ``serialize``
+# flattens the record in the caller as before.
+TAG_COMMON = 3
+COMMON_KEYS = ("created", "levelno", "levelname", "name", "msg", "args", "pathname", "lineno", "funcName",
+               "processName", "process", "threadName", "thread", "relativeCreated", "exc_info", "exc_text",
+               "stack_info")
+common_fields = operator.itemgetter(*COMMON_KEYS)
+_dumps = marshal.dumps
+# Version 2: no back-references (a record has few repeated objects, and building the table of
+# them cost more than it saved); loads reads any version.
+MARSHAL_VERSION = 2
+
+
+def common_payload(record: logging.LogRecord) -> Optional[bytes]:
+    """The payload of a common record, or None when ``serialize`` must do it. The caller checks
+    the context (``_worker.context``); SpoolHandler.handle inlines this."""
+    d = record.__dict__
+    if len(d) != _STANDARD_LEN:
+        return None
+    try:
+        return _dumps((TAG_COMMON, common_fields(d)), MARSHAL_VERSION)
+    except (ValueError, KeyError):  # not plain, or a filter took a standard attribute away
+        return None
+
+
+def common_record(fields: Tuple[Any, ...]) -> Tuple[Record, int]:
+    """The Record of a common record's fields: its message rendered here, as the caller's
+    getMessage() would have. Returns (record, placeholders used)."""
+    (created, levelno, levelname, name, msg, args, pathname, lineno, func, pname, process, tname, thread,
+     rel, exc_info, exc_text, stack) = fields
+    failures = 0
+    try:
+        text = msg if type(msg) is str else str(msg)
+        if args:
+            text = text % args
+    except Exception as exc:
+        text = f"{safe_text(msg)[0]} <formatting failed: {_describe(exc)}; args={_short_repr.repr(args)}>"
+        failures = 1
+    summary = None
+    if exc_text:
+        summary = exc_text.rstrip().rsplit("\n", 1)[-1]
+    return Record(TAG_FIELDS, created, levelno, levelname, name, text, pathname, lineno, func, pname, process,
+                  tname, exc_text, summary, stack, None, False, thread or 0, rel), failures
+
+
 def sanitize(fields: Tuple[Any, ...]) -> Tuple[Any, ...]:
     """Fields of unexpected types (a filter set levelname to an object, say) made plain."""
     fixed = tuple(f if f is None or type(f) in (int, float, bool, dict) else safe_text(f)[0] for f in fields)
@@ -291,17 +341,27 @@ def decode_formatted(payload: bytes) -> Formatted:
                      payload[b:c] if flags & _F_SIMPLE else None, warning)
 
 
-def deserialize(payload: bytes) -> Any:
-    """Rebuild a Record (or a Formatted); raises ValueError for a payload that is neither."""
+def decode(payload: bytes) -> Tuple[Any, int]:
+    """Rebuild a Record (or a Formatted) and count the placeholders its decoding used (a
+    common record's message that does not format); raises ValueError for a payload that is
+    neither."""
     if payload[:1] == b"\x02":
-        return decode_formatted(payload)
+        return decode_formatted(payload), 0
     try:
         fields = marshal.loads(payload)
     except (EOFError, ValueError, TypeError) as exc:
         raise ValueError(f"undecodable record: {exc}") from None
+    if type(fields) is tuple and len(fields) == 2 and fields[0] == TAG_COMMON:
+        if type(fields[1]) is not tuple or len(fields[1]) != len(COMMON_KEYS):
+            raise ValueError("record of an unknown shape")
+        return common_record(fields[1])
     if type(fields) is not tuple or len(fields) != _FIELDS_LEN or fields[0] != TAG_FIELDS:
         raise ValueError("record of an unknown shape")
     # Field types are not checked here: the listener formats each record inside its own
     # try/except, so a record with a field of the wrong type becomes a counted placeholder.
-    rec = _make(fields)
-    return rec
+    return _make(fields), 0
+
+
+def deserialize(payload: bytes) -> Any:
+    """Rebuild a Record (or a Formatted); raises ValueError for a payload that is neither."""
+    return decode(payload)[0]

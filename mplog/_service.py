@@ -363,8 +363,6 @@ class LogService:
             fifo_path=fifo, counters_path=counters_path, level=cfg.level, overflow=cfg.overflow,
             overflow_timeout=cfg.overflow_timeout, capture_warnings=cfg.capture_warnings,
             service_id=uuid.uuid4().hex,
-            # Custom formats and syslog need the record's fields in the listener.
-            preformat=cfg.simplified_format is None and cfg.full_format is None and cfg.syslog is None,
             simplified_level=cfg.simplified_level, queue_size=cfg.queue_size, ring_bytes=self._ring_bytes,
             owner_pid=os.getpid(), capture_output=cfg.capture_output)
         colour = (cfg.console is not None and sys.stderr is not None and sys.stderr.isatty()

@@ -135,7 +135,6 @@ class RingWriter:
         self.path = path
         self.capacity = capacity
         self.max_records = max_records
-        self.inline_max = capacity // 4
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fd, RING_HEADER + capacity)  # sparse: pages cost memory once touched
@@ -150,6 +149,9 @@ class RingWriter:
         self.words[W_MAGIC] = _MAGIC  # last: a reader trusts the header only with the magic
         self._head = 0
         self._seq = 0
+        self.inline_max = capacity // 4 - ENTRY_SIZE  # larger payloads go to a file of their own
+        self._seq_limit = max_records  # what fits as of the last read of the listener's words
+        self._limit = capacity
 
     def close(self) -> None:
         _unmap(self.words, self._mm)
@@ -159,41 +161,59 @@ class RingWriter:
         return (self._seq - words[W_DONE] < self.max_records
                 and self._head + need - words[W_TAIL] <= self.capacity)
 
-    def write(self, payload: bytes) -> bool:
+    def write(self, payload: bytes, length_word: int = -1) -> bool:
+        """Publish ``payload`` (``length_word``: a big record's reference entry, see
+        _write_external). The caller's hot path: a few stores into the mapping, no system call."""
         n = len(payload)
-        if n + ENTRY_SIZE > self.inline_max:
-            return self._write_external(payload)
-        return self._publish(n, payload)
-
-    def _publish(self, length_word: int, payload: bytes) -> bool:
-        words = self.words
-        cap = self.capacity
-        seq = self._seq + 1
-        if seq - 1 - words[W_DONE] >= self.max_records:
-            return False
-        need = (ENTRY_SIZE + len(payload) + 7) & ~7
+        if length_word < 0:
+            if n > self.inline_max:
+                return self._write_external(payload)
+            length_word = n
         head = self._head
-        tail = words[W_TAIL]
-        pos = head % cap
-        left = cap - pos
-        mm = self._mm
-        if need > left:  # does not fit before the end: wrap (a WRAP entry, or < 16 bytes skipped)
-            if head + left + need - tail > cap:
+        end = head + ((n + ENTRY_SIZE + 7) & -8)
+        seq = self._seq + 1
+        # Room as of the last read of the listener's words, and before the end of the data area:
+        # the shared words are read again only when this says no (the tail only moves forward).
+        if end > self._limit or seq > self._seq_limit:
+            if not self._make_room(end - head):
                 return False
-            if left >= ENTRY_SIZE:
-                _ENTRY.pack_into(mm, RING_HEADER + pos, WRAP, _entry_crc(WRAP, seq, b""), seq)
-            head += left
-            pos = 0
-        elif head + need - tail > cap:
-            return False
-        at = RING_HEADER + pos
+            head = self._head
+            end = head + ((n + ENTRY_SIZE + 7) & -8)
+        at = RING_HEADER + head % self.capacity
+        mm = self._mm
         _pack_entry(mm, at, length_word, crc32(payload), seq)
-        mm[at + ENTRY_SIZE:at + ENTRY_SIZE + len(payload)] = payload
-        self._head = head + need
+        mm[at + ENTRY_SIZE:at + ENTRY_SIZE + n] = payload
+        self._head = end
         self._seq = seq
         # Head last: everything the reader may read is stored before it (and checked anyway).
-        words[W_HEAD] = head + need
+        words = self.words
+        words[W_HEAD] = end
         words[W_PUBLISHED] = seq
+        return True
+
+    def _make_room(self, need: int) -> bool:
+        """Read the listener's words again; wrap to the start of the data area if ``need`` bytes
+        do not fit before its end. False if there is no room."""
+        words = self.words
+        cap = self.capacity
+        self._seq_limit = words[W_DONE] + self.max_records
+        tail_limit = words[W_TAIL] + cap
+        head = self._head
+        left = cap - head % cap
+        lap_end = head + left
+        if self._seq + 1 > self._seq_limit:
+            return False
+        if need > left:  # wrap: a WRAP entry (or fewer than 16 bytes skipped), then the start
+            if lap_end + need > tail_limit:
+                return False
+            if left >= ENTRY_SIZE:
+                _ENTRY.pack_into(self._mm, RING_HEADER + head % cap, WRAP, _entry_crc(WRAP, self._seq + 1, b""),
+                                 self._seq + 1)
+            self._head = head = lap_end
+            lap_end += cap
+        elif head + need > tail_limit:
+            return False
+        self._limit = min(tail_limit, lap_end)
         return True
 
     def _write_external(self, payload: bytes) -> bool:
@@ -215,7 +235,7 @@ class RingWriter:
             except OSError:
                 pass
             raise
-        if not self._publish(F_EXTERNAL | _EXTERNAL.size, _EXTERNAL.pack(len(payload), crc32(payload))):
+        if not self.write(_EXTERNAL.pack(len(payload), crc32(payload)), F_EXTERNAL | _EXTERNAL.size):
             os.unlink(path)
             return False
         return True
@@ -284,6 +304,27 @@ class RingReader:
         out: List[bytes] = []
         externals: List[str] = []
         unpack = _ENTRY.unpack_from
+        # The hot loop: whole entries in order, each checked. Anything else (the end of the data
+        # area, a WRAP, a big record's reference, an entry that fails its check) is left to the
+        # general loop below, from where this one stopped.
+        data_end = RING_HEADER + cap
+        append = out.append
+        while pos < head and len(out) < limit:
+            at = RING_HEADER + pos % cap
+            if at + ENTRY_SIZE > data_end:
+                break
+            length_word, crc, seq = unpack(mm, at)
+            end = at + ENTRY_SIZE + length_word  # a WRAP's or a reference's flag bits make it "too long"
+            if seq != done + 1 or end > data_end:
+                break
+            payload = mm[at + ENTRY_SIZE:end]
+            if crc32(payload) != crc:
+                break
+            append(payload)
+            pos += (ENTRY_SIZE + length_word + 7) & -8
+            done = seq
+        if out:
+            self.bad_since = 0.0
         while pos < head and len(out) < limit:
             off = pos % cap
             left = cap - off

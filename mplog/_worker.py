@@ -24,8 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 from ._config import WorkerConfig
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
 from . import _process
-from ._format import Preformatter
-from ._record import _STANDARD_LEN, TEXT_VERSION, _make, deserialize, flatten, sanitize, serialize
+from ._record import _STANDARD_LEN, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, _dumps, common_fields, common_payload, deserialize, serialize
 from ._spool import W_DONE, RingWriter, _process_start, ring_capacity
 from ._transport import K_WAKE, FifoWriter
 
@@ -35,6 +34,7 @@ __all__ = ["SpoolHandler", "MPQueueHandler", "ServiceQueue", "Channel", "worker_
 _SLEEPING = FIELDS.index("sleeping")
 
 _context: contextvars.ContextVar[Optional[Dict[str, Any]]] = contextvars.ContextVar("mplog_context", default=None)
+_context_get = _context.get
 
 
 @contextlib.contextmanager
@@ -72,7 +72,6 @@ class Channel:
         self._overflowing = False  # overflow="timeout": the one wait of this episode is spent
         self._drops_unreported = 0
         self._last_notice = 0.0
-        self._pre = Preformatter(config.simplified_level) if config.preformat else None
         # Set once ``svc.queue`` is used in this process: from then on a record that reaches
         # both mplog's handler and a QueueHandler on that queue is sent once (see seen_before).
         self.dedupe = False
@@ -119,21 +118,13 @@ class Channel:
         return ring is not None and not ring.room()
 
     def prepare(self, record: logging.LogRecord, message: Optional[str] = None) -> Tuple[bytes, int]:
-        """The record as a payload: formatted here (default formats) or flattened fields."""
-        pre = self._pre
-        if pre is None:
-            return serialize(record, _context.get(), message)
+        """The record as a payload of plain fields, for the listener to format."""
         context = _context.get()
-        if (message is None and context is None and len(record.__dict__) == _STANDARD_LEN
-                and record.exc_info is None and record.exc_text is None and record.stack_info is None):
-            payload = pre.fast_payload(record)
+        if message is None and context is None:
+            payload = common_payload(record)
             if payload is not None:
                 return payload, 0
-        fields, failures = flatten(record, context, message)
-        try:
-            return pre.payload(_make(fields)), failures
-        except Exception:
-            return pre.payload(_make(sanitize(fields))), failures + 1
+        return serialize(record, context, message)
 
     # -- per-process state --------------------------------------------------------------
     def _attach(self) -> Counters:
@@ -222,7 +213,23 @@ class Channel:
                 return
             self._busy = True
             try:
-                self._put(slot, payload, failures)
+                ring = self._ring
+                words = slot.words
+                # The hot path: the service runs, the ring has room, the listener is awake.
+                if ring is not None and not failures and words[1] != STATE_STOPPED and not self._overflowing:
+                    try:
+                        ok = ring.write(payload)
+                    except OSError:  # a big record's own file could not be written (ENOSPC)
+                        self._divert(slot, payload)
+                    else:
+                        if ok:
+                            words[slot.base + S_SENT] += 1
+                            if words[_SLEEPING]:
+                                self._wake()
+                        else:  # full: the overflow policy
+                            self._put(slot, payload, 0)
+                else:
+                    self._put(slot, payload, failures)
                 while self._deferred:
                     self._put(slot, *self._deferred.pop(0))
             finally:
@@ -246,20 +253,14 @@ class Channel:
         except OSError:  # a big record's own file could not be written (ENOSPC in the spool)
             self._divert(slot, payload)
             return
-        if ok:  # the hot path
+        if not ok:
+            ok = self._overflow(ring, payload)
+            if ok is None:
+                self._divert(slot, payload)
+                return
+        if ok:
             words[base + S_SENT] += 1
-            if self._overflowing:
-                self._overflowing = False  # room again: the next overflow may wait once more
-            if words[_SLEEPING]:
-                self._wake()
-            return
-        waited = self._overflow(ring, payload)
-        if waited is None:
-            self._divert(slot, payload)
-            return
-        if waited:
-            words[base + S_SENT] += 1
-            self._overflowing = False
+            self._overflowing = False  # room again: the next overflow may wait once more
             if words[_SLEEPING]:
                 self._wake()
             return
@@ -374,6 +375,13 @@ class SpoolHandler(logging.Handler):
         """The service's queue, for code that wants one (``QueueHandler(handler.queue)``)."""
         return ServiceQueue(self.config)
 
+    _emit_is_ours = True  # False in a subclass with its own emit(): handle() then always calls it
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_emit_is_ours" not in cls.__dict__:  # a subclass may say its emit() needs no call
+            cls._emit_is_ours = cls.emit is SpoolHandler.emit
+
     def handle(self, record: logging.LogRecord) -> Any:
         # Handler.handle() takes the handler's lock around emit(); ours needs none (the ring has
         # its process's own lock), so skip it on the hot path.
@@ -383,6 +391,22 @@ class SpoolHandler(logging.Handler):
                 return rv
             if isinstance(rv, logging.LogRecord):
                 record = rv
+        channel = self.channel
+        d = record.__dict__
+        if (len(d) == _STANDARD_LEN and self.formatter is None and not channel.dedupe and self._emit_is_ours
+                and _context_get() is None):
+            # The common record (_record.common_payload, inlined: this is the caller's whole
+            # cost, see scripts/bench.py).
+            try:
+                payload = _dumps((TAG_COMMON, common_fields(d)), MARSHAL_VERSION)
+            except (ValueError, KeyError):
+                pass
+            else:
+                try:
+                    channel.put_payload(payload)
+                except Exception:
+                    self.handleError(record)
+                return record
         self.emit(record)
         return record
 

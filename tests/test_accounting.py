@@ -27,7 +27,7 @@ def _spool(tmp_path):
                          full_path=str(tmp_path / "run.debug.log"), flush_count=100)
     wcfg = WorkerConfig(fifo_path=str(runtime / "fifo"), counters_path=str(runtime / "counters"), level=10,
                         overflow="drop", overflow_timeout=0.0, capture_warnings=False, service_id="acct",
-                        preformat=True, queue_size=1000)
+                        queue_size=1000)
     return cfg, Channel(wcfg)
 
 

@@ -146,23 +146,132 @@ def test_fields_of_unexpected_types_still_give_a_record(service):
     assert svc.health()["records"]["replaced"] == 1
 
 
+_COMMON_CASES = [("processed item %d of %s", (7, "stage")), ("plain", None), ("accents %s", ("é ü 漢",)),
+                 ("%(k)s by name", ({"k": "v"},)), ("a list %s, a float %.3f", ([1, "two", None], 2.5)),
+                 (12345, None), ("bad %d", ("x",)), ("too few %s %s", (1,)), ("two\nlines", None),
+                 ("escape \x1b[2J", None), ("surrogate \udc80", None), ("", None)]
+
+
 @pytest.mark.parametrize("levelno", [5, 10, 20, 30, 40, 50])
-@pytest.mark.parametrize("msg, args", [("processed item %d of %s", (7, "stage")), ("plain", None),
-                                       ("accents %s", ("é ü 漢",)), ("%(k)s by name", ({"k": "v"},))])
-def test_fast_path_formats_exactly_like_the_full_path(levelno, msg, args):
-    """The caller's fast path (a common record formatted straight from the LogRecord) gives the
-    very bytes of the full path (flatten, then format)."""
-    from mplog._format import Preformatter
-    from mplog._record import _make, flatten
-    pre = Preformatter(logging.INFO)
+@pytest.mark.parametrize("msg, args", _COMMON_CASES)
+def test_a_common_record_arrives_as_the_flattened_record(levelno, msg, args):
+    """The caller's hot path ships the LogRecord's own fields, template and arguments
+    included; the listener renders the message. The result is the Record that flattening in
+    the caller gives, placeholder (and its count) included."""
+    from mplog._record import _make, common_payload, decode, flatten
     record = logging.LogRecord("t.fast", levelno, "/srv/app/stage.py", 42, msg, args, None, "work")
-    fast = pre.fast_payload(record)
-    assert fast is not None and fast == pre.payload(_make(flatten(record, None)[0]))
+    payload = common_payload(record)
+    assert payload is not None
+    fields, failures = flatten(record, None)
+    assert decode(payload) == (_make(fields), failures)
 
 
-@pytest.mark.parametrize("msg, args", [("two\nlines", None), ("escape \x1b[2J", None), ("bad %d", ("x",)),
-                                       (12345, None)])
-def test_fast_path_leaves_the_unusual_to_the_full_path(msg, args):
-    from mplog._format import Preformatter
-    record = logging.LogRecord("t.fast", logging.INFO, "/srv/app/stage.py", 1, msg, args, None)
-    assert Preformatter(logging.INFO).fast_payload(record) is None
+class _Plain(str):
+    pass
+
+
+def _with_traceback():
+    try:
+        raise KeyError("k")
+    except KeyError:
+        import sys
+        return sys.exc_info()
+
+
+@pytest.mark.parametrize("case", ["extra", "object arg", "str subclass", "traceback", "exception arg"])
+def test_the_caller_leaves_the_unusual_to_flattening(case):
+    """What marshal cannot carry as it is (objects, subclasses, tracebacks) or what the common
+    shape has no place for (extras) is flattened in the caller, as before."""
+    from mplog._record import common_payload
+    msg, args, exc = "m %s", ("x",), None
+    if case == "object arg":
+        args = (object(),)
+    elif case == "str subclass":
+        msg = _Plain("m %s")
+    elif case == "traceback":
+        exc = _with_traceback()
+    elif case == "exception arg":
+        args = (ValueError("v"),)
+    record = logging.LogRecord("t.fast", logging.INFO, "/srv/app/stage.py", 1, msg, args, exc)
+    if case == "extra":
+        record.request_id = 7
+    assert common_payload(record) is None
+
+
+def _batch(level=logging.INFO):
+    import types
+    from mplog._listener import Batch
+
+    class Counts:
+        def __init__(self):
+            self.added = 0
+
+        def add(self, name, n=1):
+            self.added += n
+
+    cfg = types.SimpleNamespace(simplified_level=level, console=None, console_colour=False, simplified_format=None,
+                                full_format=None, datefmt=None)
+    return Batch(cfg, Counts(), None)
+
+
+@pytest.mark.parametrize("simplified_level", [logging.INFO, logging.ERROR])
+def test_the_listeners_hot_loop_writes_what_the_general_path_writes(simplified_level):
+    """Batch.add_payloads formats common records in one loop and hands the rest to the general
+    path (add_payload): the two give the very same bytes, warnings tally and placeholders."""
+    from mplog._record import common_payload, serialize
+    payloads = []
+    for levelno in (10, 20, 30, 40):
+        for msg, args in _COMMON_CASES:
+            record = logging.LogRecord("t.fast", levelno, "/srv/app/stage.py", 42, msg, args, None, "work")
+            payloads.append(common_payload(record))
+    odd = logging.LogRecord("odd\x1bname", 20, "/srv/app/stage.py", 1, "odd logger", None, None)
+    payloads.append(common_payload(odd))
+    extra = logging.LogRecord("t.fast", 30, "/srv/app/stage.py", 2, "with extra", None, None)
+    extra.k = "v"
+    payloads.append(serialize(extra)[0])
+    payloads.append(b"\x00 not a record")
+    assert all(payloads)
+    hot, general = _batch(simplified_level), _batch(simplified_level)
+    hot.add_payloads(payloads, "test")
+    for payload in payloads:
+        general.add_payload(payload, "test")
+    texts = hot.take_texts()
+    assert texts == general.take_texts()
+    assert texts[0].count(b"\n[") + 1 == len(payloads)  # one block per record
+    assert hot.warnings == general.warnings and hot.warnings
+    assert hot.counters.added == general.counters.added == 2 * 4 + 1  # two that do not format, at 4 levels; one undecodable
+
+
+def test_a_handler_subclass_with_its_own_emit_gets_every_record(tmp_path):
+    """The hot path skips emit(): a subclass that overrides emit() still gets every record."""
+    import mplog
+    seen = []
+
+    class Tapped(mplog.SpoolHandler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+            super().emit(record)
+
+    with mplog.LogService(tmp_path / "tap") as svc:
+        handler = Tapped(svc.worker_config)
+        lg = logging.getLogger("t.tapped")
+        lg.addHandler(handler)
+        lg.propagate = False
+        try:
+            lg.info("one %d", 1)
+        finally:
+            lg.removeHandler(handler)
+        assert svc.flush(10)
+    assert seen == ["one 1"]
+    assert [b["message"] for b in app_blocks(svc.full_path)] == ["one 1"]
+
+
+def test_arguments_are_rendered_as_they_were_at_the_call(service):
+    """The listener renders the message from the arguments as marshal copied them in the
+    logging call: changing a list afterwards does not change the line."""
+    svc = service()
+    items = ["a"]
+    logging.getLogger("t.args").info("items %s", items)
+    items.append("changed later")
+    assert svc.flush(10)
+    assert [b["message"] for b in app_blocks(svc.full_path)] == ["items ['a']"]

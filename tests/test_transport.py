@@ -194,13 +194,11 @@ def test_a_record_that_fails_its_check_is_counted_and_never_written(service):
     yet visible on a weakly ordered CPU): the listener waits, then counts it and skips to the
     next record it can trust; the damaged text never reaches the file."""
     from mplog._spool import ENTRY_SIZE, RING_HEADER
-    from mplog._format import Preformatter
-    from mplog._record import make_record
+    from mplog._record import common_payload
 
     svc = service()
     ring = _foreign_ring(svc)
-    pre = Preformatter(logging.INFO)
-    payload = pre.payload(make_record(1.0, logging.INFO, "foreign", "SECRET-DAMAGED"))
+    payload = common_payload(logging.LogRecord("foreign", logging.INFO, __file__, 1, "SECRET-%s", ("DAMAGED",), None))
     os.kill(svc.health()["listener"]["pid"], signal.SIGSTOP)  # so it cannot read it before we damage it
     try:
         assert ring.write(payload)
