@@ -15,17 +15,17 @@ Layout of one ring file (``ring.<slot>``, 0600, in the 0700 runtime directory)::
              done, pending batch (the listener's). One writer per word: nobody can die holding
              a lock another process needs.
     page 1…  the data area, ``capacity`` bytes, entries 8-byte aligned:
-             length(4) crc32(4) seq(8) payload, padded; a WRAP entry sends the reader back
+             length(4) checksum(4) seq(8) payload, padded; a WRAP entry sends the reader back
              to the start; fewer than 16 bytes before the end are skipped by both sides.
 
 Stores into an ``mmap`` are plain ``memcpy``: on arm64 another process may see the new head
 before the payload. So every entry checks itself: its ``seq`` must be the next one expected and
-its CRC (over length, seq and payload) must match. An entry that fails is retried on the next
+the checksum of its payload (Adler-32; CRC-32 in rings of layout 1) must match. An entry that fails is retried on the next
 pass, and counted and skipped only if it still fails when its writer is gone or a second has
 passed: the reader never trusts a half-published record.
 
 A record larger than a quarter of the ring goes to a file of its own beside the ring
-(``ring.<slot>.<seq>``), and the ring carries a small entry naming its size and CRC. Either way a
+(``ring.<slot>.<seq>``), and the ring carries a small entry naming its size and checksum. Either way a
 record is in the spool, whole, when the logging call returns.
 """
 
@@ -40,7 +40,7 @@ import shutil
 import struct
 import time
 from typing import TYPE_CHECKING, Container, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
-from zlib import crc32
+from zlib import adler32, crc32
 
 from ._counters import S_PID, S_RING
 
@@ -52,13 +52,14 @@ __all__ = ["RingWriter", "RingReader", "SpoolReader", "ring_capacity", "RING_HEA
 
 PAGE = mmap.PAGESIZE
 RING_HEADER = 4096 if PAGE <= 4096 else PAGE
-_MAGIC = 0x6D706C6F67520001  # "mplogR" + layout 1
+_MAGIC = 0x6D706C6F67520002  # "mplogR" + layout 2: entries checked with Adler-32
+_MAGIC_CRC32 = 0x6D706C6F67520001  # layout 1 (mplog before 0.2): CRC-32; still read, for recovery
 
 # Header words (int64 each).
 W_MAGIC, W_CAP, W_PID, W_START, W_HEAD, W_PUBLISHED = 0, 1, 2, 3, 4, 5
 W_TAIL, W_DONE, W_PEND_TAIL, W_PEND_DONE, W_PEND_BATCH = 8, 9, 10, 11, 12  # the listener's
 
-_ENTRY = struct.Struct("<IIQ")  # length | flags, crc32 of the payload, seq
+_ENTRY = struct.Struct("<IIQ")  # length | flags, checksum of the payload, seq
 ENTRY_SIZE = _ENTRY.size  # 16
 _pack_entry = _ENTRY.pack_into
 _SEQ = struct.Struct("<Q")
@@ -118,10 +119,14 @@ def _unmap(words: memoryview, mm: mmap.mmap) -> None:
         pass  # a caller still holds a view: the mapping goes with the process
 
 
-def _entry_crc(length_word: int, seq: int, payload: bytes) -> int:
-    # The payload's CRC: a stale entry of an earlier lap fails the sequence check, a torn or
-    # not-yet-visible one the CRC (and the length must fit the ring).
-    return crc32(payload)
+# The payload's checksum: a stale entry of an earlier lap fails the sequence check, a torn or
+# not-yet-visible one the checksum (and the length must fit the ring). Adler-32, not CRC-32:
+# what it guards against is bytes not yet visible or left from an earlier lap, not a noisy
+# channel, and it costs the caller 79 ns instead of 183 ns for a 238-byte record (zlib, here).
+checksum = adler32
+
+
+_WRAP_CHECK = checksum(b"")
 
 
 class RingWriter:
@@ -181,7 +186,7 @@ class RingWriter:
             end = head + ((n + ENTRY_SIZE + 7) & -8)
         at = RING_HEADER + head % self.capacity
         mm = self._mm
-        _pack_entry(mm, at, length_word, crc32(payload), seq)
+        _pack_entry(mm, at, length_word, checksum(payload), seq)
         mm[at + ENTRY_SIZE:at + ENTRY_SIZE + n] = payload
         self._head = end
         self._seq = seq
@@ -207,8 +212,7 @@ class RingWriter:
             if lap_end + need > tail_limit:
                 return False
             if left >= ENTRY_SIZE:
-                _ENTRY.pack_into(self._mm, RING_HEADER + head % cap, WRAP, _entry_crc(WRAP, self._seq + 1, b""),
-                                 self._seq + 1)
+                _ENTRY.pack_into(self._mm, RING_HEADER + head % cap, WRAP, _WRAP_CHECK, self._seq + 1)
             self._head = head = lap_end
             lap_end += cap
         elif head + need > tail_limit:
@@ -235,7 +239,7 @@ class RingWriter:
             except OSError:
                 pass
             raise
-        if not self.write(_EXTERNAL.pack(len(payload), crc32(payload)), F_EXTERNAL | _EXTERNAL.size):
+        if not self.write(_EXTERNAL.pack(len(payload), checksum(payload)), F_EXTERNAL | _EXTERNAL.size):
             os.unlink(path)
             return False
         return True
@@ -265,9 +269,11 @@ class RingReader:
         finally:
             os.close(fd)
         self.words = memoryview(self._mm)[:RING_HEADER].cast("q")
-        if self.words[W_MAGIC] != _MAGIC or self.words[W_CAP] != size - RING_HEADER:
+        magic = self.words[W_MAGIC]
+        if magic not in (_MAGIC, _MAGIC_CRC32) or self.words[W_CAP] != size - RING_HEADER:
             self.close()
             raise OSError(errno.EINVAL, "not an mplog ring", path)
+        self.check = checksum if magic == _MAGIC else crc32
         self.capacity = size - RING_HEADER
         self.pid = self.words[W_PID]
         self.start = self.words[W_START]
@@ -309,6 +315,7 @@ class RingReader:
         # general loop below, from where this one stopped.
         data_end = RING_HEADER + cap
         append = out.append
+        check = self.check
         while pos < head and len(out) < limit:
             at = RING_HEADER + pos % cap
             if at + ENTRY_SIZE > data_end:
@@ -318,7 +325,7 @@ class RingReader:
             if seq != done + 1 or end > data_end:
                 break
             payload = mm[at + ENTRY_SIZE:end]
-            if crc32(payload) != crc:
+            if check(payload) != crc:
                 break
             append(payload)
             pos += (ENTRY_SIZE + length_word + 7) & -8
@@ -335,7 +342,7 @@ class RingReader:
             length_word, crc, seq = unpack(mm, at)
             expected = done + 1
             if length_word == WRAP:
-                if seq == expected and crc == _entry_crc(WRAP, seq, b""):
+                if seq == expected and crc == self.check(b""):
                     pos += left
                     continue
                 if self._failed(pos, head, producer_gone):
@@ -343,7 +350,7 @@ class RingReader:
                 break
             n = length_word & _LEN_MASK
             payload = mm[at + ENTRY_SIZE:at + ENTRY_SIZE + n] if ENTRY_SIZE + n <= left else b""
-            if seq != expected or len(payload) != n or crc32(payload) != crc:
+            if seq != expected or len(payload) != n or self.check(payload) != crc:
                 if self._failed(pos, head, producer_gone):
                     return self._skip(out, externals)
                 break
@@ -371,7 +378,7 @@ class RingReader:
                 data = f.read(size + 1)
         except OSError:
             return None
-        if len(data) != size or crc32(data) != crc:
+        if len(data) != size or self.check(data) != crc:
             return None
         return data, path
 

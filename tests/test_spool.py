@@ -723,3 +723,74 @@ def test_a_ring_costs_memory_for_its_backlog_not_its_capacity(service):
     q = svc.health()["queue"]
     assert q["rings"] == 1 and q["capacity_bytes"] >= 3_000_000
     assert q["bytes"] < q["capacity_bytes"] / 3, q
+
+
+# -- the ring alone, in one process ------------------------------------------------------------
+def _ring_pair(tmp_path, capacity=64 * 1024, max_records=1000):
+    from mplog._spool import RingReader, RingWriter
+    path = str(tmp_path / "ring.0")
+    return RingWriter(path, capacity, max_records), RingReader(path, 0)
+
+
+def _drain(reader, limit=10**6):
+    t = reader.take(limit)
+    reader.commit(t.pos, t.done)
+    return t.payloads
+
+
+def test_a_ring_carries_every_payload_in_order_over_many_laps(tmp_path):
+    """Payloads of every size up to the inline limit, written while the reader takes some and
+    lags: each wrap (a WRAP entry, or a tail too short for one) and each full ring is met many
+    times, and every payload comes out once, in order."""
+    import random
+    writer, reader = _ring_pair(tmp_path)
+    rng = random.Random(14)
+    sent, got, refused = [], [], 0
+    for i in range(20000):
+        payload = (f"{i}:".encode() + bytes([i % 251]) * rng.choice([0, 1, 7, 8, 9, 100, 1000, 5000, 16000]))
+        if writer.write(payload):
+            sent.append(payload)
+        else:
+            refused += 1
+            got.extend(_drain(reader, rng.randint(1, 50)))
+            if writer.write(payload):
+                sent.append(payload)
+        if rng.random() < 0.05:
+            got.extend(_drain(reader, rng.randint(1, 200)))
+    got.extend(_drain(reader))
+    assert refused > 100  # the ring was full many times
+    assert writer._head > 20 * writer.capacity  # many laps
+    assert got == sent and reader.corrupt == 0
+
+
+def test_a_ring_is_full_at_exactly_its_records_and_its_bytes(tmp_path):
+    writer, reader = _ring_pair(tmp_path, capacity=64 * 1024, max_records=100)
+    assert sum(writer.write(b"x" * 10) for _ in range(150)) == 100  # records
+    assert len(_drain(reader)) == 100
+    assert sum(writer.write(b"x" * 10) for _ in range(150)) == 100  # and again, once the reader took them
+    (tmp_path / "bytes").mkdir()
+    writer, reader = _ring_pair(tmp_path / "bytes", capacity=64 * 1024, max_records=100)
+    big = b"y" * 4000  # 4016 bytes an entry: 16 fit in 64 KiB
+    assert sum(writer.write(big) for _ in range(40)) == 16  # bytes
+    assert len(_drain(reader, 3)) == 3
+    assert sum(writer.write(big) for _ in range(40)) == 3  # room again, as much as was freed
+
+
+def test_a_ring_of_the_previous_layout_is_still_read(tmp_path, monkeypatch):
+    """Rings written by mplog before 0.2 check their entries with CRC-32: the next run still
+    recovers them (layout 1); anything else is not taken for a ring."""
+    import zlib
+    from mplog import _spool
+    monkeypatch.setattr(_spool, "checksum", zlib.crc32)
+    monkeypatch.setattr(_spool, "_WRAP_CHECK", zlib.crc32(b""))
+    writer = _spool.RingWriter(str(tmp_path / "ring.0"), 64 * 1024, 1000)
+    writer.words[_spool.W_MAGIC] = _spool._MAGIC_CRC32
+    for i in range(600):  # past a wrap
+        assert writer.write(b"%d" % i + b"z" * 200) or _drain(_spool.RingReader(str(tmp_path / "ring.0"), 0))
+    monkeypatch.undo()
+    reader = _spool.RingReader(str(tmp_path / "ring.0"), 0)
+    assert reader.check is zlib.crc32
+    assert len(_drain(reader)) > 0 and reader.corrupt == 0
+    writer.words[_spool.W_MAGIC] = 12345
+    with pytest.raises(OSError, match="not an mplog ring"):
+        _spool.RingReader(str(tmp_path / "ring.0"), 0)
