@@ -74,6 +74,9 @@ class WorkerConfig:
     # The main process that owns the service: every other process is watched (see _process).
     owner_pid: int = 0
     capture_output: bool = False  # fd 1 and 2 of each worker become records (see _output)
+    # The files use the default formats: a common record carries only the fields they print
+    # (_record.LEAN_KEYS), not funcName, threadName, thread, relativeCreated.
+    lean: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.levels, tuple):  # from JSON: lists of lists

@@ -120,8 +120,8 @@ class Batch:
                 tag, fields = loads(payload)
                 if tag != TAG_COMMON:
                     raise ValueError
-                (created, levelno, levelname, name, msg, args, pathname, lineno, _func, pname, process, _tname,
-                 _thread, _rel, _exc_info, exc_text, stack) = fields
+                (created, levelno, levelname, name, msg, args, pathname, lineno, pname, process, _exc_info,
+                 exc_text, stack) = fields  # _record.LEAN_KEYS: the default formats
                 if exc_text is not None or stack is not None or type(msg) is not str:
                     raise ValueError
                 if args:

@@ -364,7 +364,8 @@ class LogService:
             overflow_timeout=cfg.overflow_timeout, capture_warnings=cfg.capture_warnings,
             service_id=uuid.uuid4().hex,
             simplified_level=cfg.simplified_level, queue_size=cfg.queue_size, ring_bytes=self._ring_bytes,
-            owner_pid=os.getpid(), capture_output=cfg.capture_output)
+            owner_pid=os.getpid(), capture_output=cfg.capture_output,
+            lean=cfg.simplified_format is None and cfg.full_format is None)
         colour = (cfg.console is not None and sys.stderr is not None and sys.stderr.isatty()
                   and not os.environ.get("NO_COLOR"))
         listener = ListenerConfig(

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 from ._config import WorkerConfig
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
 from . import _process
-from ._record import _STANDARD_LEN, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, _dumps, common_fields, common_payload, deserialize, serialize
+from ._record import _STANDARD_LEN, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, _dumps, common_fields, common_payload, lean_fields, deserialize, serialize
 from ._spool import W_DONE, RingWriter, _process_start, ring_capacity
 from ._transport import K_WAKE, FifoWriter
 
@@ -121,7 +121,7 @@ class Channel:
         """The record as a payload of plain fields, for the listener to format."""
         context = _context.get()
         if message is None and context is None:
-            payload = common_payload(record)
+            payload = common_payload(record, self.config.lean)
             if payload is not None:
                 return payload, 0
         return serialize(record, context, message)
@@ -368,6 +368,7 @@ class SpoolHandler(logging.Handler):
         logging.Handler.__init__(self, cfg.level if level is None else level)
         self.config = cfg
         self.channel: Channel = _channel_for(cfg)
+        self._fields = lean_fields if cfg.lean else common_fields  # see _record.TAG_COMMON
         self.flush_hook: Any = None  # set by LogService in the main process: the service's barrier
 
     @property
@@ -398,7 +399,7 @@ class SpoolHandler(logging.Handler):
             # The common record (_record.common_payload, inlined: this is the caller's whole
             # cost, see scripts/bench.py).
             try:
-                payload = _dumps((TAG_COMMON, common_fields(d)), MARSHAL_VERSION)
+                payload = _dumps((TAG_COMMON, self._fields(d)), MARSHAL_VERSION)
             except (ValueError, KeyError):
                 pass
             else:

@@ -152,18 +152,23 @@ _COMMON_CASES = [("processed item %d of %s", (7, "stage")), ("plain", None), ("a
                  ("escape \x1b[2J", None), ("surrogate \udc80", None), ("", None)]
 
 
+@pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("levelno", [5, 10, 20, 30, 40, 50])
 @pytest.mark.parametrize("msg, args", _COMMON_CASES)
-def test_a_common_record_arrives_as_the_flattened_record(levelno, msg, args):
+def test_a_common_record_arrives_as_the_flattened_record(levelno, msg, args, lean):
     """The caller's hot path ships the LogRecord's own fields, template and arguments
     included; the listener renders the message. The result is the Record that flattening in
-    the caller gives, placeholder (and its count) included."""
+    the caller gives, placeholder (and its count) included; lean (the default formats) leaves
+    out only what those formats never print."""
     from mplog._record import _make, common_payload, decode, flatten
     record = logging.LogRecord("t.fast", levelno, "/srv/app/stage.py", 42, msg, args, None, "work")
-    payload = common_payload(record)
+    payload = common_payload(record, lean)
     assert payload is not None
     fields, failures = flatten(record, None)
-    assert decode(payload) == (_make(fields), failures)
+    want = _make(fields)
+    if lean:
+        want = want._replace(funcName="", threadName="", thread=0, relativeCreated=0.0)
+    assert decode(payload) == (want, failures)
 
 
 class _Plain(str):
@@ -223,9 +228,10 @@ def test_the_listeners_hot_loop_writes_what_the_general_path_writes(simplified_l
     for levelno in (10, 20, 30, 40):
         for msg, args in _COMMON_CASES:
             record = logging.LogRecord("t.fast", levelno, "/srv/app/stage.py", 42, msg, args, None, "work")
-            payloads.append(common_payload(record))
+            payloads.append(common_payload(record, lean=True))
     odd = logging.LogRecord("odd\x1bname", 20, "/srv/app/stage.py", 1, "odd logger", None, None)
-    payloads.append(common_payload(odd))
+    payloads.append(common_payload(odd, lean=True))
+    payloads.append(common_payload(record, lean=False))  # all the keys: the general path
     extra = logging.LogRecord("t.fast", 30, "/srv/app/stage.py", 2, "with extra", None, None)
     extra.k = "v"
     payloads.append(serialize(extra)[0])
