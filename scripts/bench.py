@@ -44,6 +44,10 @@ What is measured, per setup and worker count P (each worker logs N records):
   (``/proc/PID/clear_refs``) just before the workers are released. For mplog both include the
   pages of the spool's rings that the process touched (shared memory on tmpfs: a worker its own
   ring, the listener every ring it read); the spool's own usage at the flush is in the notes.
+  In brackets after the worker's peak: the shared pages it mapped when its last call returned
+  (``RssShmem``, max over workers): for mplog, its ring's backlog, which is bounded by queue_size.
+* caller overhead vs filehandler overhead: (mplog - floor) / (filehandler - floor) of the
+  median call, the measure of issue 14 (<= 0.5 is the target).
 * verification: every record carries a (worker, item) pair and a checkable value; the output
   file(s) are parsed and each record must be there exactly once and intact. lost = missing,
   dup = extra copies, torn = lines/blocks that are not a well-formed record. For mplog both the
@@ -139,6 +143,18 @@ def peak_rss_mb(pid: Any = "self") -> Optional[float]:
         pass
     if pid == "self":
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return None
+
+
+def shmem_mb(pid: Any = "self") -> Optional[float]:
+    """RssShmem: shared memory pages mapped now (for mplog, the ring pages of the spool)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssShmem:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     return None
 
 
@@ -245,6 +261,7 @@ def worker_main(setup: str, wid: int, n: int, arg: Any, barrier: Any, go: Any, c
             log(msg, wid, i, n, losses[i])
             durs[i] = pc() - t
         t_calls = time.perf_counter()
+        shm_mb = shmem_mb()  # the spool's ring pages this worker maps (mplog), before the flush
         finalize()
         t_end = time.perf_counter()
         cpu1 = time.process_time_ns()
@@ -262,6 +279,7 @@ def worker_main(setup: str, wid: int, n: int, arg: Any, barrier: Any, go: Any, c
             "slow_calls": len(slow),
             "slow_share": sum(slow) / 1e9 / max(1e-9, t_calls - t_start),
             "peak_rss_mb": peak_rss_mb(),
+            "shm_mb": shm_mb,
         })
     except BaseException:  # noqa: B036 - report anything, the coordinator decides
         try:
@@ -885,6 +903,7 @@ def coordinate(spec: Dict[str, Any]) -> Dict[str, Any]:
             "writer_cpu_us": None if writer_cpu is None else writer_cpu / total * 1e6,
             "writer": s.writer,
             "worker_rss_mb": max((r["peak_rss_mb"] or 0.0) for r in res),
+            "worker_shm_mb": max((r.get("shm_mb") or 0.0) for r in res),
             "writer_rss_mb": writer_rss,
             "release_spread_ms": (max(r["t_start"] for r in res) - t0) * 1000,
             "calls_done_s": max(r["t_calls"] for r in res) - t0,
@@ -1091,14 +1110,14 @@ def row_cells(r: Dict[str, Any]) -> List[str]:
         _fmt(r["caller_p99_us"], ".2f"),
         _fmt(r["writer_cpu_us"], ".1f") + (star if r["writer_cpu_us"] is not None else ""),
         _fmt(r["worker_cpu_us"], ".1f"),
-        _fmt(r["worker_rss_mb"], ".1f"),
+        _fmt(r["worker_rss_mb"], ".1f") + (f" ({r['worker_shm_mb']:.1f})" if r.get("worker_shm_mb") else ""),
         _fmt(r["writer_rss_mb"], ".1f") + (star if r["writer_rss_mb"] is not None else ""),
         ldt,
     ]
 
 
 HEADERS = ["setup", "records/s", "call med µs", "call p99 µs", "writer CPU µs/rec", "workers CPU µs/rec",
-           "worker RSS MB", "writer RSS MB", "lost/dup/torn"]
+           "worker RSS MB (shm)", "writer RSS MB", "lost/dup/torn"]
 
 
 def text_table(rows: List[Dict[str, Any]]) -> str:
@@ -1143,6 +1162,13 @@ def ratios(rows: List[Dict[str, Any]]) -> List[Tuple[str, str]]:
                 + (f"  ({fh['rate']:,.0f}/s)" if fh else "")))
     out.append(("caller median vs filehandler median", ratio(m["caller_med_us"], fh and fh["caller_med_us"])
                 + (f"  ({m['caller_med_us']:.2f} vs {fh['caller_med_us']:.2f} µs)" if fh else "")))
+    if floor and fh and fh["caller_med_us"] > floor["caller_med_us"]:
+        # Issue 14's measure: what the handler adds to Logger.info, against what a synchronous
+        # write adds, both above the floor (a NullHandler), medians in the same kind of worker.
+        over = (m["caller_med_us"] - floor["caller_med_us"]) / (fh["caller_med_us"] - floor["caller_med_us"])
+        out.append(("caller overhead vs filehandler overhead", f"{over:.2f}x  ("
+                    f"{m['caller_med_us'] - floor['caller_med_us']:.2f} vs "
+                    f"{fh['caller_med_us'] - floor['caller_med_us']:.2f} µs above the floor)"))
     out.append(("caller p99 vs filehandler p99", ratio(m["caller_p99_us"], fh and fh["caller_p99_us"])
                 + (f"  ({m['caller_p99_us']:.2f} vs {fh['caller_p99_us']:.2f} µs)" if fh else "")))
     return out

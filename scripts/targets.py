@@ -1,10 +1,10 @@
 """Measure mplog's non-throughput targets (performance issue), in one run, on this machine.
 
-    python scripts/targets.py [--quick]
+    python scripts/targets.py [--quick] [--listener-records 10000000]
 
 Prints one line per target with the measured figure and the target, and whether it is met:
-worker RSS growth over 1,000,000 dropped calls; listener RSS over 1,000,000 records (its own
-memory: the ring pages it maps are the spool's, shown beside it); start() until a first record
+worker RSS growth over 1,000,000 dropped calls; listener RSS over 1,000,000 records (or
+--listener-records; its own memory: the ring pages it maps are the spool's, shown beside it); start() until a first record
 is in the file (spawn); worker_init; draining a 100,000-record backlog held in the spool, and
 stop() with it; overload with overflow="drop" (caller p99, every drop counted) and "block" (no
 loss); the cost of one health() call; listener CPU per record; restart after a SIGKILL.
@@ -132,8 +132,8 @@ def listener_rss_and_cpu(tmp: Path, records: int) -> None:
           f"({queue['capacity_bytes'] / 2**20:.1f} MB per process ring; {queue['bytes'] / 2**20:.1f} MB after flush)")
     report(f"listener RSS change over {records:,} records, ring pages excluded (MB)", own / 2**20, "MB", "<= 5",
            abs(own) <= 5 * 2**20)
-    report("listener CPU per record, both files (us)", (cpu1 - cpu0) / (written - 20_000) * 1e6, "us", "<= 5",
-           (cpu1 - cpu0) / (written - 20_000) * 1e6 <= 5)
+    per_record = (cpu1 - cpu0) / (written - 20_000) * 1e6
+    report("listener CPU per record, both files, default formats (us)", per_record, "us", "<= 3", per_record <= 3)
 
 
 def start_latency(tmp: Path, runs: int) -> None:
@@ -303,6 +303,8 @@ def health_cost(tmp: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
+    ap.add_argument("--listener-records", type=int, default=1_000_000,
+                    help="records for the listener's RSS and CPU (issue 14 asks for 10,000,000)")
     args = ap.parse_args()
     scale = 10 if args.quick else 1
     print(f"mplog {mplog.__version__} targets  {time.strftime('%Y-%m-%dT%H:%M:%S')}  Python "
@@ -315,7 +317,7 @@ def main() -> int:
         health_cost(tmp)
         restart_latency(tmp, 10)
         worker_rss_drop(tmp, 1_000_000 // scale)
-        listener_rss_and_cpu(tmp, 1_000_000 // scale)
+        listener_rss_and_cpu(tmp, args.listener_records // scale)
         drain(tmp, 100_000 // scale)
         overload(tmp, 50_000 // scale)
     missed = [r[0] for r in ROWS if not r[4]]
