@@ -73,8 +73,31 @@ _LEN_MASK = 0x7FFFFFFF
 BYTES_PER_RECORD = 384
 
 
-# A ring that laps faster than this keeps its pages in memory (see RingReader.commit).
+# A ring that laps faster than this keeps its pages in memory (see RingReader.commit), as long
+# as the busy rings of a spool keep no more than KEEP_BYTES in all (8 rings at the defaults):
+# the rest give their pages back per batch, so many processes cannot fill a small /dev/shm.
 BUSY_LAP = 5.0
+KEEP_BYTES = 32 * 1024 * 1024
+
+
+class KeepBudget:
+    """Which rings of a spool may keep their pages (see RingReader.commit)."""
+
+    def __init__(self, limit: int = KEEP_BYTES) -> None:
+        self.limit = limit
+        self.kept: Dict[int, int] = {}  # id(reader) -> its capacity
+
+    def claim(self, reader: "RingReader") -> bool:
+        key = id(reader)
+        if key in self.kept:
+            return True
+        if sum(self.kept.values()) + reader.capacity > self.limit:
+            return False
+        self.kept[key] = reader.capacity
+        return True
+
+    def drop(self, reader: "RingReader") -> None:
+        self.kept.pop(id(reader), None)
 
 
 def ring_capacity(queue_size: int) -> int:
@@ -261,9 +284,10 @@ class Taken(NamedTuple):
 class RingReader:
     """The listener's view of one ring: reads from its committed tail, commits after writing."""
 
-    def __init__(self, path: str, slot: int) -> None:
+    def __init__(self, path: str, slot: int, budget: Optional[KeepBudget] = None) -> None:
         self.path = path
         self.slot = slot
+        self.budget = budget
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             size = os.fstat(fd).st_size
@@ -289,13 +313,15 @@ class RingReader:
         self.can_release = hasattr(mmap, "MADV_REMOVE")
         # Lapping faster than BUSY_LAP: its pages stay (see commit). Until its first lap is
         # done a ring is taken for busy: pages given back in it would be faulted in the next.
-        self.busy = True
+        self.busy = budget is None or budget.claim(self)
         self._lap = -1
         self._lap_started = 0.0
         self.last: Optional[bytes] = None  # the latest payload taken (for the record of its end)
         self.stamped: Optional[bytes] = None  # the one whose time is in the slot (S_LAST_NS)
 
     def close(self) -> None:
+        if self.budget is not None:
+            self.budget.drop(self)
         _unmap(self.words, self._mm)
 
     @property
@@ -433,7 +459,10 @@ class RingReader:
             lap = pos // self.capacity
             if lap != self._lap:
                 now = time.monotonic()
-                self.busy = self._lap < 0 or now - self._lap_started < BUSY_LAP
+                fast = self._lap < 0 or now - self._lap_started < BUSY_LAP
+                self.busy = fast and (self.budget is None or self.budget.claim(self))
+                if not self.busy and self.budget is not None:
+                    self.budget.drop(self)
                 self._lap, self._lap_started = lap, now
             if not self.busy:
                 self._release(w[W_TAIL], pos)
@@ -644,6 +673,7 @@ class SpoolReader:
         self.retired = 0
         self.open_errors = 0
         self.gone: Set[int] = set()  # slots whose process ended: a bad entry will never mend
+        self.keep = KeepBudget()  # which busy rings keep their pages
 
     def refresh(self) -> None:
         """Open the rings of processes that started logging since the last look."""
@@ -655,7 +685,8 @@ class SpoolReader:
         for index in list(self._waiting):
             if counters.slot(index).get(S_RING):
                 try:
-                    self.rings[index] = RingReader(os.path.join(self.runtime, f"ring.{index}"), index)
+                    self.rings[index] = RingReader(os.path.join(self.runtime, f"ring.{index}"), index,
+                                                   self.keep)
                 except (FileNotFoundError, NotADirectoryError):
                     pass  # removed already (a recovered spool): nothing to read
                 except OSError as exc:

@@ -835,3 +835,22 @@ def test_a_slow_ring_gives_its_pages_back_and_a_busy_one_keeps_them(tmp_path, mo
     assert not reader.busy and reader.backlog() == 0
     # What stays is the page holding each batch's start (the writer may be in it): 1 in 5 here.
     assert _resident(path) * 3 < busy
+
+
+def test_busy_rings_keep_pages_only_within_the_spools_budget(tmp_path):
+    """However many processes log fast, the pages kept by busy rings stay within KeepBudget
+    (32 MB a spool by default): the others give theirs back, so a 64 MB /dev/shm does not fill
+    with empty pages. A share given up is taken by the next busy ring at its next lap."""
+    from mplog._spool import KeepBudget, RingReader, RingWriter
+    cap = 64 * 1024
+    budget = KeepBudget(2 * cap)
+    readers = []
+    for i in range(3):
+        RingWriter(str(tmp_path / f"ring.{i}"), cap, 100)
+        readers.append(RingReader(str(tmp_path / f"ring.{i}"), i, budget))
+    assert [r.busy for r in readers] == [True, True, False]
+    readers[2].commit(100, 0)  # a batch in its first lap: still over the budget
+    assert not readers[2].busy
+    readers[0].close()  # its process is gone: its share is free
+    readers[2].commit(cap + 100, 0)  # its next lap, fast: it may keep its pages now
+    assert readers[2].busy and len(budget.kept) == 2
