@@ -580,12 +580,19 @@ class Listener:
             self.read_control(fifo)
             if self.watch.behind:  # a process just claimed a slot: watch it from now
                 self.refresh()
-            busy = False
+            busy = backlog = False
             for _ in range(64):  # bounded: control messages and housekeeping get their turn
-                if not self.pump():
+                n = self.pump()
+                if not n:
                     break
                 busy = True
-            if busy:
+                # A full batch: more is waiting. Anything less: the rings are drained for now.
+                backlog = n >= self.flush_count
+                if not backlog:
+                    break
+            if backlog:  # behind: no pause (writers may be waiting for room), events only
+                events = pause.poll(0)
+            elif busy:  # records trickle in: let them gather into one batch
                 events = pause.poll(5)
             else:
                 events = self.sleep(poller)
