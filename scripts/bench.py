@@ -1174,6 +1174,39 @@ def ratios(rows: List[Dict[str, Any]]) -> List[Tuple[str, str]]:
     return out
 
 
+def ratio_values(rows: List[Dict[str, Any]]) -> Dict[str, float]:
+    """The ratios of issue 14's targets as numbers, for rows measured in the same repeat."""
+    by = {r["setup"]: r for r in rows if r.get("ok")}
+    m, floor, fh = by.get("mplog"), by.get("floor"), by.get("filehandler")
+    out: Dict[str, float] = {}
+    if m is None:
+        return out
+    if floor:
+        out["records/s vs floor"] = m["rate"] / floor["rate"]
+    peers = [by[p] for p in QUEUE_PEERS if p in by]
+    if peers:
+        out["records/s vs best queue-based peer"] = m["rate"] / max(r["rate"] for r in peers)
+    if fh:
+        out["records/s vs filehandler"] = m["rate"] / fh["rate"]
+        out["caller p99 vs filehandler p99"] = m["caller_p99_us"] / fh["caller_p99_us"]
+        if floor and fh["caller_med_us"] > floor["caller_med_us"]:
+            out["caller overhead vs filehandler overhead"] = (
+                (m["caller_med_us"] - floor["caller_med_us"]) / (fh["caller_med_us"] - floor["caller_med_us"]))
+    return out
+
+
+def paired_ratios(repeats: List[List[Dict[str, Any]]]) -> List[Tuple[str, str]]:
+    """Each ratio within each repeat (its setups ran one after the other, under the same noise),
+    then the median over repeats: steadier than ratios of medians picked setup by setup."""
+    per = [ratio_values(rows) for rows in repeats]
+    out = []
+    for key in per[0] if per else []:
+        values = sorted(p[key] for p in per if key in p)
+        med = values[(len(values) - 1) // 2]
+        out.append((key, f"{med:.2f}x  (each repeat: {', '.join(f'{v:.2f}' for v in values)})"))
+    return out
+
+
 def notes_for(r: Dict[str, Any]) -> List[str]:
     out = []
     if not r.get("ok"):
@@ -1322,10 +1355,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         noise = ", ".join(f"{r['setup']} {_fmt(r.get('foreign_cpu_share'), '.0%')}" for r in ok_rows)
         if ok_rows:
             print("CPU used by other processes on the machine during each measurement (noise): " + noise)
+        paired: List[Tuple[str, str]] = []
         if any(r.get("repeats") for r in rows):
             print("records/s of every repeat: " + "; ".join(f"{r['setup']} {r.get('repeats')}" for r in rows))
-        tables.append({"procs": procs, "rows": rows, "ratios": rat})
-        md.append(f"**{title}**\n\n{markdown_table(rows)}\n\n" + "\n".join(f"- mplog {k}: {v}" for k, v in rat)
+            repeats = [[runs[(s, procs)][k] for s in active if (s, procs) in runs and len(runs[(s, procs)]) > k]
+                       for k in range(args.repeat)]
+            paired = paired_ratios(repeats)
+            print(f"mplog ratios within each repeat, median over the {args.repeat} repeats (P={procs}):")
+            for k, v in paired:
+                print(f"  {k + ':':42s} {v}")
+        tables.append({"procs": procs, "rows": rows, "ratios": rat, "paired_ratios": paired})
+        md.append(f"**{title}**\n\n{markdown_table(rows)}\n\n" + "\n".join(f"- mplog {k}: {v}" for k, v in (paired or rat))
                   + (f"\n- CPU used by other processes during each measurement: {noise}" if ok_rows else ""))
 
     if args.markdown:
