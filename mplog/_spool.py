@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import mmap
 import os
 import shutil
@@ -512,7 +511,11 @@ def spool_root() -> str:
 def spool_key(directory: str, name: str) -> str:
     """A spool's name for a file set: the next run on the same directory and name finds it."""
     real = os.path.realpath(directory)
-    return hashlib.sha1(f"{real}\0{name}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    data = f"{real}\0{name}".encode("utf-8", "surrogateescape")
+    # 64 bits from two different checksums, not hashlib: importing it loads OpenSSL, 3.6 MB in
+    # every process of the service (a forked worker maps its parent's). The key only tells one
+    # file set's spools from another's, among one user's.
+    return f"{crc32(data):08x}{adler32(data):08x}"
 
 
 def spool_prefix(directory: str, name: str) -> str:
