@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._config import WorkerConfig
+from ._worker_config import WorkerConfig
 from ._console import progress
 from ._worker import MPQueueHandler, ServiceQueue, SpoolHandler, context, current_config, pool_kwargs, worker_init
 

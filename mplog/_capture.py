@@ -38,7 +38,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._config import WorkerConfig
+from ._worker_config import WorkerConfig
 from ._worker import SpoolHandler, install, uninstall
 from . import _worker
 

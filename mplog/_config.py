@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
+from ._worker_config import WorkerConfig
+
 __all__ = ["OVERFLOW_POLICIES", "ListenerConfig", "ServiceConfig", "WorkerConfig", "parse_level"]
 
 OVERFLOW_POLICIES = ("block", "drop", "timeout", "stderr")
@@ -49,45 +51,6 @@ def _positive(option: str, value: object, *, integer: bool = False, allow_zero: 
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{option}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return value
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerConfig:
-    """What a process needs to log into a running service. Plain data: pickles everywhere."""
-
-    fifo_path: str
-    counters_path: str
-    level: int
-    overflow: str
-    overflow_timeout: float
-    capture_warnings: bool
-    service_id: str
-    simplified_level: int = logging.INFO
-    # The ring in the spool: at most ``queue_size`` records in ``ring_bytes`` (0: the default
-    # for queue_size, _spool.ring_capacity).
-    queue_size: int = 10000
-    ring_bytes: int = 0
-    # Levels of named loggers in the main process when this config was made (pool_kwargs()).
-    levels: Tuple[Tuple[str, int], ...] = ()
-    flush_timeout: float = 5.0
-
-    # The main process that owns the service: every other process is watched (see _process).
-    owner_pid: int = 0
-    capture_output: bool = False  # fd 1 and 2 of each worker become records (see _output)
-    # The files use the default formats: a common record carries only the fields they print
-    # (_record.LEAN_KEYS), not funcName, threadName, thread, relativeCreated.
-    lean: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.levels, tuple):  # from JSON: lists of lists
-            object.__setattr__(self, "levels", tuple((str(n), int(v)) for n, v in self.levels))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "WorkerConfig":
-        return cls(**json.loads(text))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-from ._config import WorkerConfig
+from ._worker_config import WorkerConfig, coerce as _coerce
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
 from . import _process
 from ._record import _STANDARD_LEN, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, _dumps, common_fields, common_payload, lean_fields, deserialize, serialize
@@ -603,16 +603,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _coerce(config: Union[WorkerConfig, str, Dict[str, Any]]) -> WorkerConfig:
-    if isinstance(config, WorkerConfig):
-        return config
-    if isinstance(config, str):
-        return WorkerConfig.from_json(config)
-    if isinstance(config, dict):
-        return WorkerConfig(**config)
-    raise TypeError(f"expected a WorkerConfig, got {type(config).__name__}")
-
-
 def _close_inherited_read_ends() -> None:
     # A forked child holds a copy of the main process's read end of the FIFO. Left open, it
     # would keep writers from ever seeing EPIPE after the service stops.
@@ -716,5 +706,4 @@ def logger_levels() -> Tuple[Tuple[str, int], ...]:
 
 
 def with_levels(cfg: WorkerConfig) -> WorkerConfig:
-    import dataclasses
-    return dataclasses.replace(cfg, levels=logger_levels())
+    return cfg._replace(levels=logger_levels())

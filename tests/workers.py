@@ -387,3 +387,4 @@ def join_cgroup_then_exhaust_memory(config: Any, cgroup_procs: str) -> None:
     hog = []
     while True:
         hog.append(b"x" * (16 << 20))  # written, so every page is really used
+
