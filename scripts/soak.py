@@ -510,6 +510,9 @@ SIMPLE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] (.*)$", re.S)
 RESTART = re.compile(rb"^listener restarted after (\S+); (\d+) records lost$")
 SUMMARY = re.compile(rb"^mplog stopped(?: \(([^)]*)\))?: (\d+) records written, (\d+) dropped, (\d+) lost")
 APP_GONE = b"the application exited without stopping the log service"
+# The record of a worker's abnormal end (issue 12): "<name> (pid N) was killed by SIGKILL after ..."
+DEATH = re.compile(rb"^(?:(?:ERROR|WARNING|CRITICAL): )?\S+ \(pid (\d+)\) (?:was killed by|was stopped by|crashed with|"
+                   rb"exited with|ended by) (\S+)")
 
 
 class Tally:
@@ -575,6 +578,8 @@ class Verification:
         self.summaries: List[Tuple[int, int, int]] = []
         self.summary_hows: List[str] = []   # "" for "mplog stopped:", else the parenthesis
         self.app_gone_notices = 0
+        self.death_pids: Dict[int, bytes] = {}  # pid -> how it ended, from the full log's records
+        self.simple_deaths = 0
         self.other_notices: List[str] = []
         self.simple_lines = 0
         self.simple_garbled = 0
@@ -651,6 +656,10 @@ class Verification:
             if text == APP_GONE:
                 self.app_gone_notices += 1
                 return
+            m = DEATH.match(text)
+            if m:
+                self.death_pids[int(m.group(1))] = m.group(2)
+                return
             self.other_notices.append(f"{os.path.basename(path)}:{lineno}: {text[:200]!r}")
             return
         self.app_records += 1
@@ -713,6 +722,8 @@ class Verification:
                     self.simple_restart_notices += 1
                 elif text.startswith((b"mplog stopped: ", b"mplog stopped (")) or text == b"WARNING: " + APP_GONE:
                     pass
+                elif DEATH.match(text):
+                    self.simple_deaths += 1
                 else:
                     self.simple_garbled += 1
                     self.bad("unexpected simplified line", path, lineno, line)
@@ -811,6 +822,12 @@ def verify(soak: Soak) -> bool:
     check(v.restart_notices == final["restarts"] == soak.listener_kills,
           f"one restart per listener kill and one notice per restart (kills {soak.listener_kills}, "
           f"restarts {final['restarts']}, notices {v.restart_notices})")
+    killed_pids = {w.pid for w in soak.history if w.killed or w.unstoppable}
+    check(set(v.death_pids) == killed_pids and set(v.death_pids.values()) <= {b"SIGKILL"}
+          and v.simple_deaths == len(killed_pids),
+          f"one record of its end per worker we killed, SIGKILL, in both logs, and none for any other process "
+          f"(killed {len(killed_pids)}, records {len(v.death_pids)} {sorted(set(v.death_pids.values()))}, "
+          f"simplified lines {v.simple_deaths})")
     summary_ok = len(v.summaries) == 1 and v.summaries[0][0] == rec["written"] and v.summary_hows == [""]
     check(summary_ok and not v.other_notices and not v.app_gone_notices,
           f"one stop summary, its count == written, no other notice ({v.summaries}; other notices "
@@ -1181,6 +1198,9 @@ def verify_group(g: GroupRound) -> bool:
           f"{v.simple.dups})")
     summary_ok = (len(v.summaries) == 1 and v.summaries[0][0] == v.full.records and v.summaries[0][2] == 0
                   and v.summaries[0][1] == 0)
+    check(set(v.death_pids.values()) <= {b"SIGTERM"} and v.simple_deaths == len(v.death_pids),
+          f"the only ends recorded are the group's SIGTERM, in both logs ({len(v.death_pids)} records "
+          f"{sorted(set(v.death_pids.values()))}, simplified lines {v.simple_deaths})")
     check(v.app_gone_notices == 1 and summary_ok and not v.other_notices and not v.restart_notices,
           f"the listener said the application exited without stopping it, and its one stop summary counts the "
           f"records in the file, 0 dropped, 0 lost (notices {v.app_gone_notices}, summaries {v.summaries} "
