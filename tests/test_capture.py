@@ -15,7 +15,7 @@ import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List
+from typing import Dict, Iterator, List
 
 import pytest
 

@@ -13,11 +13,9 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 
 import pytest
 
@@ -146,7 +144,7 @@ def test_process_pool_executor_sigkill_named_oom_style(service, ctx):
     for b in _death_blocks(svc):
         if b["pid"] != entry["pid"]:  # stopped by the executor once the pool broke
             assert b["level"] == "WARNING", b
-            assert f"was stopped by SIGTERM after" in b["message"], b
+            assert "was stopped by SIGTERM after" in b["message"], b
             assert f"its pool stopping its workers after pid {entry['pid']} died" in b["message"], b
 
 

@@ -10,11 +10,9 @@ import logging.config
 import logging.handlers
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import pytest
 
 import mplog
 from mplog._files import rotated_files
-from conftest import app_blocks, read_blocks, simplified_lines, wait_for
+from conftest import app_blocks, wait_for
 
 import workers
 
