@@ -66,7 +66,7 @@ class ListenerConfig:
     full_path: str
     level: int = logging.DEBUG
     simplified_level: int = logging.INFO
-    flush_count: int = 100
+    flush_count: int = 1000
     flush_interval: float = 1.0
     shutdown_timeout: float = 5.0
     console: Optional[int] = None
@@ -115,7 +115,7 @@ class ServiceConfig:
     overflow: str = "block"
     overflow_timeout: float = 0.01
     flush_interval: float = 1.0
-    flush_count: int = 100
+    flush_count: int = 1000
     shutdown_timeout: float = 5.0
     capture_warnings: bool = True
     console: Optional[int] = None

@@ -185,7 +185,7 @@ class LogService:
         overflow: str = "block",
         overflow_timeout: float = 0.01,
         flush_interval: float = 1.0,
-        flush_count: int = 100,
+        flush_count: int = 1000,
         shutdown_timeout: float = 5.0,
         exit_timeout: float = 60.0,
         capture_warnings: bool = True,
@@ -218,7 +218,8 @@ class LogService:
         :param overflow: a full ring: ``"block"``, ``"drop"``, ``"timeout"`` or ``"stderr"``.
         :param overflow_timeout: seconds ``"timeout"`` waits, once per overflow episode.
         :param flush_interval: the longest a record waits in the listener before it is written.
-        :param flush_count: records per batch written.
+        :param flush_count: records per batch written, at most (one ``write()`` per file per batch; size
+            rotation is checked after each batch).
         :param shutdown_timeout: ``stop()`` returns within this (+0.5 s), whatever the listener does.
         :param exit_timeout: at exit, how long to wait for non-daemon children before stopping.
         :param capture_warnings: route ``warnings`` into logging, in every process.

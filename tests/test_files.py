@@ -35,7 +35,8 @@ def _all_messages(path: Path):
 
 
 def test_size_rotation_with_workers_keeps_every_record(service, ctx):
-    svc = service(rotate_bytes=20_000, backup_count=1000)
+    # Size is checked after each batch: batches of 100 records make several rotations of 20 kB.
+    svc = service(rotate_bytes=20_000, backup_count=1000, flush_count=100)
     with ProcessPoolExecutor(2, mp_context=ctx, **svc.pool_kwargs()) as pool:
         list(pool.map(workers.log_n, [(f"rot{k}", 300) for k in range(4)]))
     assert svc.flush(30)
