@@ -75,6 +75,15 @@ def _mplog_import(package):
             raise
     from mplog import _capture
     return _capture
+
+
+def _mplog_say(exc):
+    import os, sys
+    try:
+        sys.stderr.write("mplog: process %d could not join the log service: %s: %s\\n"
+                         % (os.getpid(), type(exc).__name__, exc))
+    except Exception:
+        pass
 '''
 
 _SITECUSTOMIZE = '''\
@@ -110,15 +119,11 @@ def _mplog_capture(here={here!r}, package={package!r}):
         if _mplog_is_pool_worker(here):
             _mplog_import(package).boot(here)
     except Exception as exc:
-        try:
-            _sys.stderr.write("mplog: process %d could not join the log service: %s: %s\\n"
-                              % (_os.getpid(), type(exc).__name__, exc))
-        except Exception:
-            pass
+        _mplog_say(exc)
 
 
 _mplog_capture()
-del _mplog_capture, _mplog_is_pool_worker, _mplog_import
+del _mplog_capture, _mplog_is_pool_worker, _mplog_import, _mplog_say
 # The next sitecustomize on sys.path, now that this directory left it. The import system takes
 # this module back out of sys.modules when it is done: leave one there, ours if none other.
 _mplog_self = _sys.modules.pop("sitecustomize", None)
@@ -137,12 +142,7 @@ _CARRIED = _LOAD_MPLOG + '''
 try:
     _mplog_import(_mplog_capture[1]).adopt(_mplog_capture[0], _mplog_capture[2])
 except Exception as exc:
-    import os, sys
-    try:
-        sys.stderr.write("mplog: process %d could not join the log service: %s: %s\\n"
-                         % (os.getpid(), type(exc).__name__, exc))
-    except Exception:
-        pass
+    _mplog_say(exc)
 '''
 
 

@@ -126,14 +126,16 @@ def _message(record: logging.LogRecord) -> Tuple[str, int]:
     except BaseException as exc:  # noqa: B036
         if isinstance(exc, KeyboardInterrupt):
             raise
-        # Keep what can be kept: the template and a bounded repr of each argument.
-        try:
-            args = record.args
-            shown = _short_repr.repr(args)
-        except BaseException:  # noqa: B036
-            shown = "<args unprintable>"
-        template, _ = safe_text(record.msg)
-        return f"{template} <formatting failed: {_describe(exc)}; args={shown}>", 1
+        return _formatting_failed(record.msg, record.args, exc), 1
+
+
+def _formatting_failed(msg: Any, args: Any, exc: BaseException) -> str:
+    # Keep what can be kept: the template and a bounded repr of each argument.
+    try:
+        shown = _short_repr.repr(args)
+    except BaseException:  # noqa: B036
+        shown = "<args unprintable>"
+    return f"{safe_text(msg)[0]} <formatting failed: {_describe(exc)}; args={shown}>"
 
 
 def flatten(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None,
@@ -208,9 +210,11 @@ MARSHAL_VERSION = 2
 
 def common_payload(record: logging.LogRecord, lean: bool = False) -> Optional[bytes]:
     """The payload of a common record, or None when ``serialize`` must do it. The caller checks
-    the context (``_worker.context``); SpoolHandler.handle inlines this."""
+    the context (``_worker.context``); SpoolHandler.handle inlines this. Only a LogRecord
+    itself: a subclass may render its message otherwise (getMessage), which the listener's
+    ``%`` would not."""
     d = record.__dict__
-    if len(d) != _STANDARD_LEN:
+    if len(d) != _STANDARD_LEN or type(record) is not logging.LogRecord:
         return None
     try:
         return _dumps((TAG_COMMON, (lean_fields if lean else common_fields)(d)), MARSHAL_VERSION)
@@ -234,8 +238,7 @@ def common_record(fields: Tuple[Any, ...]) -> Tuple[Record, int]:
         if args:
             text = text % args
     except Exception as exc:
-        text = f"{safe_text(msg)[0]} <formatting failed: {_describe(exc)}; args={_short_repr.repr(args)}>"
-        failures = 1
+        text, failures = _formatting_failed(msg, args, exc), 1
     summary = None
     if exc_text:
         summary = exc_text.rstrip().rsplit("\n", 1)[-1]

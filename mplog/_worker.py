@@ -35,6 +35,7 @@ _SLEEPING = FIELDS.index("sleeping")
 
 _context: contextvars.ContextVar[Optional[Dict[str, Any]]] = contextvars.ContextVar("mplog_context", default=None)
 _context_get = _context.get
+_LogRecord = logging.LogRecord
 
 
 @contextlib.contextmanager
@@ -216,18 +217,18 @@ class Channel:
                 ring = self._ring
                 words = slot.words
                 # The hot path: the service runs, the ring has room, the listener is awake.
+                # Anything else (full, a big record's file not written, no ring yet, stopped)
+                # is _put's, which tries the ring once more.
+                ok = False
                 if ring is not None and not failures and words[1] != STATE_STOPPED and not self._overflowing:
                     try:
                         ok = ring.write(payload)
-                    except OSError:  # a big record's own file could not be written (ENOSPC)
-                        self._divert(slot, payload)
-                    else:
-                        if ok:
-                            words[slot.base + S_SENT] += 1
-                            if words[_SLEEPING]:
-                                self._wake()
-                        else:  # full: the overflow policy
-                            self._put(slot, payload, 0)
+                    except OSError:
+                        pass
+                if ok:
+                    words[slot.base + S_SENT] += 1
+                    if words[_SLEEPING]:
+                        self._wake()
                 else:
                     self._put(slot, payload, failures)
                 while self._deferred:
@@ -394,8 +395,8 @@ class SpoolHandler(logging.Handler):
                 record = rv
         channel = self.channel
         d = record.__dict__
-        if (len(d) == _STANDARD_LEN and self.formatter is None and not channel.dedupe and self._emit_is_ours
-                and _context_get() is None):
+        if (len(d) == _STANDARD_LEN and type(record) is _LogRecord and self.formatter is None
+                and not channel.dedupe and self._emit_is_ours and _context_get() is None):
             # The common record (_record.common_payload, inlined: this is the caller's whole
             # cost, see scripts/bench.py).
             try:

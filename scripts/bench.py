@@ -133,29 +133,28 @@ def reset_peak_rss(pid: Any = "self") -> None:
         pass
 
 
-def peak_rss_mb(pid: Any = "self") -> Optional[float]:
+def _status_mb(field: str, pid: Any = "self") -> Optional[float]:
+    """One ``kB`` line of /proc/PID/status, in MB (None where there is none)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except (OSError, ValueError, IndexError):
         pass
-    if pid == "self":
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return None
+
+
+def peak_rss_mb(pid: Any = "self") -> Optional[float]:
+    peak = _status_mb("VmHWM", pid)
+    if peak is None and pid == "self":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak
 
 
 def shmem_mb(pid: Any = "self") -> Optional[float]:
     """RssShmem: shared memory pages mapped now (for mplog, the ring pages of the spool)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssShmem:"):
-                    return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _status_mb("RssShmem", pid)
 
 
 def self_cpu_s() -> float:

@@ -283,3 +283,25 @@ def test_arguments_are_rendered_as_they_were_at_the_call(service):
     items.append("changed later")
     assert svc.flush(10)
     assert [b["message"] for b in app_blocks(svc.full_path)] == ["items ['a']"]
+
+
+class _BraceRecord(logging.LogRecord):
+    """The logging cookbook's way to {}-style messages: a LogRecord whose getMessage differs."""
+
+    def getMessage(self):
+        return str(self.msg).format(*self.args)
+
+
+def test_a_record_class_with_its_own_getmessage_is_rendered_by_it(service):
+    """The hot path ships template and arguments for the listener to render with ``%``: a
+    LogRecord subclass (setLogRecordFactory) that renders otherwise must be rendered by its own
+    getMessage, in the caller."""
+    svc = service()
+    old = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(_BraceRecord)
+    try:
+        logging.getLogger("t.brace").info("{} of {}", 3, "four")
+    finally:
+        logging.setLogRecordFactory(old)
+    assert svc.flush(10)
+    assert [b["message"] for b in app_blocks(svc.full_path)] == ["3 of four"]
