@@ -62,17 +62,31 @@ def _restore_root_logger() -> Iterator[None]:
     logging.captureWarnings(False)
 
 
+def _our_listeners(basetemp: str) -> List[psutil.Process]:
+    """Listener processes of services this test session started, wherever they are in the
+    process tree: one runs in a session of its own, so when a test kills its application's
+    process group, or its main process, it is reparented to init and is nobody's child."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "mplog._listener" in cmd and any(basetemp in part for part in cmd):
+            out.append(p)
+    return out
+
+
 @pytest.fixture(autouse=True)
-def _no_children_left() -> Iterator[None]:
-    """Fail a test that leaves any child process of ours running (forkserver/resource tracker
-    are multiprocessing's own long-lived helpers and are allowed)."""
+def _no_children_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fail a test that leaves any child process of ours running, or any listener of a
+    service it started (forkserver/resource tracker are multiprocessing's own long-lived
+    helpers and are allowed)."""
     me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
+    basetemp = str(tmp_path_factory.getbasetemp())
+    before = {p.pid for p in me.children(recursive=True)} | {p.pid for p in _our_listeners(basetemp)}
     yield
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + 10.0
     while True:
         extra = []
-        for p in me.children(recursive=True):
+        for p in {q.pid: q for q in me.children(recursive=True) + _our_listeners(basetemp)}.values():
             if p.pid in before:
                 continue
             try:

@@ -148,6 +148,16 @@ def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
         raise AssertionError(f"processes of group {pgid} still running: {left}")
 
 
+def _kill_everything(pgid: int, listener_pid: int) -> None:
+    """SIGKILL of the application's group and of its listener (a session of its own): what an
+    OOM kill of the whole cgroup, or systemd's final SIGKILL, does."""
+    listener = psutil.Process(listener_pid)
+    os.killpg(pgid, signal.SIGKILL)
+    listener.kill()
+    _wait_group_gone(pgid)
+    listener.wait(10)
+
+
 def _read_tagged(stdout, tag: str, timeout: float = 60.0) -> List[str]:
     """Read the child's stdout up to a line starting with ``tag`` (bounded by a watchdog)."""
     found: List[List[str]] = []
@@ -180,10 +190,19 @@ def child(tmp_path: Path) -> Iterator:
 
     yield run
     for p in started:
+        try:  # its listener too: a session of its own, out of the group's reach
+            left = psutil.Process(p.pid).children(recursive=True)
+        except psutil.Error:
+            left = []
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except OSError:
             pass
+        for q in left:
+            try:
+                q.kill()
+            except psutil.Error:
+                pass
         try:
             p.wait(10)
         except subprocess.TimeoutExpired:
@@ -435,13 +454,16 @@ def test_sigterm_to_the_group_writes_every_returned_record_and_removes_the_spool
     logs, out = tmp_path / "logs", tmp_path / "out"
     out.mkdir()
     p = child(_script(tmp_path, GROUP_APP), ctx.get_start_method(), str(logs), str(out))
-    spool, listener = _read_tagged(p.stdout, "READY")
+    spool, listener_pid = _read_tagged(p.stdout, "READY")
     assert os.path.isdir(spool) and os.path.basename(spool).startswith(spool_prefix(str(logs), "run"))
-    assert os.getpgid(int(listener)) == p.pid  # the listener gets the group's signal too
+    listener = psutil.Process(int(listener_pid))
+    # A session of its own: the group's signal does not reach it; it sees its parent go.
+    assert os.getsid(listener.pid) == listener.pid and os.getpgid(listener.pid) != p.pid
     wait_for(lambda: all((out / f"count.g{k}").exists() and int((out / f"count.g{k}").read_text()) >= 2000
                          for k in range(2)), timeout=60, what="both workers to log 2,000 records")
     os.killpg(p.pid, signal.SIGTERM)
     _wait_group_gone(p.pid)
+    listener.wait(30)  # then goes itself (psutil.TimeoutExpired if it lingers)
     assert p.wait(5) == -signal.SIGTERM
     returned = {f"g{k}": int((out / f"count.g{k}").read_text()) for k in range(2)}
     msgs = _messages(logs / "run.debug.log")
@@ -490,8 +512,7 @@ def test_sigkill_of_the_group_keeps_the_spool_and_the_next_run_recovers_it(tmp_p
         p.stdin.write("go\n")
         p.stdin.flush()
         _read_tagged(p.stdout, "LOGGED")
-        os.killpg(p.pid, signal.SIGKILL)  # the stalled listener dies too
-        _wait_group_gone(p.pid)
+        _kill_everything(p.pid, listener_pid)  # the stalled listener dies too
     assert p.wait(5) == -signal.SIGKILL
     assert os.path.isdir(spool), "a killed run's spool must stay for the next run"
     assert _messages(logs / "run.debug.log") == []  # nothing was written before the kill
@@ -515,6 +536,49 @@ def test_sigkill_of_the_group_keeps_the_spool_and_the_next_run_recovers_it(tmp_p
     assert (final["records"]["sent"], final["records"]["written"]) == (1, 1)  # this run's own
     assert final["records"]["recovered"] == total
     assert _leftover_spools(logs) == []
+
+
+GROUP_KILLED_APP = """
+import logging, multiprocessing, os, sys
+import mplog, workers
+
+if __name__ == "__main__":
+    method, logdir, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    svc = mplog.LogService(logdir, shutdown_timeout=5.0)
+    svc.start()
+    with multiprocessing.get_context(method).Pool(2, **svc.pool_kwargs()) as pool:
+        pool.map(workers.log_n, [("r%d" % k, n) for k in range(2)])
+        for i in range(n):
+            logging.getLogger("app").info("main item %d", i)
+        print("LOGGED", svc.health()["listener"]["pid"], svc.health()["queue"]["spool"], flush=True)
+        sys.stdin.read()  # until the SIGKILL
+"""
+
+
+def test_sigkill_of_the_group_loses_nothing_the_listener_writes_it_and_goes(tmp_path, ctx, child):
+    """SIGKILL of the application's process group (``kill -KILL -- -PGID``, ``timeout -s KILL``)
+    after its processes logged: the listener, in a session of its own, is not killed with them.
+    It writes every record the spool holds, once each, names the pool workers' deaths, removes
+    the spool and exits by itself."""
+    n = 1500
+    logs = tmp_path / "logs"
+    p = child(_script(tmp_path, GROUP_KILLED_APP), ctx.get_start_method(), str(logs), str(n))
+    listener_pid, spool = _read_tagged(p.stdout, "LOGGED")
+    listener = psutil.Process(int(listener_pid))
+    os.killpg(p.pid, signal.SIGKILL)
+    _wait_group_gone(p.pid)
+    assert p.wait(5) == -signal.SIGKILL
+    listener.wait(30)  # psutil.TimeoutExpired if it lingers
+    msgs = _messages(logs / "run.debug.log")
+    for tag in ("r0", "r1", "main"):
+        assert _numbered(msgs, tag) == list(range(n)), tag
+    assert not os.path.exists(spool), "the spool directory outlived its run"
+    assert _leftover_spools(logs) == []
+    text = (logs / "run.log").read_text(encoding="utf-8")
+    assert len(re.findall(r"\(pid \d+\) was killed by SIGKILL", text)) >= 2, text[-3000:]
+    m = re.search(r"mplog stopped \(application gone\): (\d+) records written, (\d+) dropped, (\d+) lost", text)
+    assert m, text[-2000:]
+    assert tuple(map(int, m.groups()))[1:] == (0, 0)
 
 
 # -- 6. stop() while workers still log ------------------------------------------------------------
@@ -646,8 +710,7 @@ def test_spools_clean_command(tmp_path, child, service, monkeypatch):
         p.stdin.write("go\n")
         p.stdin.flush()
         _read_tagged(p.stdout, "LOGGED")
-        os.killpg(p.pid, signal.SIGKILL)
-        _wait_group_gone(p.pid)
+        _kill_everything(p.pid, int(listener))
     p.wait(5)
     # A running service (this process) in the same root. (Started before the empty orphan is
     # made: a starting service removes empty orphans itself.)
