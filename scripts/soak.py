@@ -55,8 +55,9 @@ What runs:
   storing in a small shared file, after each logging call returns, how many have returned.
   Once every process has logged a few hundred records (and a random 0.5-2 s more),
   ``os.killpg(pgid, SIGTERM)``: the application and its workers die of it at once, without
-  stopping the service; the listener must write everything the spool holds and go last.
-  Checked per round: the whole group is gone within ``--shutdown-timeout`` + 20 s; every
+  stopping the service; the listener (in a session of its own, so not signalled) must see its
+  parent go, write everything the spool holds and go last.
+  Checked per round: the whole group and the listener are gone within ``--shutdown-timeout`` + 20 s; every
   record whose logging call returned is in the full log exactly once (at most the one call in
   flight per process beyond that), intact and from the right pid; the simplified log holds the
   same records; the listener said the application exited without stopping the service, and
@@ -1111,6 +1112,11 @@ class GroupRound:
             if popen.poll() is not None and self.child_rc is None:
                 self.child_rc = popen.returncode
             members = set(group_members(pgid))
+            # The listener is in a session (and group) of its own: the signal does not reach it,
+            # it sees its parent go. "Gone" is everything: the group and the listener.
+            st = _proc_stat(listener)
+            if st is not None and st[0] not in ("Z", "X"):
+                members.add(listener)
             now = time.monotonic() - self.t_signal
             if self.producers_gone_s is None and not members & producers:
                 self.producers_gone_s = now
@@ -1124,6 +1130,10 @@ class GroupRound:
                 say(f"group round {self.rnd}: still running {a.shutdown_timeout + 20:.0f} s after the SIGTERM: "
                     f"{self.survivors}; killing the group")
                 os.killpg(pgid, signal.SIGKILL)
+                try:
+                    os.kill(listener, signal.SIGKILL)
+                except OSError:
+                    pass
                 break
             time.sleep(0.01)
         self.after = [Progress.read(self.progress_path(k)) for k in range(self.producers)]
