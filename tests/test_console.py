@@ -21,13 +21,16 @@ import mplog
 from conftest import app_blocks
 
 
-def _run_in_pty(args, timeout=120, env=None):
-    """Run a command with stderr and stdout on a pty; return (exit status, bytes written)."""
+def _run_in_pty(args, timeout=60, env=None):
+    """Run a command with stderr and stdout on a pty; return (exit status, bytes written).
+    Should it overrun ``timeout`` (below pytest-timeout's), its threads' tracebacks are part of
+    the failure: it runs with faulthandler on, and gets SIGABRT."""
     master, slave = pty.openpty()
     import fcntl
     import struct
     import termios
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a real terminal's size
+    env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
     os.close(slave)
     out = b""
@@ -35,7 +38,16 @@ def _run_in_pty(args, timeout=120, env=None):
     try:
         while True:
             left = deadline - time.monotonic()
-            assert left > 0, "timed out"
+            if left <= 0:
+                proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+                end = time.monotonic() + 5
+                while time.monotonic() < end and select.select([master], [], [], 0.5)[0]:
+                    try:
+                        out += os.read(master, 65536)
+                    except OSError:
+                        break
+                raise AssertionError(f"timed out after {timeout} s; its output ends:\n"
+                                     + out[-6000:].decode("utf-8", "replace"))
             r, _, _ = select.select([master], [], [], min(left, 1.0))
             if r:
                 try:
