@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Set
 
 import psutil
 import pytest
@@ -175,11 +175,31 @@ def _read_tagged(stdout, tag: str, timeout: float = 60.0) -> List[str]:
     return found[0]
 
 
+def _named_semaphores() -> Set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
+    except OSError:
+        return set()
+
+
+def _mapped_semaphores() -> Set[str]:
+    """The multiprocessing semaphores some live process still maps."""
+    used: Set[str] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                used.update(line.rsplit("/", 1)[1].strip() for line in f if "/dev/shm/sem.mp-" in line)
+        except OSError:
+            pass
+    return used
+
+
 @pytest.fixture
 def child(tmp_path: Path) -> Iterator:
     """``child(script, *args, env=...)``: a Popen in its own session (its own process group);
     whatever is left of the group is SIGKILLed after the test."""
     started: List[subprocess.Popen] = []
+    semaphores = _named_semaphores()
 
     def run(script: Path, *args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
         with open(tmp_path / f"child-{len(started)}.stderr", "w") as err:
@@ -212,6 +232,13 @@ def child(tmp_path: Path) -> Iterator:
                 f.close()
             except OSError:
                 pass
+    # A spawn or forkserver pool's semaphores are unlinked by its resource tracker, which a
+    # SIGKILL of the group takes too: remove what the killed applications left in /dev/shm.
+    for name in _named_semaphores() - semaphores - _mapped_semaphores():
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass
 
 
 # -- 1. capacity -------------------------------------------------------------------------------
