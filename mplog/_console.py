@@ -8,6 +8,7 @@ active, the same is done here. Either way a log line appears above the bar, neve
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import threading
@@ -125,3 +126,51 @@ def progress(iterable: Iterable[T], total: Optional[int] = None, desc: str = "")
         for item in iterable:
             yield item
             bar.update()
+
+
+# Fork safety. The supervisor thread prints echoed lines with sys.stderr.write: a child forked
+# while it is inside that call inherits the stream's buffer lock held by a thread it does not
+# have, and hangs in its first write to stderr or in the flush at its exit (seen: a pool worker
+# of the demo, stuck in multiprocessing's _flush_std_streams). So the forking thread holds our
+# lock across fork(), and no write of ours is in progress then. A stderr that does not drain
+# (a full pipe, a paused terminal) could hold our lock for ever: fork() waits for it at most
+# _FORK_WAIT, and such a child gets streams of its own on the same file descriptors.
+_FORK_WAIT = 0.5
+_fork_held = False
+
+
+def _before_fork() -> None:
+    global _fork_held
+    _fork_held = _lock.acquire(timeout=_FORK_WAIT)
+
+
+def _after_fork_in_parent() -> None:
+    global _fork_held
+    if _fork_held:
+        _fork_held = False
+        _lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _fork_held
+    held, _fork_held = _fork_held, False
+    _lock = threading.RLock()  # the child's only thread is the one that forked
+    if held:
+        return
+    streams = {id(sys.stderr)} | {id(bar.stream) for bar in _bars}
+    for name in ("stderr", "stdout"):
+        old = getattr(sys, name)
+        if old is None or id(old) not in streams:
+            continue
+        try:
+            new: Any = open(old.fileno(), "w", buffering=1, encoding=old.encoding, errors=old.errors,
+                            closefd=False)
+        except (AttributeError, OSError, ValueError, TypeError):
+            new = None  # a stream nobody can use is better than one that hangs
+        setattr(sys, name, new)
+    _bars.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)

@@ -267,3 +267,48 @@ def test_tqdm_bar_and_console_lines_share_the_terminal(tmp_path):
         # tqdm clears the bar's line ('\r' then spaces or an erase) before writing a line
         assert before == "" or before.endswith(("\r", "\n", "\x1b[K", "\x1b[A", " ")), repr(before)
     assert "60/60" in text
+
+
+FORK_WHILE_ECHOING = """
+import fcntl, os, sys, threading, time
+import mplog._console as console
+
+r, w = os.pipe()
+sys.stderr = open(w, "w", buffering=1, closefd=False)  # a stderr that nobody reads
+capacity = fcntl.fcntl(w, 1032)  # F_GETPIPE_SZ
+threading.Thread(target=console.emit, args=("x" * (4 * capacity) + "\\n",), daemon=True).start()
+deadline = time.monotonic() + 20
+while int.from_bytes(fcntl.ioctl(r, 0x541B, b"\\0" * 4), "little") < capacity:  # FIONREAD
+    assert time.monotonic() < deadline, "the echo never filled the pipe"
+    time.sleep(0.01)  # a deadline loop on a condition: the pipe is full
+# The echo thread is now blocked inside sys.stderr.write, holding the stream's buffer lock.
+# (multiprocessing's Process.start flushes the streams first, which would wait here for the
+# write; the fork it makes next can still land inside the echo's next write.)
+pid = os.fork()
+if pid == 0:
+    sys.stderr.flush()  # what a child's exit does
+    os._exit(0)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+        break
+    time.sleep(0.01)  # a deadline loop on a condition: the child's exit
+else:
+    print("child hangs", flush=True)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+os._exit(0)  # the echo thread stays blocked for good: no exit flush of that stderr
+"""
+
+
+def test_fork_while_the_echo_writes_to_a_stalled_stderr_does_not_hang_the_child(tmp_path):
+    """The supervisor thread echoes console lines with sys.stderr.write. A process forked while
+    that write blocks (a stderr nobody reads) inherits the stream's lock held; without mplog's
+    fork hooks its exit flush hangs for good (a pool worker of the demo did, once). Now the fork
+    waits a moment for the echo, then gives the child streams of its own: it exits at once."""
+    script = tmp_path / "fork_while_echoing.py"
+    script.write_text(FORK_WHILE_ECHOING)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert "child exit 0" in r.stdout, (r.stdout, r.stderr[-2000:])
