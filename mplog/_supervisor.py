@@ -178,7 +178,7 @@ class Supervisor:
             # A session of its own. The scheduler shares the CPU between sessions first (Linux's
             # autogroup, on by default where the kernel has it), so P busy workers cannot cut the
             # listener down to 1/(P+1) of the machine and leave them all waiting for ring room:
-            # 8 workers on 2 cores, 170k -> 210k records/s; 32 workers, 175k -> 225k. And a signal
+            # 8 workers on 2 cores, 168-202k -> 211-220k records/s; 32, 165-183k -> 223-225k. A signal
             # to the application's process group (timeout, Ctrl-C, a shell's kill -- -PGID) does
             # not end it before it has written what the spool holds: it sees its parent go.
             popen = subprocess.Popen(
