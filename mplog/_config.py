@@ -9,12 +9,11 @@ environment variable).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 from ._worker_config import WorkerConfig
 
@@ -53,11 +52,13 @@ def _positive(option: str, value: object, *, integer: bool = False, allow_zero: 
     return value
 
 
-@dataclasses.dataclass(frozen=True)
-class ListenerConfig:
+# Both are NamedTuples, as WorkerConfig is, not dataclasses: the main process imports this
+# module, and a forked worker maps whatever its parent had (dataclasses with its inspect, ast and
+# dis, and the code it generates for these two classes, were 1.4 MB of every forked worker's RSS).
+class ListenerConfig(NamedTuple):
     """What the listener process is started with: one typed home for its options, passed as
     JSON on its command line. Built from a ``ServiceConfig`` by ``LogService``; the fields
-    after ``runtime_dir`` change with each start of a listener."""
+    after ``runtime_dir`` change with each start of a listener (``_replace``)."""
 
     fifo_path: str
     counters_path: str
@@ -92,7 +93,7 @@ class ListenerConfig:
     restart_reason: Optional[str] = None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        return json.dumps(self._asdict())
 
     @classmethod
     def from_json(cls, text: str) -> "ListenerConfig":
@@ -103,8 +104,7 @@ class ListenerConfig:
         return cls(**data)
 
 
-@dataclasses.dataclass(frozen=True)
-class ServiceConfig:
+class ServiceConfig(NamedTuple):
     """Every option of a ``LogService``, validated when built."""
 
     directory: Path
@@ -153,7 +153,7 @@ class ServiceConfig:
     @classmethod
     def build(cls, directory: Union[str, "os.PathLike[str]"], name: str = "run", **options: Any) -> "ServiceConfig":
         """Validate user options; raise ``ValueError`` naming the first bad one."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"directory", "name"}
+        known = set(cls._fields) - {"directory", "name"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown option(s): {', '.join(unknown)}")
@@ -237,8 +237,9 @@ class ServiceConfig:
             values["syslog"] = (target[0], target[1])
         if "syslog_level" in options:
             values["syslog_level"] = parse_level("syslog_level", options["syslog_level"])
-        initial = values.get("restart_backoff_initial", cls.restart_backoff_initial)
-        maximum = values.get("restart_backoff_max", cls.restart_backoff_max)
+        defaults: Dict[str, Any] = cls._field_defaults
+        initial = values.get("restart_backoff_initial", defaults["restart_backoff_initial"])
+        maximum = values.get("restart_backoff_max", defaults["restart_backoff_max"])
         if initial > maximum:
             raise ValueError(f"restart_backoff_initial ({initial!r}) must not exceed restart_backoff_max ({maximum!r})")
         for key in ("capture_warnings", "capture_children", "capture_output"):

@@ -34,7 +34,6 @@ last looked at, and ruled out when that count is readable and did not rise.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import errno
 import fcntl
 import logging
@@ -277,40 +276,58 @@ def payload_summary(payload: bytes) -> Optional[Tuple[float, str]]:
 K_SIGNAL, K_EXIT, K_UNKNOWN = 1, 2, 3
 
 
-@dataclasses.dataclass(eq=False)
-class Watched:
+class _Plain:
+    """A mutable record with a readable repr. Not a dataclass: the main process imports this
+    module (for _health), and dataclasses would bring inspect, ast and dis into it and into every
+    worker it forks (see _config)."""
+
+    __slots__: Tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self.__slots__)})"
+
+
+class Watched(_Plain):
     """A process the listener watches: from its slot, and what the listener opened for it."""
 
-    slot: int
-    pid: int
-    start: int
-    name: str
-    ppid: int = 0
-    fd: int = -1  # its pidfd
-    oom: Optional[OomCounter] = None
-    fifos: List[Tuple[int, str, int]] = dataclasses.field(default_factory=list)  # (fd, logger, level)
-    unseen: bool = False  # gone when the listener first looked at its slot
+    __slots__ = ("slot", "pid", "start", "name", "ppid", "fd", "oom", "fifos", "unseen")
+
+    def __init__(self, slot: int, pid: int, start: int, name: str, ppid: int = 0) -> None:
+        self.slot = slot
+        self.pid = pid
+        self.start = start
+        self.name = name
+        self.ppid = ppid
+        self.fd = -1  # its pidfd
+        self.oom: Optional[OomCounter] = None
+        self.fifos: List[Tuple[int, str, int]] = []  # (fd, logger, level)
+        self.unseen = False  # gone when the listener first looked at its slot
 
 
-@dataclasses.dataclass
-class Exit:
+class Exit(_Plain):
     """Everything known about how one process ended."""
 
-    pid: int
-    name: str
-    status: Optional[int]  # the kernel's wait status, if known
-    wstate: int  # the process's own word (_process)
-    started: Optional[float]
-    ended: float
-    fault: str = ""  # faulthandler's dump
-    last: Optional[Tuple[float, str]] = None  # the last record it logged: when, and what
-    oom: Tuple[str, int] = ("", -1)  # for a SIGKILL (or an unknown end): OomCounter's verdict
-    oom_file: str = ""
-    collateral_of: int = 0  # a SIGTERM right after a sibling died: the pid of that sibling
-    unseen: bool = False  # it was gone when the listener first looked (no pidfd, no status)
-    kind: int = K_UNKNOWN
-    value: int = 0
-    core: bool = False
+    __slots__ = ("pid", "name", "status", "wstate", "started", "ended", "fault", "last", "oom", "oom_file",
+                 "collateral_of", "unseen", "kind", "value", "core")
+
+    def __init__(self, pid: int, name: str, status: Optional[int], wstate: int, started: Optional[float],
+                 ended: float, fault: str = "", unseen: bool = False,
+                 last: Optional[Tuple[float, str]] = None) -> None:
+        self.pid = pid
+        self.name = name
+        self.status = status  # the kernel's wait status, if known
+        self.wstate = wstate  # the process's own word (_process)
+        self.started = started
+        self.ended = ended
+        self.fault = fault  # faulthandler's dump
+        self.unseen = unseen  # it was gone when the listener first looked (no pidfd, no status)
+        self.last = last  # the last record it logged: when, and what
+        self.oom: Tuple[str, int] = ("", -1)  # for a SIGKILL (or an unknown end): OomCounter's verdict
+        self.oom_file = ""
+        self.collateral_of = 0  # a SIGTERM right after a sibling died: the pid of that sibling
+        self.kind = K_UNKNOWN
+        self.value = 0
+        self.core = False
 
     def classify(self) -> "Exit":
         st = self.status

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -363,7 +362,7 @@ class LogService:
         self._worker_config = WorkerConfig(
             fifo_path=fifo, counters_path=counters_path, level=cfg.level, overflow=cfg.overflow,
             overflow_timeout=cfg.overflow_timeout, capture_warnings=cfg.capture_warnings,
-            service_id=uuid.uuid4().hex,
+            service_id=os.urandom(16).hex(),  # uuid4's randomness without uuid's libuuid in every fork
             simplified_level=cfg.simplified_level, queue_size=cfg.queue_size, ring_bytes=self._ring_bytes,
             owner_pid=os.getpid(), capture_output=cfg.capture_output,
             lean=cfg.simplified_format is None and cfg.full_format is None)

@@ -20,7 +20,6 @@ writes them itself.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -166,9 +165,9 @@ class Supervisor:
     # -- the listener process ------------------------------------------------------------
     def _spawn(self, restart_reason: Optional[str] = None) -> _Process:
         life_r, life_w = os.pipe2(os.O_CLOEXEC)
-        cfg = dataclasses.replace(self.listener_config, reply_fd=self._reply_w, lifeline_fd=life_w,
-                                  parent_pid=os.getpid(), restart_reason=restart_reason,
-                                  console_fd=self._console_w)
+        cfg = self.listener_config._replace(reply_fd=self._reply_w, lifeline_fd=life_w,
+                                            parent_pid=os.getpid(), restart_reason=restart_reason,
+                                            console_fd=self._console_w)
         written = self.counters.get("written")
         env = clean_environ(dict(os.environ))  # the listener is no pool worker to capture
         # The listener must import this very copy of mplog, installed or not.

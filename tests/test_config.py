@@ -48,7 +48,7 @@ def test_the_signature_shows_every_option():
     import inspect
     from mplog._config import ServiceConfig
     params = inspect.signature(mplog.LogService).parameters
-    options = {f for f in ServiceConfig.__dataclass_fields__} - {"directory", "name"}
+    options = {f for f in ServiceConfig._fields} - {"directory", "name"}
     assert options <= set(params) and all(params[o].kind is inspect.Parameter.KEYWORD_ONLY for o in options)
     assert all(f":param {o}:" in mplog.LogService.__init__.__doc__ for o in options)
 
