@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import psutil
@@ -320,3 +321,39 @@ def test_stale_health_file_of_crashed_run_reads_down(tmp_path):
     assert res.returncode == 1
     assert json.loads(res.stdout)["status"] == "down"
     assert "gone" in json.loads(res.stdout)["reason"]
+
+
+def test_no_thread_of_the_service_imports_a_module_for_the_first_time(tmp_path):
+    """A fork while another thread runs a module's first import leaves the child that module's
+    lock held by a thread it does not have: the child's own import of it then waits for good
+    (README, "Benchmark": why psutil is imported at start). So the supervisor's thread, which
+    writes health reports, echoes the console and restarts the listener, must find every module
+    it uses imported already. An audit hook sees every first import and the thread it ran in."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, threading, time
+        first_imports = []
+        def hook(event, args):
+            if event == "import" and threading.current_thread() is not threading.main_thread():
+                first_imports.append((threading.current_thread().name, args[0]))
+        sys.addaudithook(hook)
+        import logging, mplog
+        with mplog.LogService({str(tmp_path)!r}, name="t", console="INFO", health_interval=0.05,
+                              restart_backoff_initial=0.01, restart_backoff_max=0.05) as svc:
+            logging.getLogger("t").warning("before the kill")
+            assert svc.flush(30)
+            health = os.path.join({str(tmp_path)!r}, "t.health.json")
+            deadline = time.monotonic() + 30
+            while not os.path.exists(health) and time.monotonic() < deadline:
+                time.sleep(0.01)  # the supervisor's thread writes it
+            os.kill(svc.health()["listener"]["pid"], signal.SIGKILL)
+            while svc.health()["restarts"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            logging.getLogger("t").warning("after the restart")
+            assert svc.flush(30)
+            print("restarts", svc.health()["restarts"], "health file", os.path.exists(health))
+        print("first imports in other threads", first_imports)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out
+    assert "restarts 1 health file True" in out.stdout, out
+    assert "first imports in other threads []" in out.stdout, out
