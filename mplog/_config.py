@@ -91,6 +91,8 @@ class ListenerConfig(NamedTuple):
     console_fd: int = 2
     parent_pid: int = 0
     restart_reason: Optional[str] = None
+    # earlier restarts whose listener died before it wrote their notice: this one writes them
+    late_restarts: Tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(self._asdict())
@@ -101,6 +103,7 @@ class ListenerConfig(NamedTuple):
         if data.get("syslog"):
             data["syslog"] = tuple(data["syslog"])
         data["recover"] = tuple(data.get("recover") or ())
+        data["late_restarts"] = tuple(data.get("late_restarts") or ())
         return cls(**data)
 
 

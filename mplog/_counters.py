@@ -30,6 +30,8 @@ FIELDS = (
     # the spool (see _spool, _journal)
     "batch", "sleeping", "recovered", "final_written", "final_sent", "final_dropped", "final_diverted",
     "final_lost", "final_set",
+    # the supervisor's restarts whose notice a listener has written (see _supervisor._spawn)
+    "restarts_noted",
 )
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 assert len(FIELDS) <= 96

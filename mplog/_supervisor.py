@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Deque, Dict, List, Optional
 
 import psutil
 
@@ -144,6 +144,10 @@ class Supervisor:
         self.state = "stopped"
         self.proc: Optional[_Process] = None
         self.restarts = 0
+        # The reasons of the restarts whose notice no listener has written yet, oldest first,
+        # and the listeners' count of written notices when they were last trimmed (_spawn).
+        self._unnoted: List[str] = []
+        self._noted = 0
         self.last_exit: Optional[Dict[str, Any]] = None
         self.policy = RestartPolicy(config.restart_backoff_initial, config.restart_backoff_max,
                                     config.degraded_restarts, config.degraded_window)
@@ -164,10 +168,17 @@ class Supervisor:
 
     # -- the listener process ------------------------------------------------------------
     def _spawn(self, restart_reason: Optional[str] = None) -> _Process:
+        # Every listener before this one is dead, so the count of notices they wrote is final:
+        # those were the oldest of _unnoted; the others are this listener's to write. (Past 20,
+        # a storm of listeners killed while starting, the oldest go unnamed but on stderr.)
+        noted = self.counters.get("restarts_noted")
+        del self._unnoted[:max(0, noted - self._noted)]
+        del self._unnoted[:-20]
+        self._noted = noted
         life_r, life_w = os.pipe2(os.O_CLOEXEC)
         cfg = self.listener_config._replace(reply_fd=self._reply_w, lifeline_fd=life_w,
                                             parent_pid=os.getpid(), restart_reason=restart_reason,
-                                            console_fd=self._console_w)
+                                            late_restarts=tuple(self._unnoted), console_fd=self._console_w)
         written = self.counters.get("written")
         env = clean_environ(dict(os.environ))  # the listener is no pool worker to capture
         # The listener must import this very copy of mplog, installed or not.
@@ -349,8 +360,12 @@ class Supervisor:
             self._restart_at = time.monotonic() + self.config.restart_backoff_max
             return
         self.proc = proc
-        self.restarts += 1
+        self._count_restart(reason)
         self.state = "running"
+
+    def _count_restart(self, reason: str) -> None:
+        self.restarts += 1
+        self._unnoted.append(reason)
 
     def _check_stable(self) -> None:
         proc = self.proc
@@ -407,7 +422,7 @@ class Supervisor:
                     except OSError:
                         break
                     if reason:
-                        self.restarts += 1
+                        self._count_restart(reason)
             budget = max(0.0, deadline - time.monotonic() - 0.3)
             if send_stop(budget, deadline):
                 self._wait_exit(proc, deadline)
