@@ -117,7 +117,12 @@ def test_queue_handler_traceback_stays_out_of_the_simplified_log(service):
     assert any("KeyError: 'missing'" in ln for ln in block["lines"])
 
 
-@pytest.mark.skipif(sys.version_info < (3, 12), reason="dictConfig takes a queue object from 3.12")
+# dictConfig takes a queue object from 3.12, but 3.12's first releases demanded "handlers" with it
+# and took only queue.Queue and multiprocessing.Queue objects (cpython gh-111615, gh-119819):
+# 3.12.1 refuses svc.queue, as it refuses a Manager's queue. The fix added this helper.
+@pytest.mark.skipif(not hasattr(logging.config, "_is_queue_like_object"),
+                    reason="this Python's dictConfig takes no queue-like object but queue.Queue "
+                           "and multiprocessing.Queue (fixed in 3.13 and later 3.12 releases: cpython gh-119819)")
 def test_dictconfig_accepts_the_queue(service):
     svc = service()
     logging.config.dictConfig({
