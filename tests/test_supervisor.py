@@ -58,7 +58,7 @@ def test_idle_kill_restarts_and_logging_resumes(service, ctx):
     for k in range(2):
         assert [m for m in msgs if m.startswith(f"after{k} ")] == [f"after{k} item {i}" for i in range(20)]
     assert msgs.count("main after") == 1  # order holds per process, not across them
-    assert msgs.index("before") == 0 and len(msgs) == 1 + 1 + 2 * 20 + 1
+    assert msgs[0] == "before" and len(msgs) == 1 + 1 + 2 * 20 + 1  # before, warm, after0/1, main after
     assert _restart_notices(svc) == ["listener restarted after SIGKILL(-9); 0 records lost"]
     assert any("WARNING: listener restarted after SIGKILL(-9); 0 records lost" in ln
                for ln in simplified_lines(svc.simplified_path))
