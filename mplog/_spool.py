@@ -38,10 +38,25 @@ import os
 import shutil
 import struct
 import time
-from typing import TYPE_CHECKING, Container, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Container, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 from zlib import adler32, crc32
 
 from ._counters import S_PID, S_RING
+
+# The ring's two hot loops in C (mplog/_speedups.c), when the install could build it: the same
+# bytes as the Python below, which stays the reference and runs where it could not, or in a
+# process whose environment has MPLOG_PURE_PYTHON=1 when it opens the ring.
+_RingCore: Any = None
+_take_entries: Any = None
+try:
+    from ._speedups import RingCore as _RingCore, take_entries as _take_entries
+except ImportError:  # pragma: no cover - depends on the install
+    pass
+
+
+def speedups() -> bool:
+    """Whether rings opened now use the compiled loops."""
+    return _RingCore is not None and not os.environ.get("MPLOG_PURE_PYTHON")
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._counters import Counters
@@ -159,8 +174,11 @@ class RingWriter:
     """The producer's end of one ring. One process writes it; callers serialise their threads.
 
     ``write(payload)`` returns True once the record is published, False if the ring has no room
-    (in records or in bytes): the caller's overflow policy decides what happens then.
+    (in records or in bytes): the caller's overflow policy decides what happens then. Open one
+    with ``open_ring_writer``, which picks the compiled one when it can.
     """
+
+    _compiled = False
 
     def __init__(self, path: str, capacity: int, max_records: int) -> None:
         self.path = path
@@ -183,8 +201,13 @@ class RingWriter:
         self.inline_max = capacity // 4 - ENTRY_SIZE  # larger payloads go to a file of their own
         self._seq_limit = max_records  # what fits as of the last read of the listener's words
         self._limit = capacity
+        if self._compiled:
+            self._header = RING_HEADER
+            self._attach(self._mm)  # type: ignore[attr-defined]
 
     def close(self) -> None:
+        if self._compiled:
+            self._detach()  # type: ignore[attr-defined]  # an exported buffer keeps the mapping open
         _unmap(self.words, self._mm)
 
     def room(self, need: int = ENTRY_SIZE) -> bool:
@@ -192,7 +215,7 @@ class RingWriter:
         return (self._seq - words[W_DONE] < self.max_records
                 and self._head + need - words[W_TAIL] <= self.capacity)
 
-    def write(self, payload: bytes, length_word: int = -1) -> bool:
+    def _write_slow(self, payload: bytes, length_word: int = -1) -> bool:
         """Publish ``payload`` (``length_word``: a big record's reference entry, see
         _write_external). The caller's hot path: a few stores into the mapping, no system call."""
         n = len(payload)
@@ -270,6 +293,22 @@ class RingWriter:
             return False
         return True
 
+    write = _write_slow
+
+
+if _RingCore is not None:
+    class _CompiledRingWriter(_RingCore, RingWriter):  # type: ignore[misc,valid-type]
+        """RingCore's write() first: it does the common case in C and calls _write_slow for the
+        rest; its members hold the state the Python methods share with it (_head, _seq...)."""
+
+        _compiled = True
+
+
+def open_ring_writer(path: str, capacity: int, max_records: int) -> RingWriter:
+    if speedups():
+        return _CompiledRingWriter(path, capacity, max_records)  # type: ignore[no-any-return]
+    return RingWriter(path, capacity, max_records)
+
 
 class Taken(NamedTuple):
     """What one pass over a ring took: payloads, and where the ring's tail goes once written."""
@@ -301,6 +340,7 @@ class RingReader:
             self.close()
             raise OSError(errno.EINVAL, "not an mplog ring", path)
         self.check = checksum if magic == _MAGIC else crc32
+        self._take_entries = _take_entries if magic == _MAGIC and speedups() else None
         self.capacity = size - RING_HEADER
         self.pid = self.words[W_PID]
         self.start = self.words[W_START]
@@ -347,23 +387,26 @@ class RingReader:
         # The hot loop: whole entries in order, each checked. Anything else (the end of the data
         # area, a WRAP, a big record's reference, an entry that fails its check) is left to the
         # general loop below, from where this one stopped.
-        data_end = RING_HEADER + cap
-        append = out.append
-        check = self.check
-        while pos < head and len(out) < limit:
-            at = RING_HEADER + pos % cap
-            if at + ENTRY_SIZE > data_end:
-                break
-            length_word, crc, seq = unpack(mm, at)
-            end = at + ENTRY_SIZE + length_word  # a WRAP's or a reference's flag bits make it "too long"
-            if seq != done + 1 or end > data_end:
-                break
-            payload = mm[at + ENTRY_SIZE:end]
-            if check(payload) != crc:
-                break
-            append(payload)
-            pos += (ENTRY_SIZE + length_word + 7) & -8
-            done = seq
+        if self._take_entries is not None:
+            pos, done = self._take_entries(mm, RING_HEADER, cap, pos, done, head, limit, out)
+        else:
+            data_end = RING_HEADER + cap
+            append = out.append
+            check = self.check
+            while pos < head and len(out) < limit:
+                at = RING_HEADER + pos % cap
+                if at + ENTRY_SIZE > data_end:
+                    break
+                length_word, crc, seq = unpack(mm, at)
+                end = at + ENTRY_SIZE + length_word  # a WRAP's or a reference's flag bits make it "too long"
+                if seq != done + 1 or end > data_end:
+                    break
+                payload = mm[at + ENTRY_SIZE:end]
+                if check(payload) != crc:
+                    break
+                append(payload)
+                pos += (ENTRY_SIZE + length_word + 7) & -8
+                done = seq
         if out:
             self.bad_since = 0.0
         while pos < head and len(out) < limit:

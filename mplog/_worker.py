@@ -25,7 +25,7 @@ from ._worker_config import WorkerConfig, coerce as _coerce
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
 from . import _process
 from ._record import _STANDARD_LEN, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, _dumps, common_fields, common_payload, lean_fields, deserialize, serialize
-from ._spool import W_DONE, RingWriter, _process_start, ring_capacity
+from ._spool import W_DONE, RingWriter, _process_start, open_ring_writer, ring_capacity
 from ._transport import K_WAKE, FifoWriter
 
 __all__ = ["SpoolHandler", "MPQueueHandler", "ServiceQueue", "Channel", "worker_init", "install", "uninstall", "context",
@@ -160,7 +160,7 @@ class Channel:
         cfg = self.config
         path = os.path.join(os.path.dirname(cfg.counters_path), f"ring.{slot.index}")
         try:
-            ring = RingWriter(path, cfg.ring_bytes or ring_capacity(cfg.queue_size), cfg.queue_size)
+            ring = open_ring_writer(path, cfg.ring_bytes or ring_capacity(cfg.queue_size), cfg.queue_size)
         except OSError:
             return None  # the spool is gone (service stopped) or full (ENOSPC): the caller diverts
         slot.set(S_RING, 1)

@@ -94,6 +94,9 @@ from _provenance import mplog_source  # scripts/ is on sys.path when a script ru
 
 SETUPS = ["floor", "filehandler", "stdlib-queue", "stdlib-cookbook", "mplog",
           "loguru", "concurrent-log-handler", "multiprocessing-logging"]
+# mplog with its compiled ring loops turned off (MPLOG_PURE_PYTHON=1): what an install without a
+# compiler gets. Only with --only: it measures mplog against itself, not against the peers.
+EXTRA_SETUPS = ["mplog-python"]
 PEERS = {  # optional setup -> (import name, pip name)
     "loguru": ("loguru", "loguru"),
     "concurrent-log-handler": ("concurrent_log_handler", "concurrent-log-handler"),
@@ -206,7 +209,7 @@ def worker_setup(setup: str, arg: Any) -> Tuple[Callable[..., Any], str, str, Ca
             queue.close()
             queue.join_thread()  # the feeder thread has written everything to the pipe
         return info, MSG, WARM_MSG, drain_feeder
-    if setup == "mplog":
+    if setup in ("mplog", "mplog-python"):
         import mplog
         arg["initializer"](*arg["initargs"])  # svc.pool_kwargs(), as a Pool would call it
         if mplog.current_config() is None:
@@ -690,6 +693,21 @@ class MplogSetup(Setup):
                               f"dropped={rec.get('dropped')} lost={rec.get('lost')} (expected {expected})")
 
 
+class MplogPythonSetup(MplogSetup):
+    """MplogSetup where every ring is opened without the compiled loops (the listener and the
+    workers inherit the environment)."""
+
+    def start(self, deadline: float) -> None:
+        os.environ["MPLOG_PURE_PYTHON"] = "1"
+        super().start(deadline)
+
+    def stop(self, deadline: float) -> None:
+        try:
+            super().stop(deadline)
+        finally:
+            os.environ.pop("MPLOG_PURE_PYTHON", None)
+
+
 class LoguruSetup(Setup):
     writer = "thread"
 
@@ -757,6 +775,7 @@ class MultiprocessingLogging(Setup):
 SETUP_CLASSES = {
     "floor": Floor, "filehandler": FileHandlerSetup, "stdlib-queue": StdlibQueue,
     "stdlib-cookbook": StdlibCookbook, "mplog": MplogSetup, "loguru": LoguruSetup,
+    "mplog-python": MplogPythonSetup,
     "concurrent-log-handler": ConcurrentLogHandlerSetup, "multiprocessing-logging": MultiprocessingLogging,
 }
 
@@ -1255,7 +1274,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--records", type=int, default=20000, help="records per worker (default 20000)")
     parser.add_argument("--procs", default="2,8", help="worker counts, comma-separated (default 2,8)")
     parser.add_argument("--start-method", default="fork", choices=["fork", "spawn", "forkserver"])
-    parser.add_argument("--only", default="", help="comma-separated setups: " + ",".join(SETUPS))
+    parser.add_argument("--only", default="", help="comma-separated setups: " + ",".join(SETUPS + EXTRA_SETUPS))
     parser.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     parser.add_argument("--markdown", metavar="FILE", nargs="?", const="-",
                         help="also write the tables as Markdown (to FILE, or to stdout)")
@@ -1272,7 +1291,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not procs_list or any(p < 1 for p in procs_list) or args.records < 1 or args.repeat < 1:
         parser.error("--procs, --records and --repeat must be positive")
     setups = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(SETUPS)
-    unknown = [s for s in setups if s not in SETUPS]
+    unknown = [s for s in setups if s not in SETUPS + EXTRA_SETUPS]
     if unknown:
         parser.error(f"unknown setup(s): {', '.join(unknown)}; choose from {', '.join(SETUPS)}")
 

@@ -819,10 +819,24 @@ def test_a_ring_costs_memory_at_most_its_capacity(service):
 
 
 # -- the ring alone, in one process ------------------------------------------------------------
+@pytest.fixture(params=["compiled", "python"])
+def ring_impl(request, monkeypatch):
+    """Each ring test runs with the compiled loops (mplog._speedups) and with the Python ones,
+    which an install without a compiler runs (MPLOG_PURE_PYTHON=1 chooses them per ring)."""
+    from mplog import _spool
+    if request.param == "compiled":
+        if _spool._RingCore is None:
+            pytest.skip("mplog._speedups is not built here (test_the_compiled_ring_loops_are_built says why)")
+        monkeypatch.delenv("MPLOG_PURE_PYTHON", raising=False)
+    else:
+        monkeypatch.setenv("MPLOG_PURE_PYTHON", "1")
+    return request.param
+
+
 def _ring_pair(tmp_path, capacity=64 * 1024, max_records=1000):
-    from mplog._spool import RingReader, RingWriter
+    from mplog._spool import RingReader, open_ring_writer
     path = str(tmp_path / "ring.0")
-    return RingWriter(path, capacity, max_records), RingReader(path, 0)
+    return open_ring_writer(path, capacity, max_records), RingReader(path, 0)
 
 
 def _drain(reader, limit=10**6):
@@ -831,7 +845,7 @@ def _drain(reader, limit=10**6):
     return t.payloads
 
 
-def test_a_ring_carries_every_payload_in_order_over_many_laps(tmp_path):
+def test_a_ring_carries_every_payload_in_order_over_many_laps(ring_impl, tmp_path):
     """Payloads of every size up to the inline limit, written while the reader takes some and
     lags: each wrap (a WRAP entry, or a tail too short for one) and each full ring is met many
     times, and every payload comes out once, in order."""
@@ -854,9 +868,11 @@ def test_a_ring_carries_every_payload_in_order_over_many_laps(tmp_path):
     assert refused > 100  # the ring was full many times
     assert writer._head > 20 * writer.capacity  # many laps
     assert got == sent and reader.corrupt == 0
+    assert type(writer).__name__ == ("_CompiledRingWriter" if ring_impl == "compiled" else "RingWriter")
+    assert (reader._take_entries is not None) == (ring_impl == "compiled")
 
 
-def test_a_ring_is_full_at_exactly_its_records_and_its_bytes(tmp_path):
+def test_a_ring_is_full_at_exactly_its_records_and_its_bytes(ring_impl, tmp_path):
     writer, reader = _ring_pair(tmp_path, capacity=64 * 1024, max_records=100)
     assert sum(writer.write(b"x" * 10) for _ in range(150)) == 100  # records
     assert len(_drain(reader)) == 100
@@ -867,6 +883,77 @@ def test_a_ring_is_full_at_exactly_its_records_and_its_bytes(tmp_path):
     assert sum(writer.write(big) for _ in range(40)) == 16  # bytes
     assert len(_drain(reader, 3)) == 3
     assert sum(writer.write(big) for _ in range(40)) == 3  # room again, as much as was freed
+
+
+def test_the_compiled_ring_loops_are_built_where_a_compiler_is():
+    """setup.py builds mplog._speedups as optional: a failed build only says so in pip's output.
+    Where this machine has a C compiler and Python's headers, it must have been built."""
+    import shutil
+    import sysconfig
+    from mplog import _spool
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if not (shutil.which("cc") or shutil.which("gcc")) or not os.path.exists(headers):
+        pytest.skip("no C compiler or no Python headers here: mplog runs its ring loops in Python")
+    assert _spool._RingCore is not None, "mplog._speedups did not build: see the output of pip install"
+
+
+def test_the_compiled_adler32_is_zlibs():
+    import random
+    import zlib
+    from mplog import _spool
+    if _spool._RingCore is None:
+        pytest.skip("mplog._speedups is not built here")
+    from mplog._speedups import adler32
+    rng = random.Random(3)
+    # Around the 5552-byte block where the sums are reduced, and all-0xff (the largest sums).
+    for n in [0, 1, 7, 8, 9, 15, 16, 17, 5551, 5552, 5553, 11104, 11105, 100_000]:
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        assert adler32(data) == zlib.adler32(data), n
+        assert adler32(b"\xff" * n) == zlib.adler32(b"\xff" * n), n
+    assert adler32(memoryview(b"abc")[1:]) == zlib.adler32(b"bc")
+
+
+def test_the_compiled_and_python_rings_write_the_same_bytes(tmp_path, monkeypatch):
+    """The Python loops are the reference: fed the same payloads and drained alike (wraps, full
+    rings, big records in files of their own), both leave the same ring file, and each side
+    reads what the other wrote."""
+    import random
+    from mplog import _spool
+    if _spool._RingCore is None:
+        pytest.skip("mplog._speedups is not built here")
+    rings = {}
+    for impl in ("compiled", "python"):
+        if impl == "python":
+            monkeypatch.setenv("MPLOG_PURE_PYTHON", "1")
+        (tmp_path / impl).mkdir()
+        path = str(tmp_path / impl / "ring.0")
+        writer = _spool.open_ring_writer(path, 64 * 1024, 500)
+        # The reader of the other implementation: python reads the compiled ring and back.
+        monkeypatch.setenv("MPLOG_PURE_PYTHON", "1") if impl == "compiled" else monkeypatch.delenv("MPLOG_PURE_PYTHON")
+        reader = _spool.RingReader(path, 0)
+        assert (reader._take_entries is None) == (impl == "compiled")
+        rng = random.Random(7)
+        got, results = [], []
+        for i in range(6000):
+            payload = f"{i}:".encode() + bytes([i % 256]) * rng.choice([0, 3, 8, 200, 3000, 20000])
+            results.append(writer.write(payload))
+            if rng.random() < 0.03:
+                got.extend(_drain(reader, rng.randint(1, 300)))
+        got.extend(_drain(reader))
+        writer.close()
+        with open(path, "rb") as f:
+            rings[impl] = (f.read(), results, got, sorted(os.listdir(tmp_path / impl)))
+        monkeypatch.delenv("MPLOG_PURE_PYTHON", raising=False)
+    compiled, python = rings["compiled"], rings["python"]
+    assert compiled[1] == python[1]
+    assert False in compiled[1] and compiled[1].count(True) > 3000  # full at times, mostly taken
+    assert compiled[2] == python[2] and len(compiled[2]) == compiled[1].count(True)
+    assert compiled[3] == python[3]  # the big records' own files, each removed once taken
+    header = _spool.RING_HEADER
+    words = [w for w in range(header // 8) if w != _spool.W_PID and w != _spool.W_START]
+    as_words = [memoryview(r[0][:header]).cast("q") for r in (compiled, python)]
+    assert [as_words[0][w] for w in words] == [as_words[1][w] for w in words]
+    assert compiled[0][header:] == python[0][header:]
 
 
 def test_a_ring_of_the_previous_layout_is_still_read(tmp_path, monkeypatch):
@@ -894,7 +981,7 @@ def _resident(path):
 
 
 @pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_REMOVE"), reason="no MADV_REMOVE")
-def test_a_slow_ring_gives_its_pages_back_and_a_busy_one_keeps_them(tmp_path, monkeypatch):
+def test_a_slow_ring_gives_its_pages_back_and_a_busy_one_keeps_them(ring_impl, tmp_path, monkeypatch):
     """A ring that laps in less than BUSY_LAP keeps its pages (giving them back would cost its
     writer a page fault per page per lap); once it laps slower, each batch's pages are given
     back as they are consumed, and the ring costs memory for its backlog only."""

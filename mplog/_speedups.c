@@ -1,0 +1,340 @@
+/* mplog._speedups: the two hot loops of the spool ring, compiled.
+ *
+ * Optional. mplog/_spool.py has the same code in Python and is the reference: the layout of a
+ * ring is defined there (the entry is "<IIQ": length | flags, Adler-32 of the payload, seq),
+ * this file only does the common case faster and hands everything else back to Python:
+ *
+ *   RingCore.write(payload)  the producer's publish, when the payload fits inline and the room
+ *                            known from the last read of the listener's words suffices; else it
+ *                            calls the Python method _write_slow(payload, length_word).
+ *   take_entries(...)        the listener's loop over whole entries in order, each checked; it
+ *                            stops where Python's general loop must go on (the end of the data
+ *                            area, a WRAP, a big record's reference, an entry that fails).
+ *
+ * Why it is safe to run either: both write the same bytes (tests/test_spool.py compares them),
+ * and the reader checks every entry whoever wrote it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include "structmember.h"
+#include <stdint.h>
+#include <string.h>
+
+#define ENTRY_SIZE 16
+#define W_HEAD 4
+#define W_PUBLISHED 5
+
+/* zlib's Adler-32, the same value as zlib.adler32(data) (RFC 1950). */
+#define ADLER_MOD 65521u
+#define ADLER_NMAX 5552
+
+static uint32_t
+adler32(const unsigned char *buf, Py_ssize_t len)
+{
+    uint32_t a = 1, b = 0;
+    while (len > 0) {
+        Py_ssize_t n = len < ADLER_NMAX ? len : ADLER_NMAX;
+        len -= n;
+        while (n >= 8) {
+            a += buf[0]; b += a; a += buf[1]; b += a; a += buf[2]; b += a; a += buf[3]; b += a;
+            a += buf[4]; b += a; a += buf[5]; b += a; a += buf[6]; b += a; a += buf[7]; b += a;
+            buf += 8;
+            n -= 8;
+        }
+        while (n--) {
+            a += *buf++;
+            b += a;
+        }
+        a %= ADLER_MOD;
+        b %= ADLER_MOD;
+    }
+    return (b << 16) | a;
+}
+
+/* The entry's fields are little-endian whatever the machine (struct's "<"). */
+static inline void
+put_u32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16); p[3] = (unsigned char)(v >> 24);
+}
+
+static inline uint32_t
+get_u32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static inline uint64_t
+get_u64(const unsigned char *p)
+{
+    return (uint64_t)get_u32(p) | ((uint64_t)get_u32(p + 4) << 32);
+}
+
+static inline void
+put_u64(unsigned char *p, uint64_t v)
+{
+    put_u32(p, (uint32_t)v);
+    put_u32(p + 4, (uint32_t)(v >> 32));
+}
+
+/* The header's words are native int64 (memoryview.cast("q") in Python). The publishing stores
+ * are release stores: the compiler and a weakly ordered CPU keep the entry before them (the
+ * reader checks each entry anyway). */
+static inline void
+store_word(unsigned char *base, int index, long long value)
+{
+    __atomic_store_n((long long *)(base + 8 * index), value, __ATOMIC_RELEASE);
+}
+
+
+typedef struct {
+    PyObject_HEAD
+    long long head;        /* _head: where the next entry goes (a running offset) */
+    long long seq;         /* _seq: the last seq published */
+    long long limit;       /* _limit: room as of the last read of the listener's words */
+    long long seq_limit;   /* _seq_limit */
+    long long capacity;
+    long long inline_max;
+    long long header;      /* RING_HEADER */
+    Py_buffer view;        /* the ring's mapping, held from _attach() to _detach() */
+    int attached;
+} RingCore;
+
+static PyObject *str_write_slow;
+
+static PyObject *
+RingCore_attach(RingCore *self, PyObject *mm)
+{
+    if (self->attached) {
+        PyErr_SetString(PyExc_ValueError, "ring already attached");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(mm, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return NULL;
+    self->attached = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+RingCore_detach(RingCore *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->attached) {
+        self->attached = 0;
+        PyBuffer_Release(&self->view);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+RingCore_write(RingCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *payload;
+    long long length_word = -1;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "write(payload, length_word=-1)");
+        return NULL;
+    }
+    payload = args[0];
+    if (nargs == 2) {
+        length_word = PyLong_AsLongLong(args[1]);
+        if (length_word == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (self->attached && PyBytes_CheckExact(payload) && self->capacity > 0) {
+        Py_ssize_t n = PyBytes_GET_SIZE(payload);
+        long long word = length_word;
+        if (word < 0 && n <= self->inline_max)
+            word = n;
+        if (word >= 0) {
+            long long head = self->head;
+            long long end = head + ((n + ENTRY_SIZE + 7) & -8);
+            long long seq = self->seq + 1;
+            long long at = self->header + head % self->capacity;
+            if (end <= self->limit && seq <= self->seq_limit
+                    && at + ENTRY_SIZE + n <= (long long)self->view.len) {
+                unsigned char *base = (unsigned char *)self->view.buf;
+                const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(payload);
+                unsigned char *entry = base + at;
+                put_u32(entry, (uint32_t)word);
+                put_u32(entry + 4, adler32(data, n));
+                put_u64(entry + 8, (uint64_t)seq);
+                memcpy(entry + ENTRY_SIZE, data, (size_t)n);
+                self->head = end;
+                self->seq = seq;
+                store_word(base, W_HEAD, end);  /* head last, as in Python */
+                store_word(base, W_PUBLISHED, seq);
+                Py_RETURN_TRUE;
+            }
+        }
+    }
+    /* Everything else (no room known, a big record, not bytes) is Python's. */
+    {
+        PyObject *lw = PyLong_FromLongLong(length_word);
+        PyObject *res;
+        if (lw == NULL)
+            return NULL;
+        res = PyObject_CallMethodObjArgs((PyObject *)self, str_write_slow, payload, lw, NULL);
+        Py_DECREF(lw);
+        return res;
+    }
+}
+
+static void
+RingCore_dealloc(RingCore *self)
+{
+    if (self->attached) {
+        self->attached = 0;
+        PyBuffer_Release(&self->view);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef RingCore_methods[] = {
+    {"write", (PyCFunction)(void (*)(void))RingCore_write, METH_FASTCALL,
+     "write(payload, length_word=-1) -> bool: publish payload; False if the ring has no room."},
+    {"_attach", (PyCFunction)RingCore_attach, METH_O, "Hold the ring's mapping (a writable buffer)."},
+    {"_detach", (PyCFunction)RingCore_detach, METH_NOARGS, "Let the mapping go (before it is closed)."},
+    {NULL, NULL, 0, NULL}
+};
+
+static PyMemberDef RingCore_members[] = {
+    {"_head", T_LONGLONG, offsetof(RingCore, head), 0, NULL},
+    {"_seq", T_LONGLONG, offsetof(RingCore, seq), 0, NULL},
+    {"_limit", T_LONGLONG, offsetof(RingCore, limit), 0, NULL},
+    {"_seq_limit", T_LONGLONG, offsetof(RingCore, seq_limit), 0, NULL},
+    {"capacity", T_LONGLONG, offsetof(RingCore, capacity), 0, NULL},
+    {"inline_max", T_LONGLONG, offsetof(RingCore, inline_max), 0, NULL},
+    {"_header", T_LONGLONG, offsetof(RingCore, header), 0, NULL},
+    {NULL, 0, 0, 0, NULL}
+};
+
+static PyTypeObject RingCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mplog._speedups.RingCore",
+    .tp_basicsize = sizeof(RingCore),
+    .tp_dealloc = (destructor)RingCore_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The producer's end of a ring: its state, and the common case of write().",
+    .tp_methods = RingCore_methods,
+    .tp_members = RingCore_members,
+    .tp_new = PyType_GenericNew,
+};
+
+
+/* take_entries(mm, header, capacity, pos, done, head, limit, out) -> (pos, done)
+ *
+ * Appends to ``out`` (a list) the payloads of whole inline entries from ``pos`` on, in order,
+ * each one's seq the next and its Adler-32 right, until ``head``, ``limit`` payloads in ``out``,
+ * or the first entry that is anything else. */
+static PyObject *
+take_entries(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    long long header, cap, pos, done, head;
+    Py_ssize_t limit;
+    PyObject *out;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "take_entries(mm, header, capacity, pos, done, head, limit, out)");
+        return NULL;
+    }
+    header = PyLong_AsLongLong(args[1]);
+    cap = PyLong_AsLongLong(args[2]);
+    pos = PyLong_AsLongLong(args[3]);
+    done = PyLong_AsLongLong(args[4]);
+    head = PyLong_AsLongLong(args[5]);
+    limit = PyLong_AsSsize_t(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    out = args[7];
+    if (!PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "out must be a list");
+        return NULL;
+    }
+    if (cap <= 0) {
+        PyErr_SetString(PyExc_ValueError, "capacity must be positive");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    {
+        const unsigned char *base = (const unsigned char *)view.buf;
+        long long data_end = header + cap;
+        if (data_end > (long long)view.len)
+            data_end = (long long)view.len;
+        while (pos < head && PyList_GET_SIZE(out) < limit) {
+            long long at = header + pos % cap;
+            uint32_t length_word, crc;
+            uint64_t seq;
+            long long end;
+            PyObject *payload;
+            if (at + ENTRY_SIZE > data_end)
+                break;
+            length_word = get_u32(base + at);
+            crc = get_u32(base + at + 4);
+            seq = get_u64(base + at + 8);
+            end = at + ENTRY_SIZE + (long long)length_word;  /* flag bits make it "too long" */
+            if ((long long)seq != done + 1 || end > data_end)
+                break;
+            if (adler32(base + at + ENTRY_SIZE, (Py_ssize_t)length_word) != crc)
+                break;
+            payload = PyBytes_FromStringAndSize((const char *)(base + at + ENTRY_SIZE), (Py_ssize_t)length_word);
+            if (payload == NULL || PyList_Append(out, payload) < 0) {
+                Py_XDECREF(payload);
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+            Py_DECREF(payload);
+            pos += (ENTRY_SIZE + (long long)length_word + 7) & -8;
+            done = (long long)seq;
+        }
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("LL", pos, done);
+}
+
+static PyObject *
+py_adler32(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    Py_buffer view;
+    uint32_t value;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    value = adler32((const unsigned char *)view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(value);
+}
+
+static PyMethodDef module_methods[] = {
+    {"take_entries", (PyCFunction)(void (*)(void))take_entries, METH_FASTCALL,
+     "take_entries(mm, header, capacity, pos, done, head, limit, out) -> (pos, done)"},
+    {"adler32", (PyCFunction)py_adler32, METH_O, "Adler-32 of a buffer, as zlib.adler32(data)."},
+    {NULL, NULL, 0, NULL}
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT, "mplog._speedups",
+    "The spool ring's hot loops in C (optional: mplog/_spool.py has them in Python).",
+    -1, module_methods
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    PyObject *m;
+    if (PyType_Ready(&RingCoreType) < 0)
+        return NULL;
+    str_write_slow = PyUnicode_InternFromString("_write_slow");
+    if (str_write_slow == NULL)
+        return NULL;
+    m = PyModule_Create(&speedups_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&RingCoreType);
+    if (PyModule_AddObject(m, "RingCore", (PyObject *)&RingCoreType) < 0) {
+        Py_DECREF(&RingCoreType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
