@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import time
 import warnings
@@ -27,6 +28,13 @@ import mplog
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mplog.__file__)))
 if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != _ROOT:
     os.environ["PYTHONPATH"] = _ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+
+# A shell starts a background job (`tox ... &`, `nohup pytest &`) with SIGINT ignored, and an
+# ignored signal stays ignored across exec: the scripts the Ctrl-C tests run would then never see
+# their SIGINT. A handled signal is reset to the default in an exec'd child, so handling it here
+# gives every script what a terminal gives it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
 
