@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import marshal
 import operator
+import os
 import reprlib
 import struct
 import traceback
@@ -202,10 +203,28 @@ common_fields = operator.itemgetter(*COMMON_KEYS)
 LEAN_KEYS = ("created", "levelno", "levelname", "name", "msg", "args", "pathname", "lineno", "processName",
              "process", "exc_info", "exc_text", "stack_info")
 lean_fields = operator.itemgetter(*LEAN_KEYS)
-_dumps = marshal.dumps
 # Version 2: no back-references (a record has few repeated objects, and building the table of
 # them cost more than it saved); loads reads any version.
 MARSHAL_VERSION = 2
+# marshal.dumps, compiled where the install built mplog._speedups: the same bytes and the same
+# errors (tests/test_record.py), about a third of the time for a record's plain fields, because
+# CPython's marshal makes a bytes object and looks up a codec for every str it writes.
+_compiled_dumps: Any = None
+try:
+    from ._speedups import dumps as _compiled_dumps
+except ImportError:  # pragma: no cover - depends on the install
+    pass
+
+
+def record_dumps() -> Any:
+    """The ``marshal.dumps`` to use for records made from now on: the compiled one, unless it
+    was not built or this process's environment has MPLOG_PURE_PYTHON=1."""
+    if _compiled_dumps is None or os.environ.get("MPLOG_PURE_PYTHON"):
+        return marshal.dumps
+    return _compiled_dumps
+
+
+_dumps = record_dumps()
 
 
 def common_payload(record: logging.LogRecord, lean: bool = False) -> Optional[bytes]:

@@ -10,6 +10,9 @@
  *   take_entries(...)        the listener's loop over whole entries in order, each checked; it
  *                            stops where Python's general loop must go on (the end of the data
  *                            area, a WRAP, a big record's reference, an entry that fails).
+ *   dumps(obj, version)      marshal.dumps(obj, version), the same bytes, faster for what a
+ *                            record holds (version 2; tuples, str, int, float, bytes, None,
+ *                            bools); anything else is CPython's own marshal's.
  *
  * Why it is safe to run either: both write the same bytes (tests/test_spool.py compares them),
  * and the reader checks every entry whoever wrote it.
@@ -17,6 +20,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include "structmember.h"
+#include "marshal.h"  /* not in Python.h from 3.11 on */
 #include <stdint.h>
 #include <string.h>
 
@@ -305,16 +309,200 @@ py_adler32(PyObject *Py_UNUSED(module), PyObject *arg)
     return PyLong_FromUnsignedLong(value);
 }
 
+/* --- marshal version 2, for the caller's record ------------------------------------------
+ *
+ * The caller's record is a tuple of str, int, float and None (and the message's arguments).
+ * CPython's marshal encodes each str through a new bytes object and a codec lookup; for these
+ * types version 2 is simple (no back-references: Python/marshal.c, w_object), so it is written
+ * here straight from each str's own UTF-8. Every type or value this does not handle (a big int,
+ * a str with surrogates, a list, a subclass...) makes the whole object go to CPython's marshal,
+ * so the result, and the error for what marshal refuses, are always marshal's.
+ */
+#define ENC_MAX_DEPTH 16
+
+typedef struct {
+    char *buf;
+    Py_ssize_t len, cap;
+    int heap;
+    char local[1024];
+} WBuf;
+
+static int
+wb_reserve(WBuf *w, Py_ssize_t n)
+{
+    Py_ssize_t cap;
+    char *grown;
+    if (w->len + n <= w->cap)
+        return 0;
+    cap = w->cap;
+    while (cap < w->len + n) {
+        if (cap > PY_SSIZE_T_MAX / 2) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        cap *= 2;
+    }
+    if (w->heap) {
+        grown = (char *)PyMem_Realloc(w->buf, (size_t)cap);
+    } else {
+        grown = (char *)PyMem_Malloc((size_t)cap);
+        if (grown != NULL)
+            memcpy(grown, w->buf, (size_t)w->len);
+    }
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    w->buf = grown;
+    w->cap = cap;
+    w->heap = 1;
+    return 0;
+}
+
+static inline void
+wb_int32(WBuf *w, char type, int32_t x)
+{
+    /* marshal's w_long: little-endian whatever the host */
+    uint32_t u = (uint32_t)x;
+    char *p = w->buf + w->len;
+    p[0] = type;
+    p[1] = (char)(u & 0xff);
+    p[2] = (char)((u >> 8) & 0xff);
+    p[3] = (char)((u >> 16) & 0xff);
+    p[4] = (char)((u >> 24) & 0xff);
+    w->len += 5;
+}
+
+/* 0: written; 1: not a case handled here (use marshal); -1: an error is set. */
+static int
+enc_v2(WBuf *w, PyObject *v, int depth)
+{
+    if (v == Py_None || v == Py_True || v == Py_False) {
+        if (wb_reserve(w, 1) < 0)
+            return -1;
+        w->buf[w->len++] = v == Py_None ? 'N' : (v == Py_True ? 'T' : 'F');
+        return 0;
+    }
+    if (PyUnicode_CheckExact(v)) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(v, &n);
+        if (s == NULL) {  /* a lone surrogate: marshal writes it with "surrogatepass" */
+            PyErr_Clear();
+            return 1;
+        }
+        if (n > INT32_MAX)
+            return 1;
+        if (wb_reserve(w, 5 + n) < 0)
+            return -1;
+        wb_int32(w, 'u', (int32_t)n);
+        memcpy(w->buf + w->len, s, (size_t)n);
+        w->len += n;
+        return 0;
+    }
+    if (PyLong_CheckExact(v)) {
+        int overflow;
+        long x = PyLong_AsLongAndOverflow(v, &overflow);
+        if (x == -1 && PyErr_Occurred())
+            return -1;
+        if (overflow || x > INT32_MAX || x < INT32_MIN)
+            return 1;  /* marshal's TYPE_LONG, in 15-bit digits */
+        if (wb_reserve(w, 5) < 0)
+            return -1;
+        wb_int32(w, 'i', (int32_t)x);
+        return 0;
+    }
+    if (PyFloat_CheckExact(v)) {
+#if PY_BIG_ENDIAN
+        return 1;
+#else
+        /* TYPE_BINARY_FLOAT: the IEEE 754 double, little-endian (PyFloat_Pack8(x, p, 1)) */
+        double x = PyFloat_AS_DOUBLE(v);
+        if (wb_reserve(w, 9) < 0)
+            return -1;
+        w->buf[w->len] = 'g';
+        memcpy(w->buf + w->len + 1, &x, 8);
+        w->len += 9;
+        return 0;
+#endif
+    }
+    if (PyTuple_CheckExact(v)) {
+        Py_ssize_t i, n = PyTuple_GET_SIZE(v);
+        if (depth >= ENC_MAX_DEPTH || n > INT32_MAX)
+            return 1;
+        if (wb_reserve(w, 5) < 0)
+            return -1;
+        wb_int32(w, '(', (int32_t)n);
+        for (i = 0; i < n; i++) {
+            int rc = enc_v2(w, PyTuple_GET_ITEM(v, i), depth + 1);
+            if (rc != 0)
+                return rc;
+        }
+        return 0;
+    }
+    if (PyBytes_CheckExact(v)) {
+        Py_ssize_t n = PyBytes_GET_SIZE(v);
+        if (n > INT32_MAX)
+            return 1;
+        if (wb_reserve(w, 5 + n) < 0)
+            return -1;
+        wb_int32(w, 's', (int32_t)n);
+        memcpy(w->buf + w->len, PyBytes_AS_STRING(v), (size_t)n);
+        w->len += n;
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+py_dumps(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    WBuf w;
+    int version, rc;
+    PyObject *result;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "dumps(obj, version) takes 2 arguments");
+        return NULL;
+    }
+    {
+        long v = PyLong_AsLong(args[1]);
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        if (v > INT_MAX || v < INT_MIN) {
+            PyErr_SetString(PyExc_OverflowError, "version out of range");
+            return NULL;
+        }
+        version = (int)v;
+    }
+    if (version != 2)
+        return PyMarshal_WriteObjectToString(args[0], version);
+    w.buf = w.local;
+    w.len = 0;
+    w.cap = (Py_ssize_t)sizeof(w.local);
+    w.heap = 0;
+    rc = enc_v2(&w, args[0], 0);
+    if (rc == 0)
+        result = PyBytes_FromStringAndSize(w.buf, w.len);
+    else if (rc == 1)
+        result = PyMarshal_WriteObjectToString(args[0], version);
+    else
+        result = NULL;
+    if (w.heap)
+        PyMem_Free(w.buf);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"take_entries", (PyCFunction)(void (*)(void))take_entries, METH_FASTCALL,
      "take_entries(mm, header, capacity, pos, done, head, limit, out) -> (pos, done)"},
     {"adler32", (PyCFunction)py_adler32, METH_O, "Adler-32 of a buffer, as zlib.adler32(data)."},
+    {"dumps", (PyCFunction)(void (*)(void))py_dumps, METH_FASTCALL,
+     "dumps(obj, version) -> bytes: marshal.dumps(obj, version), the same bytes."},
     {NULL, NULL, 0, NULL}
 };
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT, "mplog._speedups",
-    "The spool ring's hot loops in C (optional: mplog/_spool.py has them in Python).",
+    "The spool ring's hot loops and the record's marshal in C (optional: mplog has them in Python).",
     -1, module_methods
 };
 

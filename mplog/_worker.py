@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 from ._worker_config import WorkerConfig, coerce as _coerce
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
 from . import _process
-from ._record import _STANDARD_LEN, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, _dumps, common_fields, common_payload, lean_fields, deserialize, serialize
+from ._record import _STANDARD_LEN, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, common_fields, common_payload, lean_fields, deserialize, record_dumps, serialize
 from ._spool import W_DONE, RingWriter, _process_start, open_ring_writer, ring_capacity
 from ._transport import K_WAKE, FifoWriter
 
@@ -370,6 +370,7 @@ class SpoolHandler(logging.Handler):
         self.config = cfg
         self.channel: Channel = _channel_for(cfg)
         self._fields = lean_fields if cfg.lean else common_fields  # see _record.TAG_COMMON
+        self._dumps = record_dumps()  # compiled or marshal's own, chosen per handler
         self.flush_hook: Any = None  # set by LogService in the main process: the service's barrier
 
     @property
@@ -400,7 +401,7 @@ class SpoolHandler(logging.Handler):
             # The common record (_record.common_payload, inlined: this is the caller's whole
             # cost, see scripts/bench.py).
             try:
-                payload = _dumps((TAG_COMMON, self._fields(d)), MARSHAL_VERSION)
+                payload = self._dumps((TAG_COMMON, self._fields(d)), MARSHAL_VERSION)
             except (ValueError, KeyError):
                 pass
             else:

@@ -305,3 +305,71 @@ def test_a_record_class_with_its_own_getmessage_is_rendered_by_it(service):
         logging.setLogRecordFactory(old)
     assert svc.flush(10)
     assert [b["message"] for b in app_blocks(svc.full_path)] == ["3 of four"]
+
+
+# --- the compiled marshal (mplog._speedups.dumps) ----------------------------------------------
+
+import marshal  # noqa: E402
+import math  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from mplog import _record  # noqa: E402
+
+_compiled_dumps = _record._compiled_dumps
+needs_compiled = pytest.mark.skipif(_compiled_dumps is None, reason="mplog._speedups is not built here "
+                                    "(tests/test_spool.py::test_the_compiled_ring_loops_are_built says why)")
+
+# What a record's fields hold, and the values at the edges of each case the C code writes itself
+# (int32, a str's UTF-8, a lone surrogate, the depth limit) or hands to CPython's marshal.
+EDGES = [None, True, False, 0, 1, -1, 2 ** 31 - 1, -2 ** 31, 2 ** 31, -2 ** 31 - 1, 2 ** 63, -10 ** 30, 0.0, -0.0,
+         1.5, math.inf, -math.inf, math.nan, 1e-310, "", "abc", "héllo", "日本語", "\U0001F600", "a\udc80b",
+         b"", b"\x00xyz", (), (1,), ((1, 2), ("a",)), "x" * 5000, ("y" * 3000,) * 3, [1, "2"], {"a": 1.0}, 1j,
+         frozenset({1}), (1, [2]), (((((((((((((((((((1,))))))))))))))))))), ("ok", 2 ** 40)]
+
+_leaves = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text() | st.binary()
+           | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF))
+_values = st.recursive(_leaves, lambda inner: st.tuples(inner, inner) | st.lists(inner, max_size=3)
+                       | st.tuples(inner, inner, inner, inner), max_leaves=30)
+
+
+@needs_compiled
+@pytest.mark.parametrize("value", EDGES, ids=lambda v: type(v).__name__)
+def test_the_compiled_marshal_writes_marshals_bytes(value):
+    for version in range(marshal.version + 1):
+        assert _compiled_dumps(value, version) == marshal.dumps(value, version), version
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_values)
+def test_the_compiled_marshal_writes_marshals_bytes_for_any_plain_value(value):
+    assert _compiled_dumps(value, 2) == marshal.dumps(value, 2)
+
+
+@needs_compiled
+def test_the_compiled_marshal_refuses_what_marshal_refuses():
+    class S(str):
+        pass
+
+    for value in (S("x"), ("ok", S("x")), object(), (1, (2, object())), logging.getLogger()):
+        with pytest.raises(ValueError) as ours:
+            _compiled_dumps(value, 2)
+        with pytest.raises(ValueError) as theirs:
+            marshal.dumps(value, 2)
+        assert str(ours.value) == str(theirs.value)
+
+
+@needs_compiled
+def test_a_real_records_fields_marshal_the_same(monkeypatch):
+    made = []
+    for args in [(), (1, 2.5, "x"), ("日本", -(2 ** 70)), ({"k": 1},)]:
+        rec = logging.LogRecord("app.sub", logging.WARNING, "/srv/app/ü.py", 12, "m %s" * len(args), args, None)
+        made.append((_record.TAG_COMMON, _record.common_fields(rec.__dict__)))
+        made.append((_record.TAG_COMMON, _record.lean_fields(rec.__dict__)))
+    for fields in made:
+        assert _compiled_dumps(fields, _record.MARSHAL_VERSION) == marshal.dumps(fields, _record.MARSHAL_VERSION)
+    # Which one a handler made now uses: MPLOG_PURE_PYTHON=1 keeps marshal's own.
+    assert _record.record_dumps() is _compiled_dumps
+    monkeypatch.setenv("MPLOG_PURE_PYTHON", "1")
+    assert _record.record_dumps() is marshal.dumps
