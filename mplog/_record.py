@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import marshal
 import operator
-import os
 import reprlib
 import struct
 import traceback
 from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+from . import _compiled
 
 __all__ = ["USER_MESSAGE_KEY", "TAG_COMMON", "TAG_FIELDS", "TAG_TEXT", "COMMON_KEYS", "LEAN_KEYS", "common_fields", "lean_fields", "common_payload", "common_record", "decode", "TEXT_VERSION", "decode_formatted", "encode_formatted", "Formatted", "Record", "deserialize", "exception_summary",
            "flatten", "json_value", "make_record", "safe_text", "text_of", "sanitize", "serialize"]
@@ -206,22 +207,16 @@ lean_fields = operator.itemgetter(*LEAN_KEYS)
 # Version 2: no back-references (a record has few repeated objects, and building the table of
 # them cost more than it saved); loads reads any version.
 MARSHAL_VERSION = 2
-# marshal.dumps, compiled where the install built mplog._speedups: the same bytes and the same
-# errors (tests/test_record.py), about a third of the time for a record's plain fields, because
-# CPython's marshal makes a bytes object and looks up a codec for every str it writes.
-_compiled_dumps: Any = None
-try:
-    from ._speedups import dumps as _compiled_dumps
-except ImportError:  # pragma: no cover - depends on the install
-    pass
+# marshal.dumps, compiled where the install built mplog._speedups (mplog/_compiled.py): the same
+# bytes and the same errors (tests/test_records.py), about a third of the time for a record's
+# plain fields, because CPython's marshal makes a bytes object and looks up a codec for every
+# str it writes.
+_compiled_dumps: Any = None if _compiled.speedups is None else _compiled.speedups.dumps
 
 
 def record_dumps() -> Any:
-    """The ``marshal.dumps`` to use for records made from now on: the compiled one, unless it
-    was not built or this process's environment has MPLOG_PURE_PYTHON=1."""
-    if _compiled_dumps is None or os.environ.get("MPLOG_PURE_PYTHON"):
-        return marshal.dumps
-    return _compiled_dumps
+    """The ``marshal.dumps`` for records made from now on (compiled if ``_compiled.enabled()``)."""
+    return _compiled_dumps if _compiled.enabled() else marshal.dumps
 
 
 _dumps = record_dumps()

@@ -1,7 +1,7 @@
-/* mplog._speedups: the two hot loops of the spool ring, compiled.
+/* mplog._speedups: the two hot loops of the spool ring and the record's marshal, compiled.
  *
- * Optional. mplog/_spool.py has the same code in Python and is the reference: the layout of a
- * ring is defined there (the entry is "<IIQ": length | flags, Adler-32 of the payload, seq),
+ * Optional (mplog/_compiled.py). mplog/_spool.py has the ring's code in Python and is the
+ * reference: the layout of a ring is defined there (the entry is "<IIQ": length | flags, Adler-32 of the payload, seq),
  * this file only does the common case faster and hands everything else back to Python:
  *
  *   RingCore.write(payload)  the producer's publish, when the payload fits inline and the room
@@ -14,8 +14,8 @@
  *                            record holds (version 2; tuples, str, int, float, bytes, None,
  *                            bools); anything else is CPython's own marshal's.
  *
- * Why it is safe to run either: both write the same bytes (tests/test_spool.py compares them),
- * and the reader checks every entry whoever wrote it.
+ * Why it is safe to run either: both write the same bytes (tests/test_spool.py and
+ * tests/test_records.py compare them), and the reader checks every entry whoever wrote it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -1,4 +1,4 @@
-# Stub of the optional C module mplog/_speedups.c (see mplog/_spool.py for the Python reference).
+# Stub of the optional C module mplog/_speedups.c (see mplog/_compiled.py).
 from typing import Any, List, Tuple
 
 class RingCore:

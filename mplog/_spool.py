@@ -41,22 +41,13 @@ import time
 from typing import TYPE_CHECKING, Any, Container, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 from zlib import adler32, crc32
 
+from . import _compiled
 from ._counters import S_PID, S_RING
 
-# The ring's two hot loops in C (mplog/_speedups.c), when the install could build it: the same
-# bytes as the Python below, which stays the reference and runs where it could not, or in a
-# process whose environment has MPLOG_PURE_PYTHON=1 when it opens the ring.
-_RingCore: Any = None
-_take_entries: Any = None
-try:
-    from ._speedups import RingCore as _RingCore, take_entries as _take_entries
-except ImportError:  # pragma: no cover - depends on the install
-    pass
-
-
-def speedups() -> bool:
-    """Whether rings opened now use the compiled loops."""
-    return _RingCore is not None and not os.environ.get("MPLOG_PURE_PYTHON")
+# The ring's two hot loops in C (mplog/_compiled.py says when): the same bytes as the Python
+# below, which stays the reference.
+_RingCore: Any = None if _compiled.speedups is None else _compiled.speedups.RingCore
+_take_entries: Any = None if _compiled.speedups is None else _compiled.speedups.take_entries
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._counters import Counters
@@ -305,7 +296,7 @@ if _RingCore is not None:
 
 
 def open_ring_writer(path: str, capacity: int, max_records: int) -> RingWriter:
-    if speedups():
+    if _compiled.enabled():
         return _CompiledRingWriter(path, capacity, max_records)  # type: ignore[no-any-return]
     return RingWriter(path, capacity, max_records)
 
@@ -340,7 +331,7 @@ class RingReader:
             self.close()
             raise OSError(errno.EINVAL, "not an mplog ring", path)
         self.check = checksum if magic == _MAGIC else crc32
-        self._take_entries = _take_entries if magic == _MAGIC and speedups() else None
+        self._take_entries = _take_entries if magic == _MAGIC and _compiled.enabled() else None
         self.capacity = size - RING_HEADER
         self.pid = self.words[W_PID]
         self.start = self.words[W_START]

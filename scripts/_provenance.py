@@ -26,5 +26,5 @@ def mplog_source() -> str:
             text += f" (git {head}" + (f", uncommitted changes in {', '.join(changed)})" if changed else ", clean)")
     except (OSError, subprocess.SubprocessError):
         pass
-    from mplog import _spool
-    return text + ("; compiled ring loops" if _spool.speedups() else "; ring loops in Python (no mplog._speedups)")
+    from mplog import _compiled
+    return text + ("; compiled code (mplog._speedups)" if _compiled.enabled() else "; Python code only (no mplog._speedups)")

@@ -94,7 +94,7 @@ from _provenance import mplog_source  # scripts/ is on sys.path when a script ru
 
 SETUPS = ["floor", "filehandler", "stdlib-queue", "stdlib-cookbook", "mplog",
           "loguru", "concurrent-log-handler", "multiprocessing-logging"]
-# mplog with its compiled ring loops turned off (MPLOG_PURE_PYTHON=1): what an install without a
+# mplog with its compiled code turned off (MPLOG_PURE_PYTHON=1): what an install without a
 # compiler gets. Only with --only: it measures mplog against itself, not against the peers.
 EXTRA_SETUPS = ["mplog-python"]
 PEERS = {  # optional setup -> (import name, pip name)
@@ -694,8 +694,8 @@ class MplogSetup(Setup):
 
 
 class MplogPythonSetup(MplogSetup):
-    """MplogSetup where every ring is opened without the compiled loops (the listener and the
-    workers inherit the environment)."""
+    """MplogSetup without the compiled code: every ring and handler is opened with
+    MPLOG_PURE_PYTHON=1 (the listener and the workers inherit the environment)."""
 
     def start(self, deadline: float) -> None:
         os.environ["MPLOG_PURE_PYTHON"] = "1"
@@ -1293,7 +1293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setups = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(SETUPS)
     unknown = [s for s in setups if s not in SETUPS + EXTRA_SETUPS]
     if unknown:
-        parser.error(f"unknown setup(s): {', '.join(unknown)}; choose from {', '.join(SETUPS)}")
+        parser.error(f"unknown setup(s): {', '.join(unknown)}; choose from {', '.join(SETUPS + EXTRA_SETUPS)}")
 
     try:
         affinity = len(os.sched_getaffinity(0))

@@ -370,6 +370,7 @@ def test_a_real_records_fields_marshal_the_same(monkeypatch):
     for fields in made:
         assert _compiled_dumps(fields, _record.MARSHAL_VERSION) == marshal.dumps(fields, _record.MARSHAL_VERSION)
     # Which one a handler made now uses: MPLOG_PURE_PYTHON=1 keeps marshal's own.
+    monkeypatch.delenv("MPLOG_PURE_PYTHON", raising=False)
     assert _record.record_dumps() is _compiled_dumps
     monkeypatch.setenv("MPLOG_PURE_PYTHON", "1")
     assert _record.record_dumps() is marshal.dumps
