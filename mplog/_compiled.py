@@ -2,8 +2,9 @@
 
 setup.py builds it where it can (``optional=True``). Each piece of it has a Python twin that
 gives the same bytes (the ring's write and take in ``_spool``, the record's marshal in
-``_record``), used where it was not built, or where ``MPLOG_PURE_PYTHON=1`` is in the
-environment of the process when it opens a ring or makes a handler.
+``_record``, the listener's loop over common records in ``_listener.Batch``), used where it was
+not built, or where ``MPLOG_PURE_PYTHON=1`` is in the environment of the process when it opens
+a ring, makes a handler or starts a listener.
 """
 
 from __future__ import annotations

@@ -60,8 +60,10 @@ class Timestamps:
     def second(self, created: float) -> str:
         sec = int(created)
         if sec != self._sec:
-            self._sec = sec
+            # The text first: a time localtime() refuses (out of range) must not leave its second
+            # cached with the last second's text (or none).
             self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+            self._sec = sec
         return self._text
 
     def millis(self, created: float) -> str:

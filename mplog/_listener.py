@@ -37,6 +37,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import _compiled
 from ._config import ListenerConfig
 from ._counters import STATE_STOPPED, Counters, settle_accounts
 from ._exits import ExitWatch, Watched, describe
@@ -54,7 +55,9 @@ _MAX_DISTINCT_WARNINGS = 1000
 _WARNING, _ERROR = logging.WARNING, logging.ERROR
 _loads = marshal.loads
 _MILLIS = [f"{ms:03d}" for ms in range(1000)]
-_BLOCK_TAIL = SEPARATOR + "\n"
+_MESSAGE = "\n  Message: "
+_TAIL = "\n" + SEPARATOR + "\n"
+_PIECES = (_MESSAGE, _TAIL, "\n", ": ")  # the constant texts the compiled loop appends
 _MAX_HEADS = 4096  # headers kept: call sites times processes; past this the cache starts again
 _BLOCK_END = (SEPARATOR + "\n").encode()
 _IDLE_POLL_MS = 100  # a missed doorbell (see Listener.sleep) costs at most this much latency
@@ -101,14 +104,25 @@ class Batch:
         self._simp: List[str] = []
         self._cons: List[str] = []
         self._heads: Dict[Tuple[Any, ...], str] = {}  # see add_payloads
+        self._compiled = _compiled.speedups.format_common if _compiled.enabled() else None
 
     def add_payloads(self, payloads: List[bytes], origin: str) -> None:
         """Add one ring's records. The common record in the default formats is formatted in
-        this loop, with the same result as ``add_payload``; anything else goes there."""
+        one loop (compiled where it was built, ``_speedups.format_common``; else
+        ``_format_common``), with the same result as ``add_payload``; anything else goes there."""
         if not self.fused or self.forwarder is not None or self.console is not None:
             for payload in payloads:
                 self.add_payload(payload, origin)
-            return
+        elif self._compiled is not None:
+            self._compiled(payloads, self._full, self._simp, self.simplified_level, self.stamps, self._heads,
+                           self._head_rest, self._tally, self.add_payload, origin, _MILLIS, NOT_TALLIED, _PIECES,
+                           TAG_COMMON)
+        else:
+            self._format_common(payloads, origin)
+
+    def _format_common(self, payloads: List[bytes], origin: str) -> None:
+        """The reference of the hot loop: what it formats, and what it leaves to the general
+        path (any record it does not fully know, as the compiled twin does)."""
         loads = _loads
         full_out = self._full.append
         simp_out = self._simp.append
@@ -117,12 +131,16 @@ class Batch:
         heads = self._heads
         for payload in payloads:
             try:
-                tag, fields = loads(payload)
-                if tag != TAG_COMMON:
+                obj = loads(payload)
+                if type(obj) is not tuple or len(obj) != 2:
+                    raise ValueError
+                tag, fields = obj
+                if type(tag) is not int or tag != TAG_COMMON or type(fields) is not tuple:
                     raise ValueError
                 (created, levelno, levelname, name, msg, args, pathname, lineno, pname, process, _exc_info,
                  exc_text, stack) = fields  # _record.LEAN_KEYS: the default formats
-                if exc_text is not None or stack is not None or type(msg) is not str:
+                if (exc_text is not None or stack is not None or type(msg) is not str or type(created) is not float
+                        or type(levelno) is not int or type(levelname) is not str or type(name) is not str):
                     raise ValueError
                 if args:
                     msg = msg % args
@@ -132,19 +150,21 @@ class Batch:
                 if sec != stamps._sec:
                     stamps.second(created)
                 ts = stamps._text
+                millis = _MILLIS[int((created % 1) * 1000)]
                 # The header but its time, made once per call site and process (and checked
                 # once: a header field that would need escaping takes the general path).
                 key = (levelname, name, pname, process, pathname, lineno)
                 rest = heads.get(key)
                 if rest is None:
                     rest = self._head_rest(key)
-                full_out(f"[{ts}.{_MILLIS[int((created % 1) * 1000)]}] {rest}\n  Message: {msg}\n{_BLOCK_TAIL}")
-                if levelno >= simplified_level:
-                    simp_out(f"[{ts}] {msg}\n" if levelno < _WARNING else f"[{ts}] {levelname}: {msg}\n")
-                if _WARNING <= levelno < _ERROR and name not in NOT_TALLIED:
-                    self._tally(msg[:200])
             except Exception:  # noqa: BLE001 - not the common case, or not well formed: the general path
                 self.add_payload(payload, origin)
+                continue
+            if _WARNING <= levelno < _ERROR and name not in NOT_TALLIED:
+                self._tally(msg[:200])
+            full_out(f"[{ts}.{millis}] {rest}{_MESSAGE}{msg}{_TAIL}")
+            if levelno >= simplified_level:
+                simp_out(f"[{ts}] {msg}\n" if levelno < _WARNING else f"[{ts}] {levelname}: {msg}\n")
 
     def _head_rest(self, key: Tuple[Any, ...]) -> str:
         levelname, name, pname, process, pathname, lineno = key

@@ -175,9 +175,10 @@ def flatten(record: logging.LogRecord, context: Optional[Dict[str, Any]] = None,
             except BaseException as exc:  # noqa: B036
                 exc_text = f"<traceback could not be formatted: {_describe(exc)}>"
                 failures += 1
-    elif exc_text:
+    exc_text, stack, bad = _text_fields(exc_text, record.stack_info)
+    failures += bad
+    if exc_summary is None and exc_text:
         exc_summary = exc_text.rstrip().rsplit("\n", 1)[-1]
-    stack = record.stack_info
     fields = (
         _VERSION,
         record.created, record.levelno, record.levelname, record.name, msg,
@@ -222,6 +223,18 @@ def record_dumps() -> Any:
 _dumps = record_dumps()
 
 
+def _text_fields(exc_text: Any, stack: Any) -> Tuple[Optional[str], Optional[str], int]:
+    """``exc_text`` and ``stack_info`` as text or None. A filter or a caller may set them to
+    anything (bytes, a number); the formatters would raise on that, so it becomes its repr and
+    a counted placeholder. Returns (exc_text, stack_info, placeholders used)."""
+    failures = 0
+    if exc_text is not None and type(exc_text) is not str:
+        exc_text, failures = safe_text(exc_text)[0], 1
+    if stack is not None and type(stack) is not str:
+        stack, failures = safe_text(stack)[0], failures + 1
+    return exc_text, stack, failures
+
+
 def common_payload(record: logging.LogRecord, lean: bool = False) -> Optional[bytes]:
     """The payload of a common record, or None when ``serialize`` must do it. The caller checks
     the context (``_worker.context``); SpoolHandler.handle inlines this. Only a LogRecord
@@ -253,9 +266,9 @@ def common_record(fields: Tuple[Any, ...]) -> Tuple[Record, int]:
             text = text % args
     except Exception as exc:
         text, failures = _formatting_failed(msg, args, exc), 1
-    summary = None
-    if exc_text:
-        summary = exc_text.rstrip().rsplit("\n", 1)[-1]
+    exc_text, stack, bad = _text_fields(exc_text, stack)
+    failures += bad
+    summary = exc_text.rstrip().rsplit("\n", 1)[-1] if exc_text else None
     return Record(TAG_FIELDS, created, levelno, levelname, name, text, pathname, lineno, func, pname, process,
                   tname, exc_text, summary, stack, None, False, thread or 0, rel), failures
 

@@ -1,4 +1,5 @@
-/* mplog._speedups: the two hot loops of the spool ring and the record's marshal, compiled.
+/* mplog._speedups: the hot loops of the spool ring, the record's marshal and the listener's
+ * formatting of the common record, compiled.
  *
  * Optional (mplog/_compiled.py). mplog/_spool.py has the ring's code in Python and is the
  * reference: the layout of a ring is defined there (the entry is "<IIQ": length | flags, Adler-32 of the payload, seq),
@@ -13,14 +14,20 @@
  *   dumps(obj, version)      marshal.dumps(obj, version), the same bytes, faster for what a
  *                            record holds (version 2; tuples, str, int, float, bytes, None,
  *                            bools); anything else is CPython's own marshal's.
+ *   format_common(...)       the listener's loop over common records in the default formats
+ *                            (mplog/_listener.py, Batch._format_common is its twin); a record
+ *                            it does not fully know goes whole to the general path.
  *
  * Why it is safe to run either: both write the same bytes (tests/test_spool.py and
- * tests/test_records.py compare them), and the reader checks every entry whoever wrote it.
+ * tests/test_records.py compare them, the latter with hypothesis), and the reader checks every
+ * entry whoever wrote it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include "structmember.h"
 #include "marshal.h"  /* not in Python.h from 3.11 on */
+#include <limits.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -491,12 +498,309 @@ py_dumps(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* ---- the listener's formatting of the common record in the default formats ----------------
+ *
+ * format_common(payloads, full, simp, simplified_level, stamps, heads, head_rest, tally,
+ *               fallback, origin, millis, not_tallied, pieces, tag_common)
+ *
+ * The twin of the Python loop in mplog/_listener.py (Batch._format_common), which is the
+ * reference: for each payload, the record's texts in the default formats are appended to the
+ * lists ``full`` and ``simp`` (in pieces: the batch joins them once); a record this loop does
+ * not fully understand, or one that fails anywhere, goes whole to ``fallback(payload, origin)``
+ * (the general path) before anything of it is appended, so the order of records stays and
+ * nothing is written twice. The caches it shares with Python (``stamps``, ``heads``) are only
+ * caches: ``stamps.second`` and ``head_rest`` fill them, as in the Python loop. The constant
+ * texts of the formats come from Python too (``pieces``: the message label, the block's tail,
+ * the newline, the level's colon), so the formats are defined in one place. */
+
+static PyObject *s_second, *s_isprintable;
+
+#define LEAN_LEN 13  /* len(_record.LEAN_KEYS); anything else takes the general path */
+#define LEVEL_WARNING 30
+#define LEVEL_ERROR 40
+
+static int
+ascii_printable(PyObject *s)
+{
+    /* str.isprintable(), answered here for ASCII (space to tilde) and by str otherwise. */
+    if (PyUnicode_IS_ASCII(s)) {
+        const unsigned char *p = (const unsigned char *)PyUnicode_DATA(s);
+        Py_ssize_t n = PyUnicode_GET_LENGTH(s), i;
+        for (i = 0; i < n; i++)
+            if (p[i] < 0x20 || p[i] > 0x7e)
+                return 0;
+        return 1;
+    }
+    {
+        PyObject *r = PyObject_CallMethodObjArgs(s, s_isprintable, NULL);
+        int ok;
+        if (r == NULL)
+            return -1;
+        ok = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        return ok;
+    }
+}
+
+/* One record: 1 formatted (pieces appended), 0 not the common case (nothing appended), -1 error
+ * (nothing appended; the caller clears it and takes the general path). */
+static int
+format_one(PyObject *obj, PyObject *full, PyObject *simp, long simplified_level, PyObject *stamps,
+           long long *cur_sec, PyObject **sec_prefix, PyObject **ts_text, int *cur_ms, PyObject **ms_prefix,
+           PyObject *heads, PyObject *head_rest, PyObject *tally, PyObject *millis, PyObject *not_tallied,
+           PyObject *const *pieces, long tag_common)
+{
+    PyObject *c_message = pieces[0], *c_tail = pieces[1], *c_nl = pieces[2], *c_colon = pieces[3];
+    PyObject *tag, *fields, *createdo, *levelnoo, *levelname, *name, *msg, *args;
+    PyObject *key = NULL, *rest, *text = NULL;
+    double created, mod, whole;
+    long levelno, tagv;
+    long long sec;
+    int idx, ok, rc = -1;
+
+    if (!PyTuple_CheckExact(obj) || PyTuple_GET_SIZE(obj) != 2)
+        return 0;
+    tag = PyTuple_GET_ITEM(obj, 0);
+    fields = PyTuple_GET_ITEM(obj, 1);
+    if (!PyLong_CheckExact(tag) || !PyTuple_CheckExact(fields) || PyTuple_GET_SIZE(fields) != LEAN_LEN)
+        return 0;
+    tagv = PyLong_AsLong(tag);
+    if (tagv != tag_common)
+        return tagv == -1 && PyErr_Occurred() ? -1 : 0;
+    /* _record.LEAN_KEYS: created, levelno, levelname, name, msg, args, pathname, lineno,
+     * processName, process, exc_info, exc_text, stack_info */
+    createdo = PyTuple_GET_ITEM(fields, 0);
+    levelnoo = PyTuple_GET_ITEM(fields, 1);
+    levelname = PyTuple_GET_ITEM(fields, 2);
+    name = PyTuple_GET_ITEM(fields, 3);
+    msg = PyTuple_GET_ITEM(fields, 4);
+    args = PyTuple_GET_ITEM(fields, 5);
+    if (!PyFloat_CheckExact(createdo) || !PyLong_CheckExact(levelnoo) || !PyUnicode_CheckExact(levelname)
+            || !PyUnicode_CheckExact(name) || !PyUnicode_CheckExact(msg)
+            || PyTuple_GET_ITEM(fields, 11) != Py_None || PyTuple_GET_ITEM(fields, 12) != Py_None)
+        return 0;
+    levelno = PyLong_AsLong(levelnoo);
+    if (levelno == -1 && PyErr_Occurred())
+        return -1;
+    created = PyFloat_AS_DOUBLE(createdo);
+    if (!(created > -9.2e18 && created < 9.2e18))  /* int(created) as a C long long; NaN too */
+        return 0;
+    sec = (long long)created;  /* int(): truncation toward zero, as here */
+    /* int((created % 1) * 1000), with Python's float modulo (its sign is the divisor's) */
+    mod = fmod(created, 1.0);
+    if (mod != 0.0) {
+        if (mod < 0.0)
+            mod += 1.0;
+    }
+    else
+        mod = 0.0;
+    whole = mod * 1000.0;
+    if (!(whole >= 0.0 && whole < 1000.0))
+        return 0;
+    idx = (int)whole;
+
+    ok = PyObject_IsTrue(args);
+    if (ok < 0)
+        return -1;
+    if (ok) {
+        text = PyNumber_Remainder(msg, args);
+        if (text == NULL)
+            return -1;
+        if (!PyUnicode_CheckExact(text)) {
+            Py_DECREF(text);
+            return 0;
+        }
+    }
+    else {
+        text = msg;
+        Py_INCREF(text);
+    }
+    ok = ascii_printable(text);
+    if (ok <= 0) {
+        rc = ok;
+        goto done;
+    }
+
+    if (sec != *cur_sec) {
+        PyObject *r = PyObject_CallMethodObjArgs(stamps, s_second, createdo, NULL), *sp;
+        if (r == NULL)
+            goto done;
+        if (!PyUnicode_CheckExact(r)) {
+            Py_DECREF(r);
+            rc = 0;
+            goto done;
+        }
+        sp = PyUnicode_FromFormat("[%U] ", r);
+        if (sp == NULL) {
+            Py_DECREF(r);
+            goto done;
+        }
+        Py_XSETREF(*ts_text, r);
+        Py_XSETREF(*sec_prefix, sp);
+        *cur_sec = sec;
+        *cur_ms = -1;
+    }
+    if (idx != *cur_ms) {
+        PyObject *ms = PyList_GET_ITEM(millis, idx), *mp;
+        if (!PyUnicode_CheckExact(ms)) {  /* %U would read any other object as a str */
+            rc = 0;
+            goto done;
+        }
+        mp = PyUnicode_FromFormat("[%U.%U] ", *ts_text, ms);
+        if (mp == NULL)
+            goto done;
+        Py_XSETREF(*ms_prefix, mp);
+        *cur_ms = idx;
+    }
+
+    /* The header but its time, made once per call site and process by head_rest. */
+    key = PyTuple_Pack(6, levelname, name, PyTuple_GET_ITEM(fields, 8), PyTuple_GET_ITEM(fields, 9),
+                       PyTuple_GET_ITEM(fields, 6), PyTuple_GET_ITEM(fields, 7));
+    if (key == NULL)
+        goto done;
+    rest = PyDict_GetItemWithError(heads, key);  /* borrowed */
+    if (rest != NULL)
+        Py_INCREF(rest);
+    else if (PyErr_Occurred())
+        goto done;
+    else {
+        rest = PyObject_CallOneArg(head_rest, key);
+        if (rest == NULL)
+            goto done;
+    }
+    if (!PyUnicode_CheckExact(rest)) {
+        Py_DECREF(rest);
+        rc = 0;
+        goto done;
+    }
+
+    if (LEVEL_WARNING <= levelno && levelno < LEVEL_ERROR) {
+        int skip = PySet_Contains(not_tallied, name);
+        if (skip < 0) {
+            Py_DECREF(rest);
+            goto done;
+        }
+        if (!skip) {
+            PyObject *head = PyUnicode_Substring(text, 0, 200), *r;
+            if (head == NULL) {
+                Py_DECREF(rest);
+                goto done;
+            }
+            r = PyObject_CallOneArg(tally, head);
+            Py_DECREF(head);
+            if (r == NULL) {
+                Py_DECREF(rest);
+                goto done;
+            }
+            Py_DECREF(r);
+        }
+    }
+
+    /* Nothing can fail now but an append (memory): the record goes in whole. */
+    if (PyList_Append(full, *ms_prefix) < 0 || PyList_Append(full, rest) < 0 || PyList_Append(full, c_message) < 0
+            || PyList_Append(full, text) < 0 || PyList_Append(full, c_tail) < 0) {
+        Py_DECREF(rest);
+        goto done;
+    }
+    Py_DECREF(rest);
+    if (levelno >= simplified_level) {
+        if (PyList_Append(simp, *sec_prefix) < 0)
+            goto done;
+        if (levelno >= LEVEL_WARNING && (PyList_Append(simp, levelname) < 0 || PyList_Append(simp, c_colon) < 0))
+            goto done;
+        if (PyList_Append(simp, text) < 0 || PyList_Append(simp, c_nl) < 0)
+            goto done;
+    }
+    rc = 1;
+done:
+    Py_XDECREF(key);
+    Py_XDECREF(text);
+    return rc;
+}
+
+static PyObject *
+format_common(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *payloads, *full, *simp, *stamps, *heads, *head_rest, *tally, *fallback, *origin, *millis, *not_tallied;
+    PyObject *const *pieces;
+    PyObject *sec_prefix = NULL, *ts_text = NULL, *ms_prefix = NULL, *result = NULL;
+    long simplified_level, tag_common;
+    long long cur_sec = LLONG_MIN;
+    int cur_ms = -1;
+    Py_ssize_t i, n;
+
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "format_common takes 14 arguments");
+        return NULL;
+    }
+    payloads = args[0]; full = args[1]; simp = args[2];
+    stamps = args[4]; heads = args[5]; head_rest = args[6]; tally = args[7]; fallback = args[8];
+    origin = args[9]; millis = args[10]; not_tallied = args[11];
+    if (!PyTuple_CheckExact(args[12]) || PyTuple_GET_SIZE(args[12]) != 4) {
+        PyErr_SetString(PyExc_TypeError, "format_common: pieces must be a tuple of 4 str");
+        return NULL;
+    }
+    pieces = &PyTuple_GET_ITEM(args[12], 0);
+    for (i = 0; i < 4; i++)
+        if (!PyUnicode_CheckExact(pieces[i])) {
+            PyErr_SetString(PyExc_TypeError, "format_common: pieces must be a tuple of 4 str");
+            return NULL;
+        }
+    if (!PyList_CheckExact(payloads) || !PyList_CheckExact(full) || !PyList_CheckExact(simp) || !PyDict_CheckExact(heads)
+            || !PyList_CheckExact(millis) || PyList_GET_SIZE(millis) != 1000 || !PyAnySet_CheckExact(not_tallied)) {
+        PyErr_SetString(PyExc_TypeError, "format_common: unexpected argument types");
+        return NULL;
+    }
+    simplified_level = PyLong_AsLong(args[3]);
+    if (simplified_level == -1 && PyErr_Occurred())
+        return NULL;
+    tag_common = PyLong_AsLong(args[13]);
+    if (tag_common == -1 && PyErr_Occurred())
+        return NULL;
+
+    n = PyList_GET_SIZE(payloads);
+    for (i = 0; i < n; i++) {
+        PyObject *payload = PyList_GET_ITEM(payloads, i), *obj, *r;
+        int rc = -1;
+        Py_INCREF(payload);
+        obj = PyBytes_CheckExact(payload)
+            ? PyMarshal_ReadObjectFromString(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload)) : NULL;
+        if (obj != NULL) {
+            rc = format_one(obj, full, simp, simplified_level, stamps, &cur_sec, &sec_prefix, &ts_text, &cur_ms,
+                            &ms_prefix, heads, head_rest, tally, millis, not_tallied, pieces, tag_common);
+            Py_DECREF(obj);
+        }
+        if (rc != 1) {
+            /* Not the common case, or not well formed: the general path (as the Python loop's
+             * except clause). Only a failure of the general path itself stops the loop. */
+            PyErr_Clear();
+            r = PyObject_CallFunctionObjArgs(fallback, payload, origin, NULL);
+            if (r == NULL) {
+                Py_DECREF(payload);
+                goto out;
+            }
+            Py_DECREF(r);
+        }
+        Py_DECREF(payload);
+    }
+    result = Py_None;
+    Py_INCREF(result);
+out:
+    Py_XDECREF(sec_prefix);
+    Py_XDECREF(ts_text);
+    Py_XDECREF(ms_prefix);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"take_entries", (PyCFunction)(void (*)(void))take_entries, METH_FASTCALL,
      "take_entries(mm, header, capacity, pos, done, head, limit, out) -> (pos, done)"},
     {"adler32", (PyCFunction)py_adler32, METH_O, "Adler-32 of a buffer, as zlib.adler32(data)."},
     {"dumps", (PyCFunction)(void (*)(void))py_dumps, METH_FASTCALL,
      "dumps(obj, version) -> bytes: marshal.dumps(obj, version), the same bytes."},
+    {"format_common", (PyCFunction)(void (*)(void))format_common, METH_FASTCALL,
+     "format_common(payloads, full, simp, simplified_level, stamps, heads, head_rest, tally, fallback, origin,"
+     " millis, not_tallied, pieces, tag_common): the listener's loop over common records in the default formats."},
     {NULL, NULL, 0, NULL}
 };
 
@@ -514,6 +818,9 @@ PyInit__speedups(void)
         return NULL;
     str_write_slow = PyUnicode_InternFromString("_write_slow");
     if (str_write_slow == NULL)
+        return NULL;
+    if ((s_second = PyUnicode_InternFromString("second")) == NULL
+            || (s_isprintable = PyUnicode_InternFromString("isprintable")) == NULL)
         return NULL;
     m = PyModule_Create(&speedups_module);
     if (m == NULL)

@@ -1,5 +1,5 @@
 # Stub of the optional C module mplog/_speedups.c (see mplog/_compiled.py).
-from typing import Any, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 class RingCore:
     _head: int
@@ -17,3 +17,7 @@ def take_entries(mm: Any, header: int, capacity: int, pos: int, done: int, head:
                  out: List[bytes]) -> Tuple[int, int]: ...
 def adler32(data: Any) -> int: ...
 def dumps(obj: Any, version: int) -> bytes: ...
+def format_common(payloads: List[bytes], full: List[str], simp: List[str], simplified_level: int, stamps: Any,
+                  heads: Dict[Any, str], head_rest: Callable[[Any], str], tally: Callable[[str], None],
+                  fallback: Callable[[bytes, str], None], origin: str, millis: List[str], not_tallied: Any,
+                  pieces: Tuple[str, str, str, str], tag_common: int) -> None: ...

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import pytest
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 
@@ -203,7 +204,7 @@ def test_the_caller_leaves_the_unusual_to_flattening(case):
     assert common_payload(record) is None
 
 
-def _batch(level=logging.INFO):
+def _batch(level=logging.INFO, loop="python"):
     import types
     from mplog._listener import Batch
 
@@ -216,13 +217,21 @@ def _batch(level=logging.INFO):
 
     cfg = types.SimpleNamespace(simplified_level=level, console=None, console_colour=False, simplified_format=None,
                                 full_format=None, datefmt=None)
-    return Batch(cfg, Counts(), None)
+    batch = Batch(cfg, Counts(), None)
+    if loop == "python":
+        batch._compiled = None  # the reference loop, which an install without a compiler runs
+    elif batch._compiled is None:
+        pytest.skip("mplog._speedups is not built here (tests/test_spool.py::test_the_compiled_ring_loops_are_built "
+                    "says why)")
+    return batch
 
 
+@pytest.mark.parametrize("loop", ["python", "compiled"])
 @pytest.mark.parametrize("simplified_level", [logging.INFO, logging.ERROR])
-def test_the_listeners_hot_loop_writes_what_the_general_path_writes(simplified_level):
-    """Batch.add_payloads formats common records in one loop and hands the rest to the general
-    path (add_payload): the two give the very same bytes, warnings tally and placeholders."""
+def test_the_listeners_hot_loop_writes_what_the_general_path_writes(simplified_level, loop):
+    """Batch.add_payloads formats common records in one loop (compiled, or its Python twin) and
+    hands the rest to the general path (add_payload): they give the very same bytes, warnings
+    tally and placeholders."""
     from mplog._record import common_payload, serialize
     payloads = []
     for levelno in (10, 20, 30, 40):
@@ -236,7 +245,7 @@ def test_the_listeners_hot_loop_writes_what_the_general_path_writes(simplified_l
     extra.k = "v"
     payloads.append(serialize(extra)[0])
     assert all(payloads)
-    hot, general = _batch(simplified_level), _batch(simplified_level)
+    hot, general = _batch(simplified_level, loop), _batch(simplified_level)
     hot.add_payloads(payloads, "test")
     for payload in payloads:
         general.add_payload(payload, "test")
@@ -310,6 +319,7 @@ def test_a_record_class_with_its_own_getmessage_is_rendered_by_it(service):
 # --- the compiled marshal (mplog._speedups.dumps) ----------------------------------------------
 
 import marshal  # noqa: E402
+import re  # noqa: E402
 import math  # noqa: E402
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
@@ -374,3 +384,129 @@ def test_a_real_records_fields_marshal_the_same(monkeypatch):
     assert _record.record_dumps() is _compiled_dumps
     monkeypatch.setenv("MPLOG_PURE_PYTHON", "1")
     assert _record.record_dumps() is marshal.dumps
+
+
+# --- the listener's hot loop, compiled (mplog._speedups.format_common) and in Python ----------
+
+def _lean_payload(fields):
+    return marshal.dumps((_record.TAG_COMMON, tuple(fields)), _record.MARSHAL_VERSION)
+
+
+def _run_loop(loop, payloads, level):
+    """The texts, tallies and placeholders of one loop over payloads, and which payloads it left
+    to the general path."""
+    batch = _batch(level, loop)
+    general = []
+    add_payload = batch.add_payload
+
+    def counted(payload, origin):
+        general.append(payload)
+        add_payload(payload, origin)
+
+    batch.add_payload = counted
+    batch.add_payloads(payloads, "test")
+    full, simp, _ = batch.take_texts()
+    # A placeholder is stamped with the time it was made: the same in both runs but for that.
+    return (_PLACED.sub(b"[placed]", full), _PLACED.sub(b"[placed]", simp)), batch.warnings, batch.counters.added, general
+
+
+_PLACED = re.compile(rb"\[[0-9: .-]{19,23}\](?= \[(WARNING|ERROR)\] \[mplog\] \[:0\]| (WARNING|ERROR): <)")
+
+
+_odd = st.sampled_from([None, 0, -1, 1.5, True, "x", "", "WARNING", "a\x1bb", "ü", b"b", (), (1,), [1], {"k": 1}])
+_created = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1.7e9, 1.7e9 + 0.9999999, -0.5, 0.0, -1e-300,
+                                                                              1e19, 1700000000])
+_msgs = st.text(max_size=30) | st.sampled_from(["item %d of %s", "%(k)s", "%s", "%%", "%.3f", "bad %d", "a\nb", "é %s"])
+_args = st.none() | st.tuples() | st.tuples(_leaves) | st.tuples(_leaves, _leaves) | st.just(({"k": "v"},)) | _odd
+
+
+@st.composite
+def _lean_fields(draw):
+    """The 13 lean fields (_record.LEAN_KEYS), mostly well formed, each sometimes not."""
+    def sometimes(good):
+        return draw(st.one_of(good, _odd) if draw(st.integers(0, 5)) == 0 else good)
+    return [sometimes(_created), sometimes(st.sampled_from([5, 10, 20, 30, 35, 40, 50])),
+            sometimes(st.sampled_from(["DEBUG", "INFO", "WARNING", "ERROR", "Level 35"])),
+            sometimes(st.sampled_from(["app", "app.sub", "mplog", "stderr", "näme"])), sometimes(_msgs),
+            sometimes(_args), sometimes(st.sampled_from(["/srv/app/stage.py", "", "noslash.py", "/a/b\x07.py"])),
+            sometimes(st.integers(0, 10 ** 6)), sometimes(st.sampled_from(["MainProcess", "Fork-1", "w\tx"])),
+            sometimes(st.integers(1, 2 ** 22)), None, sometimes(st.none()), sometimes(st.none())]
+
+
+_payloads = st.lists(_lean_fields().map(_lean_payload) | st.sampled_from(
+    [b"", b"\x00 not a record", marshal.dumps((_record.TAG_COMMON, (1, 2))), marshal.dumps([3, ()]),
+     marshal.dumps((4, ())), marshal.dumps("text")]), min_size=1, max_size=12)
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_payloads, st.sampled_from([logging.DEBUG, logging.INFO, logging.ERROR]))
+def test_the_compiled_hot_loop_is_its_python_twin(payloads, level):
+    """Whatever the fields hold, the compiled loop writes the bytes, tallies and placeholders of
+    the Python loop, and leaves the very same records to the general path."""
+    assert _run_loop("compiled", payloads, level) == _run_loop("python", payloads, level)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_payloads, st.sampled_from([logging.DEBUG, logging.INFO, logging.ERROR]))
+def test_the_hot_loop_writes_what_the_general_path_writes_whatever_the_fields(payloads, level):
+    texts, warnings, added, _ = _run_loop("python", payloads, level)
+    general = _batch(level)
+    for payload in payloads:
+        general.add_payload(payload, "test")
+    full, simp, _ = general.take_texts()
+    assert (texts, warnings, added) == ((_PLACED.sub(b"[placed]", full), _PLACED.sub(b"[placed]", simp)),
+                                        general.warnings, general.counters.added)
+
+
+@pytest.mark.parametrize("loop", ["python", "compiled"])
+def test_the_hot_loop_formats_the_common_record_itself(loop):
+    """The loops must do the work, not hand it all on: a common record never reaches the
+    general path (which gives the same bytes, more slowly, so only this test would notice)."""
+    payloads = []
+    for i, (levelno, name) in enumerate([(10, "app"), (20, "app.sub"), (30, "app"), (30, "mplog"), (40, "app")]):
+        record = logging.LogRecord(name, levelno, "/srv/app/stage.py", 40 + i, "item %d of %s", (i, "é"), None)
+        record.created += i * 0.37  # another millisecond, and another second
+        payloads.append(_record.common_payload(record, lean=True))
+    texts, warnings, _, general = _run_loop(loop, payloads, logging.INFO)
+    assert general == []
+    assert texts[0].count(SEPARATOR_BYTES) == 5 and texts[1].count(b"\n") == 4
+    assert warnings == {"item 2 of \u00e9": 1}
+
+
+SEPARATOR_BYTES = b"-" * 72
+
+
+@pytest.mark.parametrize("value, shown", [(b"Traceback: boom", "b'Traceback: boom'"), (7, "7")])
+@pytest.mark.parametrize("path", ["common", "flatten"])
+def test_an_exc_text_or_stack_info_that_is_not_text_is_a_counted_placeholder(path, value, shown):
+    """A filter may set exc_text or stack_info to anything. The formatters would raise on bytes
+    or a number (hypothesis found the listener's general path did), so each becomes its repr and
+    one counted placeholder, on the caller's side and on the listener's."""
+    record = logging.LogRecord("app", logging.ERROR, "/srv/app/stage.py", 3, "failed", None, None)
+    record.exc_text = value
+    record.stack_info = value
+    if path == "common":
+        rec, failures = _record.decode(_record.common_payload(record, lean=True))
+    else:
+        fields, failures = _record.flatten(record)
+        rec = _record.Record(*fields)
+    assert (rec.exc_text, rec.stack_info, failures) == (shown, shown, 2)
+    assert rec.exc_summary == shown
+    batch = _batch()
+    batch.add_record(rec)
+    full = batch.take_texts()[0]
+    assert shown.encode() in full and b"could not be formatted" not in full
+
+
+def test_a_time_out_of_range_is_never_stamped_with_the_last_seconds_text():
+    """Timestamps caches one second's text. A created localtime() refuses must raise each time
+    (the formatter then makes a placeholder), not be cached with the previous second's text:
+    hypothesis found records stamped "[.000]" that way."""
+    from mplog._format import Timestamps
+    stamps = Timestamps()
+    assert stamps.second(1.7e9) == time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1.7e9))
+    for _ in range(2):
+        with pytest.raises((OverflowError, OSError, ValueError)):
+            stamps.second(1e19)
+    assert stamps.second(1.7e9 + 1) == time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1.7e9 + 1))
