@@ -104,6 +104,7 @@ class Batch:
         self._simp: List[str] = []
         self._cons: List[str] = []
         self._heads: Dict[Tuple[Any, ...], str] = {}  # see add_payloads
+        # _format_common's compiled twin where it was built, and not under MPLOG_PURE_PYTHON=1.
         self._compiled = _compiled.speedups.format_common if _compiled.enabled() else None
 
     def add_payloads(self, payloads: List[bytes], origin: str) -> None:
