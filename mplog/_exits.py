@@ -8,7 +8,7 @@ Data flow::
         ──▶ the listener writes what its ring still holds, and what its FIFOs still hold
         ──▶ ExitWatch.collect: an Exit (status, the process's own marks, its crash stacks,
             lifetime, last record, OOM evidence) ──▶ describe: one record, in both logs
-        ──▶ ExitWatch.mark: the slot's death word, which health() reads
+        ──▶ ExitWatch.mark: the slot's death word (_deathword), which health() reads
 
 Only a parent can wait for its child, and a nested pool's grandchildren are not the main
 process's children, so the exit status comes, in order, from:
@@ -50,6 +50,7 @@ from ._counters import (S_DEATH, S_DEATH_NS, S_LAST_NS, S_PID, S_PPID, S_START, 
                         W_FAULTS, X_CLEAN, X_CODE_KNOWN, X_CODE_SHIFT, X_UNCAUGHT, Counters)
 from ._record import TAG_TEXT, Record, deserialize, make_record
 from ._spool import process_alive
+from ._deathword import K_EXIT, K_SIGNAL, K_UNKNOWN, exit_cause, pack, start_wall, unpack  # noqa: F401 - re-exported
 
 __all__ = ["Exit", "ExitWatch", "Watched", "describe", "exit_cause", "fault_signal", "pack", "unpack",
            "OomCounter", "start_wall"]
@@ -62,24 +63,6 @@ _EXIT_CODE_AT = 8 + 8 + 4 * 11  # mask, cgroupid, 11 ids: then __s32 exit_code
 _PF_EXITING = 0x4  # /proc/<pid>/stat field 9: the process has begun to exit
 _pidfd_info_works = True  # until the kernel says it has no such ioctl
 _HAS_PIDFD = hasattr(os, "pidfd_open")
-
-try:
-    _CLK_TCK = os.sysconf("SC_CLK_TCK")
-except (ValueError, OSError, AttributeError):  # pragma: no cover
-    _CLK_TCK = 100
-
-
-def start_wall(ticks: int) -> Optional[float]:
-    """A process's start time (``/proc/<pid>/stat`` field 22: clock ticks after boot) as
-    seconds since the epoch, to 1/CLK_TCK (10 ms). Not from /proc/stat's ``btime``, which is
-    whole seconds: a worker that lived 50 ms would seem to have lived up to a second."""
-    if not ticks:
-        return None
-    try:
-        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)  # the clock starttime counts in
-    except (AttributeError, OSError):  # pragma: no cover
-        return None
-    return time.time() - (since_boot - ticks / _CLK_TCK)
 
 
 def proc_stat(pid: int) -> Optional[List[bytes]]:
@@ -273,13 +256,9 @@ def payload_summary(payload: bytes) -> Optional[Tuple[float, str]]:
 
 
 # -- one process's end ---------------------------------------------------------------------------
-K_SIGNAL, K_EXIT, K_UNKNOWN = 1, 2, 3
-
-
 class _Plain:
-    """A mutable record with a readable repr. Not a dataclass: the main process imports this
-    module (for _health), and dataclasses would bring inspect, ast and dis into it and into every
-    worker it forks (see _config)."""
+    """A mutable record with a readable repr. Not a dataclass: dataclasses bring inspect, ast and
+    dis (1 MB) into the process that imports them (see _config)."""
 
     __slots__: Tuple[str, ...] = ()
 
@@ -377,17 +356,6 @@ class Exit(_Plain):
         return exit_cause(self.kind, self.value)
 
 
-def exit_cause(kind: int, value: int) -> str:
-    if kind == K_SIGNAL:
-        try:
-            return f"{signal.Signals(value).name}(-{value})"
-        except ValueError:
-            return f"SIGNAL(-{value})"
-    if kind == K_EXIT:
-        return f"EXIT({value})"
-    return "UNKNOWN"
-
-
 _CRASH = {signal.SIGSEGV: "segmentation fault", signal.SIGABRT: "abort", signal.SIGBUS: "bus error",
           signal.SIGFPE: "arithmetic error", signal.SIGILL: "illegal instruction"}
 _STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -473,40 +441,6 @@ def describe(e: Exit) -> Tuple[Optional[int], str, Dict[str, str], Optional[str]
     if e.oom[0]:
         context["oom_kill"] = f"{e.oom[0]} ({e.oom_file or 'no cgroup file'})"
     return level, message, context, (e.fault or None)
-
-
-# -- the death word in the slot: what health() reads ---------------------------------------------
-_D_SET = 1 << 62
-_D_ABNORMAL, _D_OOM_YES, _D_OOM_NO, _D_STACKS, _D_UNCAUGHT, _D_POOL = (1 << b for b in range(10, 16))
-
-
-def pack(e: Exit) -> int:
-    word = _D_SET | (e.kind << 8) | (e.value & 0xFF)
-    if not e.normal:
-        word |= _D_ABNORMAL
-    if e.oom[0] == "confirmed":
-        word |= _D_OOM_YES
-    elif e.oom[0] == "ruled out":
-        word |= _D_OOM_NO
-    if e.fault:
-        word |= _D_STACKS
-    if e.wstate & X_UNCAUGHT:
-        word |= _D_UNCAUGHT
-    if e.pool_shutdown:
-        word |= _D_POOL
-    return word
-
-
-def unpack(word: int) -> Dict[str, object]:
-    """The death word as health reports it: ``cause``, ``abnormal``, ``oom`` (for a SIGKILL:
-    True confirmed, False ruled out, None unknown), ``stacks``, ``uncaught_exception``."""
-    kind, value = (word >> 8) & 0x3, word & 0xFF
-    out: Dict[str, object] = {"cause": exit_cause(kind, value), "abnormal": bool(word & _D_ABNORMAL)}
-    if (kind == K_SIGNAL and value == signal.SIGKILL) or kind == K_UNKNOWN:
-        out["oom"] = True if word & _D_OOM_YES else (False if word & _D_OOM_NO else None)
-    out["stacks"] = bool(word & _D_STACKS)
-    out["uncaught_exception"] = bool(word & _D_UNCAUGHT)
-    return out
 
 
 # -- the watch -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ._config import ServiceConfig
 from ._counters import S_DEATH, S_DEATH_NS, S_PID, S_START, Counters, settle_accounts
-from ._exits import start_wall, unpack
+from ._deathword import start_wall, unpack  # not _exits: the listener's, see _deathword
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._supervisor import Supervisor
