@@ -140,8 +140,12 @@ class Batch:
                     raise ValueError
                 (created, levelno, levelname, name, msg, args, pathname, lineno, pname, process, _exc_info,
                  exc_text, stack) = fields  # _record.LEAN_KEYS: the default formats
+                # Exact types: the header cache below is keyed by equality, and True == 1 == 1.0
+                # would share one text ("[stage.py:1]") where the general path writes each.
                 if (exc_text is not None or stack is not None or type(msg) is not str or type(created) is not float
-                        or type(levelno) is not int or type(levelname) is not str or type(name) is not str):
+                        or type(levelno) is not int or type(levelname) is not str or type(name) is not str
+                        or type(lineno) is not int or type(process) is not int or type(pname) is not str
+                        or type(pathname) is not str):
                     raise ValueError
                 if args:
                     msg = msg % args

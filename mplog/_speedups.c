@@ -575,8 +575,11 @@ format_one(PyObject *obj, PyObject *full, PyObject *simp, long simplified_level,
     name = PyTuple_GET_ITEM(fields, 3);
     msg = PyTuple_GET_ITEM(fields, 4);
     args = PyTuple_GET_ITEM(fields, 5);
+    /* Exact types, the header's fields too: the header cache is keyed by equality (True == 1). */
     if (!PyFloat_CheckExact(createdo) || !PyLong_CheckExact(levelnoo) || !PyUnicode_CheckExact(levelname)
             || !PyUnicode_CheckExact(name) || !PyUnicode_CheckExact(msg)
+            || !PyUnicode_CheckExact(PyTuple_GET_ITEM(fields, 6)) || !PyLong_CheckExact(PyTuple_GET_ITEM(fields, 7))
+            || !PyUnicode_CheckExact(PyTuple_GET_ITEM(fields, 8)) || !PyLong_CheckExact(PyTuple_GET_ITEM(fields, 9))
             || PyTuple_GET_ITEM(fields, 11) != Py_None || PyTuple_GET_ITEM(fields, 12) != Py_None)
         return 0;
     levelno = PyLong_AsLong(levelnoo);

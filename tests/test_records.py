@@ -510,3 +510,24 @@ def test_a_time_out_of_range_is_never_stamped_with_the_last_seconds_text():
         with pytest.raises((OverflowError, OSError, ValueError)):
             stamps.second(1e19)
     assert stamps.second(1.7e9 + 1) == time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1.7e9 + 1))
+
+
+@pytest.mark.parametrize("loop", ["python", "compiled"])
+@pytest.mark.parametrize("field, plain, odd", [(7, 40, True), (7, 1, True), (9, 1, True), (9, 2, 2.0),
+                                                (8, 1, True), (6, "/a/b.py", b"/a/b.py")])
+def test_a_header_cache_hit_is_the_same_text(loop, field, plain, odd):
+    """The hot loop caches a header by its fields. A field equal to another of a different type
+    (True == 1, 2.0 == 2) must not be given the other's cached text: the general path writes
+    ``[b.py:True]``, so must the loop."""
+    def payload(value):
+        fields = [1.7e9 + 0.25, 20, "INFO", "app", "done %s", ("x",), "/srv/app/stage.py", 40, "MainProcess", 1234,
+                  None, None, None]
+        fields[field] = value
+        return _lean_payload(fields)
+    payloads = [payload(plain), payload(odd), payload(plain)]
+    texts, warnings, added, _ = _run_loop(loop, payloads, logging.INFO)
+    general = _batch(logging.INFO)
+    for p in payloads:
+        general.add_payload(p, "test")
+    full, simp, _ = general.take_texts()
+    assert texts == (_PLACED.sub(b"[placed]", full), _PLACED.sub(b"[placed]", simp))
