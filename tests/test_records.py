@@ -499,6 +499,25 @@ def test_an_exc_text_or_stack_info_that_is_not_text_is_a_counted_placeholder(pat
     assert shown.encode() in full and b"could not be formatted" not in full
 
 
+def test_a_record_no_formatter_takes_does_not_stop_the_listener(service, ctx):
+    """A worker's filter sets exc_text to bytes and stack_info to a number. Before the fix the
+    listener's general path raised on that record, the listener died, and each new listener died
+    on the same uncommitted batch: six restarts in ten seconds and nothing written after it. Now
+    the record is written with a counted placeholder, and so is the next."""
+    import workers
+    svc = service()
+    p = ctx.Process(target=workers.log_not_text, args=(svc.worker_config, "w"))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    assert svc.flush(30)
+    health = svc.health()
+    assert health["restarts"] == 0 and health["records"]["replaced"] >= 2, health
+    blocks = {b["message"]: b for b in app_blocks(svc.full_path)}
+    assert set(blocks) == {"w poisoned", "w after"}
+    assert "b'Traceback: boom'" in svc.full_path.read_text()
+
+
 def test_a_time_out_of_range_is_never_stamped_with_the_last_seconds_text():
     """Timestamps caches one second's text. A created localtime() refuses must raise each time
     (the formatter then makes a placeholder), not be cached with the previous second's text:

@@ -388,3 +388,21 @@ def join_cgroup_then_exhaust_memory(config: Any, cgroup_procs: str) -> None:
     while True:
         hog.append(b"x" * (16 << 20))  # written, so every page is really used
 
+
+
+class _NotText(logging.Filter):
+    """A filter that sets exc_text and stack_info to what no formatter takes (bytes, a number)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_text = b"Traceback: boom"  # type: ignore[assignment]
+        record.stack_info = 7  # type: ignore[assignment]
+        return True
+
+
+def log_not_text(config: Any, tag: str) -> None:
+    """One record whose exc_text and stack_info are not text, then a plain one."""
+    mplog.worker_init(config)
+    bad = logging.getLogger("t.nottext")
+    bad.addFilter(_NotText())
+    bad.error("%s poisoned", tag)
+    logging.getLogger("t.plain").info("%s after", tag)
