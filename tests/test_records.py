@@ -550,3 +550,25 @@ def test_a_header_cache_hit_is_the_same_text(loop, field, plain, odd):
         general.add_payload(p, "test")
     full, simp, _ = general.take_texts()
     assert texts == (_PLACED.sub(b"[placed]", full), _PLACED.sub(b"[placed]", simp))
+
+
+@pytest.mark.parametrize("loop", ["python", "compiled"])
+def test_a_record_the_general_path_fails_on_costs_that_record_only(loop, monkeypatch):
+    """Whatever goes wrong decoding one record (a bug of ours, as the bytes exc_text was) is a
+    counted placeholder: the loop goes on, and the records around it are written."""
+    from mplog import _listener
+    good = [_record.common_payload(logging.LogRecord("app", logging.INFO, "/a/b.py", 1, f"ok {i}", None, None),
+                                   lean=True) for i in range(2)]
+    poison = _lean_payload([1.7e9, 20, "INFO", "app", "poison", None, "/a/b.py", 1, "MainProcess", 1, None, "x", None])
+    real = _listener.decode
+
+    def decode(payload):
+        if payload == poison:
+            raise RuntimeError("a bug")
+        return real(payload)
+
+    monkeypatch.setattr(_listener, "decode", decode)
+    (full, simp), _, added, general = _run_loop(loop, [good[0], poison, good[1]], logging.INFO)
+    assert general == [poison] and added == 1
+    assert b"<record from test could not be decoded: RuntimeError>" in full
+    assert simp.count(b"ok ") == 2 and b"poison" not in full
