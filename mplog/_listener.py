@@ -183,19 +183,7 @@ class Batch:
         return rest
 
     def add_payload(self, payload: bytes, origin: str) -> None:
-        """The general path: any record, decoded and formatted, or a counted placeholder. It
-        never raises: the batch is committed only once written, so a record that made the
-        listener fail would fail every listener the supervisor starts after it (a filter that set
-        exc_text to bytes did so, before _record.common_record handled it)."""
-        try:
-            self._add_payload(payload, origin)
-        except Exception as exc:  # noqa: BLE001 - one record, never the listener
-            self.counters.add("replaced_listener")
-            self._full.append(self.full.format(make_record(
-                time.time(), logging.ERROR, "mplog",
-                f"<record from {origin} could not be decoded: {type(exc).__name__}>")))
-
-    def _add_payload(self, payload: bytes, origin: str) -> None:
+        """The general path: any record, decoded and formatted, or a counted placeholder."""
         if payload[:1] == b"\x02":  # formatted by a process of an earlier mplog (a recovered spool)
             try:
                 self.add_text(decode_formatted(payload))
@@ -208,6 +196,12 @@ class Batch:
         except ValueError as exc:
             failures = 1
             rec = make_record(time.time(), logging.WARNING, "mplog", f"<undecodable record from {origin}: {exc}>")
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: one record, never the listener
+            # The batch is committed only once written, so a record that made the listener fail
+            # would fail every listener the supervisor starts after it (a bytes exc_text did).
+            failures = 1
+            rec = make_record(time.time(), logging.ERROR, "mplog",
+                              f"<record from {origin} could not be decoded: {type(exc).__name__}>")
         if failures:
             self.counters.add("replaced_listener", failures)
         if rec[0] == TEXT_VERSION:
