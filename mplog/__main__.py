@@ -15,7 +15,7 @@ EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_NO_SERVICE = 0, 1, 2
 
 def health_command(directory: str, name: str, max_age: float) -> int:
     """Print the service's health as JSON. 0 healthy; 1 degraded, down or stale; 2 none there."""
-    from ._supervisor import read_health_file, same_process
+    from ._supervisor import kernel_status, read_health_file, same_process
 
     path = Path(directory) / f"{name}.health.json"
     try:
@@ -38,6 +38,13 @@ def health_command(directory: str, name: str, max_age: float) -> int:
         if isinstance(listener, dict):
             listener["alive"] = same_process(listener.get("pid"), listener.get("create_time"))
     else:
+        listener = report.get("listener")
+        if isinstance(listener, dict) and listener.get("status") == "unresponsive":
+            # The service reports what the listener publishes of itself; the kernel can say why
+            # it stopped publishing (stopped, disk-sleep on a stalled file system...).
+            why = kernel_status(listener.get("pid"), listener.get("create_time"))
+            if why:
+                listener["status"] = f"unresponsive ({why})"
         age = time.time() - float(service.get("updated") or 0)
         if report.get("status") == "healthy" and age > max_age:
             report["status"] = "degraded"

@@ -32,6 +32,8 @@ FIELDS = (
     "final_lost", "final_set",
     # the supervisor's restarts whose notice a listener has written (see _supervisor._spawn)
     "restarts_noted",
+    # the listener's own vitals for health, sampled with psutil once a second (see _listener.Vitals)
+    "vital_pid", "vital_ns", "vital_cpu_centi", "vital_rss", "vital_fds", "vital_create_us", "main_create_us",
 )
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 assert len(FIELDS) <= 96

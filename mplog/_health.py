@@ -3,7 +3,7 @@
 ``Health.report(supervisor)`` is what ``LogService.health()`` returns, what the supervisor writes
 to ``<name>.health.json`` every ``health_interval`` seconds, and (``final=True``) the report that
 ``stop()`` returns. It reads; it never changes the service. The main process is the only one
-that imports it (it uses psutil through the supervisor).
+that imports it; what psutil says of the listener comes from the listener (``_listener.Vitals``).
 """
 
 from __future__ import annotations
@@ -66,13 +66,17 @@ def down_report(config: ServiceConfig) -> Dict[str, Any]:
 
 
 class Health:
-    def __init__(self, config: ServiceConfig, counters: Counters, runtime: str, ring_bytes: int,
-                 main_create_time: Optional[float]) -> None:
+    def __init__(self, config: ServiceConfig, counters: Counters, runtime: str, ring_bytes: int) -> None:
         self.config = config
         self.counters = counters
         self.runtime = runtime
         self.ring_bytes = ring_bytes
-        self.main_create_time = main_create_time
+
+    @property
+    def main_create_time(self) -> Optional[float]:
+        """This process's create_time as psutil tells it, which the listener looked up for us."""
+        us = self.counters.get("main_create_us")
+        return us / 1e6 if us else None
 
     def spool_usage(self) -> Dict[str, int]:
         """Rings and the memory their touched pages take (st_blocks: what tmpfs holds)."""
@@ -115,7 +119,8 @@ class Health:
         stalled = (not final) and supervisor.progress_stalled(written, in_spool)
         if final or supervisor.state == "stopped":
             status = "down"
-        elif supervisor.degraded or stalled or not listener["alive"] or snap["error_ns"]:
+        elif (supervisor.degraded or stalled or not listener["alive"] or listener["status"] == "unresponsive"
+              or snap["error_ns"]):
             status = "degraded"
         else:
             status = "healthy"
@@ -162,6 +167,8 @@ class Health:
         if snap["error_ns"]:
             report["last_error"] = {"message": self.counters.get_text(), "time": snap["error_ns"] / 1e9}
             report["reason"] = report["last_error"]["message"]
+        if listener["status"] == "unresponsive":
+            report["reason"] = f"the listener has not answered for {listener['sample_age_s']:.0f} s"
         if stalled:
             report["reason"] = "records are waiting and none was written for 2 s"
         return report

@@ -261,6 +261,52 @@ class Batch:
         return full, simp, cons
 
 
+class Vitals:
+    """The listener's own figures for health, sampled with psutil about once a second and
+    published in the shared counters, where the supervisor reads them.
+
+    The main process does not import psutil: a forked worker maps whatever its parent had, and
+    psutil was 1.0 MB of every one. A listener that stops sampling (stopped, or stuck in a write
+    to a stalled file system) is what health calls unresponsive; the CLI, a process of its own,
+    asks psutil what the kernel says of it.
+    """
+
+    EVERY = 1.0
+
+    def __init__(self, counters: Counters, parent_pid: int) -> None:
+        import psutil  # the listener's only use of it, on its main thread before any other starts
+        self.counters = counters
+        self.psutil = psutil
+        self.ps = psutil.Process()
+        self.ps.cpu_percent(None)  # the first reading is meaningless: take and discard it
+        self.last = 0.0
+        c = counters
+        c.set("vital_create_us", int(self.ps.create_time() * 1e6))
+        try:  # the service's identity in its health file (pid + create_time), read by the CLI
+            c.set("main_create_us", int(psutil.Process(parent_pid).create_time() * 1e6))
+        except psutil.Error:
+            pass
+        self.sample(time.monotonic())
+
+    def sample(self, now: float) -> None:
+        if now - self.last < self.EVERY:
+            return
+        self.last = now
+        c = self.counters
+        try:
+            with self.ps.oneshot():
+                cpu = self.ps.cpu_percent(None)
+                rss = self.ps.memory_info().rss
+                fds = self.ps.num_fds() if hasattr(self.ps, "num_fds") else -1
+        except (self.psutil.Error, OSError):  # out of fds, /proc unreadable: the sample is stale
+            return
+        c.set("vital_cpu_centi", int(cpu * 100))
+        c.set("vital_rss", rss)
+        c.set("vital_fds", fds)
+        c.set("vital_pid", os.getpid())
+        c.set("vital_ns", time.time_ns())  # last: it dates the figures above
+
+
 class Listener:
     def __init__(self, cfg: ListenerConfig) -> None:
         self.cfg = cfg
@@ -296,6 +342,7 @@ class Listener:
         self.stopping = False
         self.stop_deadline = 0.0
         self.terminated = 0.0  # when SIGTERM came (0: it did not)
+        self.vitals: Optional[Vitals] = None
 
     # -- errors and notices --------------------------------------------------------------
     def _error(self, text: str) -> None:
@@ -344,6 +391,8 @@ class Listener:
                 self.watch.stamp(index, ring.last)
         self.intake.retire(keep=self.watch.by_slot)
         self.publish_syslog()
+        if self.vitals is not None:
+            self.vitals.sample(time.monotonic())
 
     # -- how processes end -----------------------------------------------------------------
     def on_exits(self, events: List[Tuple[int, int]]) -> None:
@@ -602,6 +651,8 @@ class Listener:
             poller.register(parent_fd, select.POLLIN)
         except (AttributeError, OSError):
             parent_fd = -1
+        # Before the reply: the service writes its first health file as soon as we are up.
+        self.vitals = Vitals(c, parent)
         self._reply()  # tell the supervisor we are up
         # While records are flowing, pause between batches *without* waiting on anything the
         # writers touch: they only copy into their rings, and nobody pays for a wake-up. The

@@ -145,6 +145,18 @@ def _pool_worker_kind(cmdline: List[str]) -> Optional[str]:
     return None
 
 
+def _has_children() -> bool:
+    """Whether this process has a child, without reaping one: the cheap question that spares
+    psutil (1.0 MB in the main process, and so in every forked worker) when it has none."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    except (AttributeError, OSError):  # no waitid here: ask psutil
+        pass
+    return True
+
+
 def _uncaptured_workers(capture_dir: str) -> List[Tuple[int, str]]:
     """This process's pool workers (spawn children, loky workers, at any depth) that were not
     started under a capture of this process: nothing routes their records to a service."""
@@ -266,9 +278,9 @@ class LogService:
         self._saved_root: Optional[tuple] = None
         self._tokens = itertools.count(1)
         self._flush_lock = threading.Lock()
-        self._ps_main: Any = None
         self._saved_signals: list = []
         self._capture_dir: Optional[str] = None
+        self._strays_possible = False
         self._hooks: Optional[ExceptionHooks] = None
 
     # -- paths and configs -----------------------------------------------------------------
@@ -351,6 +363,9 @@ class LogService:
 
     def _start_in(self, runtime: str, leftovers: Tuple[str, ...]) -> None:
         cfg = self.config
+        # Pool workers started before the service are children already; asked before the
+        # listener, our own child, is one.
+        self._strays_possible = self._will_capture() and _has_children()
         fifo = os.path.join(runtime, "fifo")
         counters_path = os.path.join(runtime, "counters")
         os.mkfifo(fifo, 0o600)
@@ -379,12 +394,7 @@ class LogService:
             backup_count=cfg.backup_count, compress=cfg.compress, syslog=cfg.syslog, syslog_level=cfg.syslog_level,
             recover=leftovers, follow_symlinks=private_directory(cfg.directory),
             capture_dir=capture_dir() if self._will_capture() else None)
-        try:
-            import psutil
-            self._ps_main = psutil.Process()
-        except Exception:
-            self._ps_main = None
-        self._health = Health(cfg, self._counters, runtime, self._ring_bytes, self._main_create_time())
+        self._health = Health(cfg, self._counters, runtime, self._ring_bytes)
         self._supervisor = Supervisor(cfg, self._counters, listener, self._health)
         self._supervisor.start()
         self._writer = FifoWriter(fifo)
@@ -428,7 +438,7 @@ class LogService:
             self._notice(f"pool workers made without mplog's initializer will not log here: the capture "
                          f"directory cannot be written ({exc})")
             return
-        strays = _uncaptured_workers(self._capture_dir)
+        strays = _uncaptured_workers(self._capture_dir) if self._strays_possible else []
         if strays:
             shown = ", ".join(f"{pid} ({kind})" for pid, kind in strays[:10])
             more = f" and {len(strays) - 10} more" if len(strays) > 10 else ""
@@ -620,12 +630,6 @@ class LogService:
         if self._supervisor is None or self._health is None:
             return down_report(self.config)
         return self._health.report(self._supervisor)
-
-    def _main_create_time(self) -> Optional[float]:
-        try:
-            return self._ps_main.create_time() if self._ps_main is not None else None
-        except Exception:
-            return None
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else ("running" if self._started else "new")

@@ -13,9 +13,10 @@ state to *degraded* while restarts go on at the longest backoff. Records wait in
 the while; nothing is diverted while it has room.
 
 It watches the listener through a process sentinel (a pidfd on Linux, else a lifeline pipe the
-listener holds), never by polling ``is_alive``. It is the only code that imports psutil, and it
-never logs through the queue it serves: its notices reach the files through the listener, which
-writes them itself.
+listener holds), never by polling ``is_alive``. It does not import psutil: the listener samples
+itself and publishes the figures in the shared counters (see ``_listener.Vitals``), so that a
+forked worker does not map psutil with the rest of its parent. It never logs through the queue
+it serves: its notices reach the files through the listener, which writes them itself.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ import time
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional
 
-import psutil
-
 from ._config import ListenerConfig, ServiceConfig
 from ._capture import clean_environ
 from ._console import emit
@@ -43,6 +42,9 @@ from ._counters import STATE_DEGRADED, STATE_RUNNING, STATE_STOPPED, Counters
 __all__ = ["RestartPolicy", "Supervisor", "exit_name", "read_health_file"]
 
 _STARTUP_TIMEOUT = 30.0  # a cold interpreter on a loaded 2-core CI machine can be slow
+# The listener samples itself once a second, from its loop: a sample older than this means the
+# loop is stuck (a stalled file system, SIGSTOP) or starved of the CPU for that long.
+UNRESPONSIVE_AFTER = 5.0
 
 
 def exit_name(returncode: Optional[int]) -> str:
@@ -102,7 +104,7 @@ class RestartPolicy:
 
 
 class _Process:
-    """A started listener: its Popen, a sentinel, and its identity (pid + create_time)."""
+    """A started listener: its Popen and a sentinel."""
 
     def __init__(self, popen: "subprocess.Popen[bytes]", lifeline: int, written: int) -> None:
         self.popen = popen
@@ -118,11 +120,13 @@ class _Process:
         except (AttributeError, OSError):
             pass
         self.lifeline = lifeline
+
+    def exited(self) -> bool:
+        """The sentinel fired (the pid is not reaped here: that is ``_on_exit``'s)."""
         try:
-            self.ps: Optional[psutil.Process] = psutil.Process(self.pid)  # records create_time
-            self.ps.cpu_percent(None)  # the first sample is meaningless: take and discard it
-        except psutil.Error:
-            self.ps = None
+            return bool(select.select([self.sentinel], [], [], 0)[0])
+        except (OSError, ValueError):  # closed: _on_exit has been
+            return True
 
     def close(self) -> None:
         for fd in (self._pidfd, self.lifeline):
@@ -163,7 +167,6 @@ class Supervisor:
         self._thread: Optional[threading.Thread] = None
         self._degraded = False
         self._progress = (0, time.monotonic())  # (written, when it last moved)
-        self._health_lock = threading.Lock()
         self._next_health = 0.0
 
     # -- the listener process ------------------------------------------------------------
@@ -473,37 +476,33 @@ class Supervisor:
 
     # -- health --------------------------------------------------------------------------
     def listener_info(self) -> Dict[str, Any]:
-        proc = self.proc
+        """The listener as health reports it: our view of the process (pid, uptime, whether it
+        exited) and the vitals it published of itself (see ``_listener.Vitals``)."""
         info: Dict[str, Any] = {"pid": None, "alive": False, "status": "absent", "cpu_percent": None,
                                 "rss_bytes": None, "num_fds": None, "uptime_s": None}
-        if proc is None:
+        with self._lock:  # _on_exit closes the sentinel under it
+            proc = self.proc
+            if proc is None:
+                return info
+            info["pid"] = proc.pid
+            info["uptime_s"] = round(time.monotonic() - proc.started, 3)
+            if proc.exited():
+                info["status"] = "exited"
+                return info
+        info["alive"] = True
+        c = self.counters
+        sampled = c.get("vital_ns")
+        if c.get("vital_pid") != proc.pid or not sampled:  # its first sample comes before it is ready
+            info["status"] = "starting"
             return info
-        info["pid"] = proc.pid
-        info["uptime_s"] = round(time.monotonic() - proc.started, 3)
-        ps = proc.ps
-        if ps is None:
-            info["status"] = "unknown"
-            return info
-        try:
-            with self._health_lock, ps.oneshot():
-                # is_running() compares create_time: a reused pid is not our listener.
-                if not ps.is_running():
-                    info["status"] = "gone"
-                    return info
-                status = ps.status()
-                info["status"] = str(getattr(status, "value", status))
-                info["alive"] = status != psutil.STATUS_ZOMBIE
-                info["cpu_percent"] = ps.cpu_percent(None)
-                info["create_time"] = ps.create_time()
-                info["rss_bytes"] = ps.memory_info().rss
-                info["num_fds"] = ps.num_fds() if hasattr(ps, "num_fds") else None
-        except psutil.ZombieProcess:
-            info["status"] = "zombie"
-        except psutil.NoSuchProcess:
-            info["status"] = "gone"
-        except psutil.AccessDenied:
-            info["status"] = "access denied"
-            info["alive"] = True
+        age = max(0.0, time.time() - sampled / 1e9)
+        info["status"] = "running" if age < UNRESPONSIVE_AFTER else "unresponsive"
+        info["cpu_percent"] = c.get("vital_cpu_centi") / 100
+        info["rss_bytes"] = c.get("vital_rss")
+        fds = c.get("vital_fds")
+        info["num_fds"] = fds if fds >= 0 else None
+        info["create_time"] = c.get("vital_create_us") / 1e6
+        info["sample_age_s"] = round(age, 3)
         return info
 
     def progress_stalled(self, written: int, waiting: int) -> bool:
@@ -554,8 +553,21 @@ def same_process(pid: Any, create_time: Any) -> bool:
     """A pid is a process only together with its create_time (pids are reused)."""
     if not isinstance(pid, int) or not isinstance(create_time, (int, float)):
         return False
+    import psutil  # the CLI's, a process of its own (never the service's)
     try:
         return abs(psutil.Process(pid).create_time() - create_time) < 0.01
     except psutil.Error:
         return False
 
+
+def kernel_status(pid: Any, create_time: Any) -> Optional[str]:
+    """What the kernel says of a process (``stopped``, ``disk-sleep``...), if it is still the
+    one that ``pid`` and ``create_time`` name; for the CLI, of a listener that stopped answering."""
+    if not same_process(pid, create_time):
+        return None
+    import psutil
+    try:
+        status = psutil.Process(pid).status()
+    except psutil.Error:
+        return None
+    return str(getattr(status, "value", status))

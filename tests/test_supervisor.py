@@ -279,7 +279,9 @@ def test_health_fields_and_json(service):
     for key in ("pid", "alive", "status", "cpu_percent", "rss_bytes", "num_fds", "uptime_s"):
         assert key in h["listener"]
     listener = psutil.Process(h["listener"]["pid"])
-    assert h["listener"]["alive"] and h["listener"]["num_fds"] == listener.num_fds()
+    # The listener samples itself once a second; the service attached its ring and pidfd since.
+    wait_for(lambda: svc.health()["listener"]["num_fds"] == listener.num_fds(), what="a sample with every fd")
+    assert h["listener"]["alive"]
     assert h["listener"]["rss_bytes"] > 1_000_000
     assert set(h["records"]) >= {"sent", "written", "dropped", "lost"}
     assert h["records"]["sent"] == h["records"]["written"] == 1
@@ -288,6 +290,87 @@ def test_health_fields_and_json(service):
     assert h["files"]["simplified"]["path"] == str(svc.simplified_path)
     assert 0 <= h["last_write_age_s"] < 60
     assert h["restarts"] == 0 and h["last_exit"] is None
+
+
+VITALS = """
+import json, logging, multiprocessing, os, sys, time
+import mplog, workers
+
+def main():
+    svc = mplog.LogService(sys.argv[1], name="v")
+    svc.start()
+    first = json.loads(svc.health_path.read_text())["service"]["updated"]
+    with multiprocessing.get_context(sys.argv[2]).Pool(2, **svc.pool_kwargs()) as pool:
+        in_workers = pool.map(workers.modules_loaded, [("psutil",)] * 2)
+    assert svc.flush(30)
+    deadline = time.monotonic() + 30
+    while json.loads(svc.health_path.read_text())["service"]["updated"] <= first:  # a periodic write
+        assert time.monotonic() < deadline, "the health file was not refreshed"
+        time.sleep(0.01)
+    print(json.dumps({"main": "psutil" in sys.modules, "workers": in_workers, "health": svc.health(),
+                      "file": json.loads(svc.health_path.read_text())}), flush=True)
+    sys.stdin.read()
+    svc.stop()
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_health_has_the_listeners_vitals_and_psutil_stays_out_of_the_main_process(tmp_path, ctx):
+    """A forked worker maps whatever its parent had, and psutil was 1.0 MB of each: the listener
+    samples itself with psutil and publishes the figures in the shared counters, so neither the
+    main process (health reports, the periodic health file) nor its workers import psutil."""
+    script = tmp_path / "app.py"
+    script.write_text(VITALS)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(workers.__file__),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "logs"), ctx.get_start_method()],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        out = json.loads(p.stdout.readline())
+        assert out["main"] is False and out["workers"] == [[], []], out
+        for report in (out["health"], out["file"]):
+            listener = report["listener"]
+            ps = psutil.Process(listener["pid"])
+            assert listener["alive"] and listener["status"] == "running", listener
+            assert abs(listener["create_time"] - ps.create_time()) < 0.01
+            assert abs(report["service"]["create_time"] - psutil.Process(p.pid).create_time()) < 0.01
+            assert listener["rss_bytes"] > 1_000_000 and listener["num_fds"] > 3
+            assert isinstance(listener["cpu_percent"], float) and listener["cpu_percent"] >= 0
+            assert 0 <= listener["sample_age_s"] < 5
+    finally:
+        p.stdin.close()
+        try:
+            p.wait(60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+            p.stdout.close()
+    assert p.returncode == 0
+
+
+def test_an_unresponsive_listener_is_named_in_health_and_by_the_cli(service):
+    """SIGSTOP stands in for a listener stuck in a stalled write: its self-sample goes stale,
+    health says so (degraded, with the sample's age), and the CLI, which may import psutil, adds
+    the kernel's word for it."""
+    svc = service()
+    listener = _listener_pid(svc)
+    os.kill(listener, signal.SIGSTOP)
+    try:
+        h = wait_for(lambda: (lambda h: h if h["listener"]["status"] == "unresponsive" else None)(svc.health()),
+                     timeout=30, what="a stale sample")
+        assert h["listener"]["alive"] and h["listener"]["sample_age_s"] >= 5
+        assert h["status"] == "degraded" and "not answered" in h["reason"], h
+        svc._supervisor.write_health_file()
+        res = _cli(svc.config.directory)
+        assert res.returncode == 1
+        assert json.loads(res.stdout)["listener"]["status"] == "unresponsive (stopped)", res.stdout
+    finally:
+        os.kill(listener, signal.SIGCONT)
+    wait_for(lambda: svc.health()["listener"]["status"] == "running", timeout=30, what="a fresh sample")
+    assert svc.health()["status"] == "healthy"
 
 
 def _cli(directory, *args):

@@ -406,3 +406,10 @@ def log_not_text(config: Any, tag: str) -> None:
     bad.addFilter(_NotText())
     bad.error("%s poisoned", tag)
     logging.getLogger("t.plain").info("%s after", tag)
+
+
+def modules_loaded(names: tuple) -> list:
+    """Log one record, then say which of ``names`` this process has imported."""
+    import sys
+    logging.getLogger("t.modules").info("modules from %d", os.getpid())
+    return sorted(set(names) & set(sys.modules))
