@@ -527,10 +527,14 @@ class Listener:
     def drain(self, deadline: float) -> bool:
         """Write everything the spool holds now (by ``deadline``). True if it is all written."""
         self.refresh()
-        while time.monotonic() < deadline:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return not self.intake.has_backlog()
+            if self.vitals is not None:  # a long drain (a flush of a deep spool) is no silence
+                self.vitals.sample(now)
             if not self.pump():
                 return not self.intake.has_backlog()
-        return not self.intake.has_backlog()
 
     # -- control -------------------------------------------------------------------------
     def read_control(self, fd: int) -> None:
