@@ -497,11 +497,12 @@ class Supervisor:
             return info
         age = max(0.0, time.time() - sampled / 1e9)
         info["status"] = "running" if age < UNRESPONSIVE_AFTER else "unresponsive"
-        info["cpu_percent"] = c.get("vital_cpu_centi") / 100
-        info["rss_bytes"] = c.get("vital_rss")
-        fds = c.get("vital_fds")
+        # -1: the listener could not measure it (see Vitals); 0: not known yet.
+        cpu, rss, fds, created = (c.get(k) for k in ("vital_cpu_centi", "vital_rss", "vital_fds", "vital_create_us"))
+        info["cpu_percent"] = cpu / 100 if cpu >= 0 else None
+        info["rss_bytes"] = rss if rss >= 0 else None
         info["num_fds"] = fds if fds >= 0 else None
-        info["create_time"] = c.get("vital_create_us") / 1e6
+        info["create_time"] = created / 1e6 if created > 0 else None
         info["sample_age_s"] = round(age, 3)
         return info
 

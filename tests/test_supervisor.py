@@ -351,6 +351,36 @@ def test_health_has_the_listeners_vitals_and_psutil_stays_out_of_the_main_proces
     assert p.returncode == 0
 
 
+def test_a_listener_that_cannot_import_psutil_still_runs_and_answers(tmp_path):
+    """Vitals must never stop the listener: where psutil cannot be imported (here a module that
+    shadows it and raises), records are written, the listener's samples still say it runs, and
+    the figures psutil would have given are None. The main process never tries."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "psutil.py").write_text("raise ImportError('psutil is broken here')\n")
+    script = textwrap.dedent(f"""
+        import json, logging, sys, time
+        import mplog
+        with mplog.LogService({str(tmp_path / "logs")!r}, name="np") as svc:
+            logging.getLogger("t").info("without psutil")
+            assert svc.flush(30)
+            deadline = time.monotonic() + 30
+            while svc.health()["listener"]["status"] != "running":
+                assert time.monotonic() < deadline, svc.health()
+                time.sleep(0.01)
+            print(json.dumps(svc.health()))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(fake))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out
+    h = json.loads(out.stdout)
+    assert h["status"] == "healthy" and h["records"]["written"] == 1, h
+    assert h["listener"]["alive"] and h["listener"]["sample_age_s"] < 5
+    assert (h["listener"]["rss_bytes"], h["listener"]["num_fds"], h["listener"]["cpu_percent"]) == (None, None, None)
+    assert h["service"]["create_time"] is None
+    assert "without psutil" in (tmp_path / "logs" / "np.log").read_text()
+
+
 def test_an_unresponsive_listener_is_named_in_health_and_by_the_cli(service):
     """SIGSTOP stands in for a listener stuck in a stalled write: its self-sample goes stale,
     health says so (degraded, with the sample's age), and the CLI, which may import psutil, adds
