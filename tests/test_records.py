@@ -553,6 +553,31 @@ def test_a_header_cache_hit_is_the_same_text(loop, field, plain, odd):
 
 
 @pytest.mark.parametrize("loop", ["python", "compiled"])
+def test_a_record_that_differs_from_the_one_before_in_one_header_field_gets_its_own_header(loop):
+    """The compiled loop reuses the previous record's header while its six fields are equal. A
+    record that differs in any one of them (each run twice, then the first again) is written
+    with its own header, as the general path writes it, and none takes the general path."""
+    base = [1.7e9 + 0.25, 20, "INFO", "app", "done %d", (1,), "/srv/app/a.py", 10, "MainProcess", 100,
+            None, None, None]
+    variants = [{}, {1: 30, 2: "WARNING"}, {3: "app.sub"}, {8: "Fork-1"}, {9: 101}, {6: "/srv/app/b.py"}, {7: 11}]
+    payloads = []
+    for change in variants:
+        fields = list(base)
+        for index, value in change.items():
+            fields[index] = value
+        payloads += [_lean_payload(fields)] * 2 + [_lean_payload(base)]
+    texts, _, _, taken_by_general = _run_loop(loop, payloads, logging.DEBUG)
+    general = _batch(logging.DEBUG)
+    for p in payloads:
+        general.add_payload(p, "test")
+    full, simp, _ = general.take_texts()
+    assert texts == (_PLACED.sub(b"[placed]", full), _PLACED.sub(b"[placed]", simp))
+    assert taken_by_general == []
+    headers = [line.split(b"] ", 1)[1] for line in texts[0].split(b"\n") if line.startswith(b"[20")]
+    assert len(headers) == len(payloads) and len(set(headers)) == len(variants)
+
+
+@pytest.mark.parametrize("loop", ["python", "compiled"])
 def test_a_record_the_general_path_fails_on_costs_that_record_only(loop, monkeypatch):
     """Whatever goes wrong decoding one record (a bug of ours, as the bytes exc_text was) is a
     counted placeholder: the loop goes on, and the records around it are written."""
