@@ -413,6 +413,16 @@ def _run_loop(loop, payloads, level):
 _PLACED = re.compile(rb"\[[0-9: .-]{19,23}\](?= \[(WARNING|ERROR)\] \[mplog\] \[:0\]| (WARNING|ERROR): <)")
 
 
+def _general_path(payloads, level):
+    """The texts, tallies and placeholders the general path (add_payload) gives payloads, as
+    _run_loop gives them."""
+    general = _batch(level)
+    for payload in payloads:
+        general.add_payload(payload, "test")
+    full, simp, _ = general.take_texts()
+    return (_PLACED.sub(b"[placed]", full), _PLACED.sub(b"[placed]", simp)), general.warnings, general.counters.added
+
+
 _odd = st.sampled_from([None, 0, -1, 1.5, True, "x", "", "WARNING", "a\x1bb", "ü", b"b", (), (1,), [1], {"k": 1}])
 _created = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1.7e9, 1.7e9 + 0.9999999, -0.5, 0.0, -1e-300,
                                                                               1e19, 1700000000])
@@ -451,12 +461,7 @@ def test_the_compiled_hot_loop_is_its_python_twin(payloads, level):
 @given(_payloads, st.sampled_from([logging.DEBUG, logging.INFO, logging.ERROR]))
 def test_the_hot_loop_writes_what_the_general_path_writes_whatever_the_fields(payloads, level):
     texts, warnings, added, _ = _run_loop("python", payloads, level)
-    general = _batch(level)
-    for payload in payloads:
-        general.add_payload(payload, "test")
-    full, simp, _ = general.take_texts()
-    assert (texts, warnings, added) == ((_PLACED.sub(b"[placed]", full), _PLACED.sub(b"[placed]", simp)),
-                                        general.warnings, general.counters.added)
+    assert (texts, warnings, added) == _general_path(payloads, level)
 
 
 @pytest.mark.parametrize("loop", ["python", "compiled"])
@@ -545,11 +550,7 @@ def test_a_header_cache_hit_is_the_same_text(loop, field, plain, odd):
         return _lean_payload(fields)
     payloads = [payload(plain), payload(odd), payload(plain)]
     texts, warnings, added, _ = _run_loop(loop, payloads, logging.INFO)
-    general = _batch(logging.INFO)
-    for p in payloads:
-        general.add_payload(p, "test")
-    full, simp, _ = general.take_texts()
-    assert texts == (_PLACED.sub(b"[placed]", full), _PLACED.sub(b"[placed]", simp))
+    assert texts == _general_path(payloads, logging.INFO)[0]
 
 
 @pytest.mark.parametrize("loop", ["python", "compiled"])
@@ -567,11 +568,7 @@ def test_a_record_that_differs_from_the_one_before_in_one_header_field_gets_its_
             fields[index] = value
         payloads += [_lean_payload(fields)] * 2 + [_lean_payload(base)]
     texts, _, _, taken_by_general = _run_loop(loop, payloads, logging.DEBUG)
-    general = _batch(logging.DEBUG)
-    for p in payloads:
-        general.add_payload(p, "test")
-    full, simp, _ = general.take_texts()
-    assert texts == (_PLACED.sub(b"[placed]", full), _PLACED.sub(b"[placed]", simp))
+    assert texts == _general_path(payloads, logging.DEBUG)[0]
     assert taken_by_general == []
     headers = [line.split(b"] ", 1)[1] for line in texts[0].split(b"\n") if line.startswith(b"[20")]
     assert len(headers) == len(payloads) and len(set(headers)) == len(variants)
