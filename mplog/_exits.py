@@ -50,10 +50,9 @@ from ._counters import (S_DEATH, S_DEATH_NS, S_LAST_NS, S_PID, S_PPID, S_START, 
                         W_FAULTS, X_CLEAN, X_CODE_KNOWN, X_CODE_SHIFT, X_UNCAUGHT, Counters)
 from ._record import TAG_TEXT, Record, deserialize, make_record
 from ._spool import process_alive
-from ._deathword import K_EXIT, K_SIGNAL, K_UNKNOWN, exit_cause, pack, start_wall, unpack  # noqa: F401 - re-exported
+from ._deathword import K_EXIT, K_SIGNAL, K_UNKNOWN, exit_cause, pack, start_wall
 
-__all__ = ["Exit", "ExitWatch", "Watched", "describe", "exit_cause", "fault_signal", "pack", "unpack",
-           "OomCounter", "start_wall"]
+__all__ = ["Exit", "ExitWatch", "Watched", "describe", "fault_signal", "OomCounter"]
 
 # -- the kernel's view ---------------------------------------------------------------------------
 _PIDFD_INFO_EXIT = 1 << 3
