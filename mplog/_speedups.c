@@ -15,8 +15,9 @@
  *                            record holds (version 2; tuples, str, int, float, bytes, None,
  *                            bools); anything else is CPython's own marshal's.
  *   format_common(...)       the listener's loop over common records in the default formats
- *                            (mplog/_listener.py, Batch._format_common is its twin); a record
- *                            it does not fully know goes whole to the general path.
+ *                            (mplog/_listener.py, Batch._format_common is its twin); it reads
+ *                            a common record from its marshal bytes in place where it can, and
+ *                            a record it does not fully know goes whole to the general path.
  *
  * Why it is safe to run either: both write the same bytes (tests/test_spool.py and
  * tests/test_records.py compare them, the latter with hypothesis), and the reader checks every
@@ -518,6 +519,7 @@ static PyObject *s_second, *s_isprintable;
 #define LEAN_LEN 13  /* len(_record.LEAN_KEYS); anything else takes the general path */
 #define LEVEL_WARNING 30
 #define LEVEL_ERROR 40
+#define LEAN_MAX_ARGS 64  /* more arguments than this: marshal reads the record */
 
 static int
 ascii_printable(PyObject *s)
@@ -542,22 +544,68 @@ ascii_printable(PyObject *s)
     }
 }
 
-/* One record: 1 formatted (pieces appended), 0 not the common case (nothing appended), -1 error
- * (nothing appended; the caller clears it and takes the general path). */
-static int
-format_one(PyObject *obj, PyObject *full, PyObject *simp, long simplified_level, PyObject *stamps,
-           long long *cur_sec, PyObject **sec_prefix, PyObject **ts_text, int *cur_ms, PyObject **ms_prefix,
-           PyObject *heads, PyObject *head_rest, PyObject **last_key, PyObject **last_rest, PyObject *tally,
-           PyObject *millis, PyObject *not_tallied, PyObject *const *pieces, long tag_common)
-{
-    PyObject *c_message = pieces[0], *c_tail = pieces[1], *c_nl = pieces[2], *c_colon = pieces[3];
-    PyObject *tag, *fields, *createdo, *levelnoo, *levelname, *name, *msg, *args;
-    PyObject *key = NULL, *rest, *text = NULL;
-    double created, mod, whole;
-    long levelno, tagv;
-    long long sec;
-    int idx, ok, rc = -1;
+/* A raw byte string kept from one record to the next (the lean reader's caches). */
+typedef struct {
+    char *buf;
+    Py_ssize_t len, cap;
+} Raw;
 
+static int
+raw_set2(Raw *r, const unsigned char *a, Py_ssize_t la, const unsigned char *b, Py_ssize_t lb)
+{
+    if (la + lb > r->cap) {
+        char *grown = (char *)PyMem_Realloc(r->buf, (size_t)(la + lb));
+        if (grown == NULL)
+            return -1;  /* no error set: the cache just stays empty */
+        r->buf = grown;
+        r->cap = la + lb;
+    }
+    if (la)
+        memcpy(r->buf, a, (size_t)la);
+    if (lb)
+        memcpy(r->buf + la, b, (size_t)lb);
+    r->len = la + lb;
+    return 0;
+}
+
+/* The loop's inputs and the state it carries from one record to the next. */
+typedef struct {
+    PyObject *full, *simp, *stamps, *heads, *head_rest, *tally, *millis, *not_tallied;
+    PyObject *const *pieces;  /* the message label, the block's tail, the newline, the level's colon */
+    long simplified_level, tag_common;
+    /* the time prefixes of the current second and millisecond */
+    long long cur_sec;
+    int cur_ms;
+    PyObject *sec_prefix, *ts_text, *ms_prefix;
+    /* the previous record's header: its six fields and its text; key_gen counts its changes */
+    PyObject *last_key, *last_rest;
+    unsigned long key_gen;
+    /* the lean reader's caches: the previous message's bytes and str, and the raw bytes of the
+     * header fields of last_key while head_gen == key_gen (head_split: the first span's length) */
+    Raw msg_raw, head_raw;
+    PyObject *msg_obj;
+    unsigned long head_gen;
+    Py_ssize_t head_split;
+    int head_valid;
+} Loop;
+
+/* One common record, as format_one reads it; every object borrowed. */
+typedef struct {
+    double created;
+    PyObject *createdo;  /* the float, or NULL: made only when the second changes */
+    long levelno;
+    PyObject *levelname, *name, *msg, *args;
+    PyObject *kf[6];     /* the header's key: levelname, name, processName, process, pathname, lineno */
+    PyObject *rest;      /* the header's text when already known (then kf is unused), or NULL */
+    int key_is_last;     /* out: L->last_key is this record's header */
+} Common;
+
+/* A marshalled (tag, fields) tuple as a Common: 1, 0 not the common case, -1 error. */
+static int
+common_from_tuple(Loop *L, PyObject *obj, Common *c)
+{
+    PyObject *tag, *fields;
+    long tagv;
     if (!PyTuple_CheckExact(obj) || PyTuple_GET_SIZE(obj) != 2)
         return 0;
     tag = PyTuple_GET_ITEM(obj, 0);
@@ -565,27 +613,49 @@ format_one(PyObject *obj, PyObject *full, PyObject *simp, long simplified_level,
     if (!PyLong_CheckExact(tag) || !PyTuple_CheckExact(fields) || PyTuple_GET_SIZE(fields) != LEAN_LEN)
         return 0;
     tagv = PyLong_AsLong(tag);
-    if (tagv != tag_common)
+    if (tagv != L->tag_common)
         return tagv == -1 && PyErr_Occurred() ? -1 : 0;
     /* _record.LEAN_KEYS: created, levelno, levelname, name, msg, args, pathname, lineno,
      * processName, process, exc_info, exc_text, stack_info */
-    createdo = PyTuple_GET_ITEM(fields, 0);
-    levelnoo = PyTuple_GET_ITEM(fields, 1);
-    levelname = PyTuple_GET_ITEM(fields, 2);
-    name = PyTuple_GET_ITEM(fields, 3);
-    msg = PyTuple_GET_ITEM(fields, 4);
-    args = PyTuple_GET_ITEM(fields, 5);
+    c->createdo = PyTuple_GET_ITEM(fields, 0);
+    c->levelname = PyTuple_GET_ITEM(fields, 2);
+    c->name = PyTuple_GET_ITEM(fields, 3);
+    c->msg = PyTuple_GET_ITEM(fields, 4);
+    c->args = PyTuple_GET_ITEM(fields, 5);
     /* Exact types, the header's fields too: the header cache is keyed by equality (True == 1). */
-    if (!PyFloat_CheckExact(createdo) || !PyLong_CheckExact(levelnoo) || !PyUnicode_CheckExact(levelname)
-            || !PyUnicode_CheckExact(name) || !PyUnicode_CheckExact(msg)
+    if (!PyFloat_CheckExact(c->createdo) || !PyLong_CheckExact(PyTuple_GET_ITEM(fields, 1))
+            || !PyUnicode_CheckExact(c->levelname) || !PyUnicode_CheckExact(c->name) || !PyUnicode_CheckExact(c->msg)
             || !PyUnicode_CheckExact(PyTuple_GET_ITEM(fields, 6)) || !PyLong_CheckExact(PyTuple_GET_ITEM(fields, 7))
             || !PyUnicode_CheckExact(PyTuple_GET_ITEM(fields, 8)) || !PyLong_CheckExact(PyTuple_GET_ITEM(fields, 9))
             || PyTuple_GET_ITEM(fields, 11) != Py_None || PyTuple_GET_ITEM(fields, 12) != Py_None)
         return 0;
-    levelno = PyLong_AsLong(levelnoo);
-    if (levelno == -1 && PyErr_Occurred())
+    c->levelno = PyLong_AsLong(PyTuple_GET_ITEM(fields, 1));
+    if (c->levelno == -1 && PyErr_Occurred())
         return -1;
-    created = PyFloat_AS_DOUBLE(createdo);
+    c->created = PyFloat_AS_DOUBLE(c->createdo);
+    c->kf[0] = c->levelname;
+    c->kf[1] = c->name;
+    c->kf[2] = PyTuple_GET_ITEM(fields, 8);
+    c->kf[3] = PyTuple_GET_ITEM(fields, 9);
+    c->kf[4] = PyTuple_GET_ITEM(fields, 6);
+    c->kf[5] = PyTuple_GET_ITEM(fields, 7);
+    c->rest = NULL;
+    c->key_is_last = 0;
+    return 1;
+}
+
+/* One record: 1 formatted (pieces appended), 0 not the common case (nothing appended), -1 error
+ * (nothing appended; the caller clears it and takes the general path). */
+static int
+format_one(Loop *L, Common *c)
+{
+    PyObject *c_message = L->pieces[0], *c_tail = L->pieces[1], *c_nl = L->pieces[2], *c_colon = L->pieces[3];
+    PyObject *key = NULL, *rest, *text = NULL;
+    double created = c->created, mod, whole;
+    long levelno = c->levelno;
+    long long sec;
+    int idx, ok, rc = -1;
+
     if (!(created > -9.2e18 && created < 9.2e18))  /* int(created) as a C long long; NaN too */
         return 0;
     sec = (long long)created;  /* int(): truncation toward zero, as here */
@@ -602,11 +672,11 @@ format_one(PyObject *obj, PyObject *full, PyObject *simp, long simplified_level,
         return 0;
     idx = (int)whole;
 
-    ok = PyObject_IsTrue(args);
+    ok = PyObject_IsTrue(c->args);
     if (ok < 0)
         return -1;
     if (ok) {
-        text = PyNumber_Remainder(msg, args);
+        text = PyNumber_Remainder(c->msg, c->args);
         if (text == NULL)
             return -1;
         if (!PyUnicode_CheckExact(text)) {
@@ -615,7 +685,7 @@ format_one(PyObject *obj, PyObject *full, PyObject *simp, long simplified_level,
         }
     }
     else {
-        text = msg;
+        text = c->msg;
         Py_INCREF(text);
     }
     ok = ascii_printable(text);
@@ -624,8 +694,13 @@ format_one(PyObject *obj, PyObject *full, PyObject *simp, long simplified_level,
         goto done;
     }
 
-    if (sec != *cur_sec) {
-        PyObject *r = PyObject_CallMethodObjArgs(stamps, s_second, createdo, NULL), *sp;
+    if (sec != L->cur_sec) {
+        PyObject *cf = c->createdo != NULL ? (Py_INCREF(c->createdo), c->createdo) : PyFloat_FromDouble(created);
+        PyObject *r, *sp;
+        if (cf == NULL)
+            goto done;
+        r = PyObject_CallMethodObjArgs(L->stamps, s_second, cf, NULL);
+        Py_DECREF(cf);
         if (r == NULL)
             goto done;
         if (!PyUnicode_CheckExact(r)) {
@@ -638,52 +713,56 @@ format_one(PyObject *obj, PyObject *full, PyObject *simp, long simplified_level,
             Py_DECREF(r);
             goto done;
         }
-        Py_XSETREF(*ts_text, r);
-        Py_XSETREF(*sec_prefix, sp);
-        *cur_sec = sec;
-        *cur_ms = -1;
+        Py_XSETREF(L->ts_text, r);
+        Py_XSETREF(L->sec_prefix, sp);
+        L->cur_sec = sec;
+        L->cur_ms = -1;
     }
-    if (idx != *cur_ms) {
-        PyObject *ms = PyList_GET_ITEM(millis, idx), *mp;
+    if (idx != L->cur_ms) {
+        PyObject *ms = PyList_GET_ITEM(L->millis, idx), *mp;
         if (!PyUnicode_CheckExact(ms)) {  /* %U would read any other object as a str */
             rc = 0;
             goto done;
         }
-        mp = PyUnicode_FromFormat("[%U.%U] ", *ts_text, ms);
+        mp = PyUnicode_FromFormat("[%U.%U] ", L->ts_text, ms);
         if (mp == NULL)
             goto done;
-        Py_XSETREF(*ms_prefix, mp);
-        *cur_ms = idx;
+        Py_XSETREF(L->ms_prefix, mp);
+        L->cur_ms = idx;
     }
 
     /* The header but its time, made once per call site and process by head_rest. A batch's
      * records mostly come from one call site after another: the previous record's key, compared
      * field by field (exact str and int, so equality is the dict's), spares building, hashing
-     * and looking up a tuple (0.85x the loop's CPU a record, measured). The cache holds its key, so no address is compared after reuse. */
-    {
-        PyObject *kf[6] = {levelname, name, PyTuple_GET_ITEM(fields, 8), PyTuple_GET_ITEM(fields, 9),
-                           PyTuple_GET_ITEM(fields, 6), PyTuple_GET_ITEM(fields, 7)};
-        int hit = *last_key != NULL, k;
+     * and looking up a tuple (0.85x the loop's CPU a record, measured). The cache holds its key,
+     * so no address is compared after reuse. */
+    if (c->rest != NULL) {
+        rest = c->rest;
+        Py_INCREF(rest);
+    }
+    else {
+        PyObject **kf = c->kf;
+        int hit = L->last_key != NULL, k;
         for (k = 0; hit && k < 6; k++) {
-            hit = PyObject_RichCompareBool(kf[k], PyTuple_GET_ITEM(*last_key, k), Py_EQ);
+            hit = PyObject_RichCompareBool(kf[k], PyTuple_GET_ITEM(L->last_key, k), Py_EQ);
             if (hit < 0)
                 goto done;
         }
         if (hit) {
-            rest = *last_rest;
+            rest = L->last_rest;
             Py_INCREF(rest);
         }
         else {
             key = PyTuple_Pack(6, kf[0], kf[1], kf[2], kf[3], kf[4], kf[5]);
             if (key == NULL)
                 goto done;
-            rest = PyDict_GetItemWithError(heads, key);  /* borrowed */
+            rest = PyDict_GetItemWithError(L->heads, key);  /* borrowed */
             if (rest != NULL)
                 Py_INCREF(rest);
             else if (PyErr_Occurred())
                 goto done;
             else {
-                rest = PyObject_CallOneArg(head_rest, key);
+                rest = PyObject_CallOneArg(L->head_rest, key);
                 if (rest == NULL)
                     goto done;
             }
@@ -693,14 +772,16 @@ format_one(PyObject *obj, PyObject *full, PyObject *simp, long simplified_level,
                 goto done;
             }
             Py_INCREF(key);
-            Py_XSETREF(*last_key, key);
+            Py_XSETREF(L->last_key, key);
             Py_INCREF(rest);
-            Py_XSETREF(*last_rest, rest);
+            Py_XSETREF(L->last_rest, rest);
+            L->key_gen++;
         }
     }
+    c->key_is_last = 1;
 
     if (LEVEL_WARNING <= levelno && levelno < LEVEL_ERROR) {
-        int skip = PySet_Contains(not_tallied, name);
+        int skip = PySet_Contains(L->not_tallied, c->name);
         if (skip < 0) {
             Py_DECREF(rest);
             goto done;
@@ -711,7 +792,7 @@ format_one(PyObject *obj, PyObject *full, PyObject *simp, long simplified_level,
                 Py_DECREF(rest);
                 goto done;
             }
-            r = PyObject_CallOneArg(tally, head);
+            r = PyObject_CallOneArg(L->tally, head);
             Py_DECREF(head);
             if (r == NULL) {
                 Py_DECREF(rest);
@@ -722,18 +803,19 @@ format_one(PyObject *obj, PyObject *full, PyObject *simp, long simplified_level,
     }
 
     /* Nothing can fail now but an append (memory): the record goes in whole. */
-    if (PyList_Append(full, *ms_prefix) < 0 || PyList_Append(full, rest) < 0 || PyList_Append(full, c_message) < 0
-            || PyList_Append(full, text) < 0 || PyList_Append(full, c_tail) < 0) {
+    if (PyList_Append(L->full, L->ms_prefix) < 0 || PyList_Append(L->full, rest) < 0
+            || PyList_Append(L->full, c_message) < 0 || PyList_Append(L->full, text) < 0
+            || PyList_Append(L->full, c_tail) < 0) {
         Py_DECREF(rest);
         goto done;
     }
     Py_DECREF(rest);
-    if (levelno >= simplified_level) {
-        if (PyList_Append(simp, *sec_prefix) < 0)
+    if (levelno >= L->simplified_level) {
+        if (PyList_Append(L->simp, L->sec_prefix) < 0)
             goto done;
-        if (levelno >= LEVEL_WARNING && (PyList_Append(simp, levelname) < 0 || PyList_Append(simp, c_colon) < 0))
+        if (levelno >= LEVEL_WARNING && (PyList_Append(L->simp, c->levelname) < 0 || PyList_Append(L->simp, c_colon) < 0))
             goto done;
-        if (PyList_Append(simp, text) < 0 || PyList_Append(simp, c_nl) < 0)
+        if (PyList_Append(L->simp, text) < 0 || PyList_Append(L->simp, c_nl) < 0)
             goto done;
     }
     rc = 1;
@@ -743,59 +825,297 @@ done:
     return rc;
 }
 
+/* ---- the lean reader: a common record read from its marshal bytes in place ----------------
+ *
+ * marshal.loads builds the whole (tag, fields) tuple: thirteen objects and two tuples a record,
+ * five of them str decoded from UTF-8, most of them thrown away the moment the header cache
+ * hits. The caller writes that tuple with marshal version 2 (or its compiled twin, the same
+ * bytes), so its layout is fixed: '(' 2, 'i' tag, '(' 13, then the fields in LEAN_KEYS order.
+ * This reader walks those bytes and makes only what the record needs that the previous record
+ * did not have: the arguments, the message when its bytes changed, the header's six fields when
+ * their bytes changed, the created float when the second changed. Anything it does not know
+ * exactly (another type code, a big int, a nested argument, a mapping, refs of a later version,
+ * a big-endian host) it hands back, and marshal reads the record as before: what it reads is a
+ * shortcut, never a second definition of the format. */
+
+typedef struct {
+    const unsigned char *p, *end;
+} Rd;
+
+static inline int
+rd_i32(Rd *r, unsigned char type, int32_t *out)
+{
+    const unsigned char *p = r->p;
+    if (r->end - p < 5 || p[0] != type)
+        return 0;
+    *out = (int32_t)((uint32_t)p[1] | ((uint32_t)p[2] << 8) | ((uint32_t)p[3] << 16) | ((uint32_t)p[4] << 24));
+    r->p = p + 5;
+    return 1;
+}
+
+static inline int
+rd_str(Rd *r, const unsigned char **s, Py_ssize_t *len)
+{
+    int32_t n;
+    if (!rd_i32(r, 'u', &n) || n < 0 || r->end - r->p < n)
+        return 0;
+    *s = r->p;
+    *len = n;
+    r->p += n;
+    return 1;
+}
+
+static inline int
+rd_float(Rd *r, double *out)
+{
+#if PY_BIG_ENDIAN
+    (void)r;
+    (void)out;
+    return 0;
+#else
+    if (r->end - r->p < 9 || r->p[0] != 'g')
+        return 0;
+    memcpy(out, r->p + 1, 8);  /* marshal's TYPE_BINARY_FLOAT: the little-endian IEEE 754 double */
+    r->p += 9;
+    return 1;
+#endif
+}
+
+static inline PyObject *
+decode_str(const unsigned char *s, Py_ssize_t n)
+{
+    /* as marshal's TYPE_UNICODE */
+    return PyUnicode_DecodeUTF8((const char *)s, n, "surrogatepass");
+}
+
+/* The objects a lean read made for one record (owned). */
+typedef struct {
+    PyObject *args;
+    PyObject *head[6];  /* the header's fields when their bytes changed */
+    int nhead;
+    const unsigned char *a0, *b0;  /* the header's two spans: levelname and name; pathname to process */
+    Py_ssize_t la, lb;
+} Lean;
+
+static void
+lean_release(Lean *o)
+{
+    int k;
+    Py_CLEAR(o->args);
+    for (k = 0; k < o->nhead; k++)
+        Py_CLEAR(o->head[k]);
+    o->nhead = 0;
+}
+
+/* The args tuple of N, True, False, 'i' ints, 'g' floats and 'u' str, or NULL (an error set,
+ * or none: not one of these). */
+static PyObject *
+read_args(Rd *r)
+{
+    int32_t n, k;
+    PyObject *t;
+    if (!rd_i32(r, '(', &n) || n < 0 || n > LEAN_MAX_ARGS)
+        return NULL;
+    t = PyTuple_New(n);
+    if (t == NULL)
+        return NULL;
+    for (k = 0; k < n; k++) {
+        PyObject *v = NULL;
+        int32_t x;
+        double d;
+        const unsigned char *s;
+        Py_ssize_t len;
+        if (r->p >= r->end)
+            break;
+        switch (r->p[0]) {
+        case 'N': v = Py_None; Py_INCREF(v); r->p++; break;
+        case 'T': v = Py_True; Py_INCREF(v); r->p++; break;
+        case 'F': v = Py_False; Py_INCREF(v); r->p++; break;
+        case 'i':
+            if (rd_i32(r, 'i', &x))
+                v = PyLong_FromLong((long)x);
+            break;
+        case 'g':
+            if (rd_float(r, &d))
+                v = PyFloat_FromDouble(d);
+            break;
+        case 'u':
+            if (rd_str(r, &s, &len))
+                v = decode_str(s, len);
+            break;
+        default:
+            break;
+        }
+        if (v == NULL)
+            break;
+        PyTuple_SET_ITEM(t, k, v);
+    }
+    if (k < n) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    return t;
+}
+
+/* 1: the payload read into c (o owns what was made); 0: not read (nothing owned, an error may
+ * be set): marshal reads it. */
+static int
+read_lean(Loop *L, const unsigned char *buf, Py_ssize_t len, Common *c, Lean *o)
+{
+    Rd r = {buf, buf + len};
+    int32_t n, tag, levelno, lineno, process;
+    const unsigned char *levelname, *name, *msg, *pathname, *pname;
+    Py_ssize_t n_levelname, n_name, n_msg, n_pathname, n_pname;
+    o->args = NULL;
+    o->nhead = 0;
+    if (!rd_i32(&r, '(', &n) || n != 2 || !rd_i32(&r, 'i', &tag) || tag != L->tag_common
+            || !rd_i32(&r, '(', &n) || n != LEAN_LEN || !rd_float(&r, &c->created)
+            || !rd_i32(&r, 'i', &levelno))
+        return 0;
+    o->a0 = r.p;
+    if (!rd_str(&r, &levelname, &n_levelname) || !rd_str(&r, &name, &n_name))
+        return 0;
+    o->la = r.p - o->a0;
+    if (!rd_str(&r, &msg, &n_msg))
+        return 0;
+    o->args = read_args(&r);
+    if (o->args == NULL)
+        return 0;
+    o->b0 = r.p;
+    if (!rd_str(&r, &pathname, &n_pathname) || !rd_i32(&r, 'i', &lineno) || !rd_str(&r, &pname, &n_pname)
+            || !rd_i32(&r, 'i', &process))
+        goto no;
+    o->lb = r.p - o->b0;
+    /* exc_info (None, or a bool a caller set; the formats do not print it), exc_text and
+     * stack_info None, and nothing after */
+    if (r.end - r.p != 3 || (r.p[0] != 'N' && r.p[0] != 'T' && r.p[0] != 'F') || r.p[1] != 'N' || r.p[2] != 'N')
+        goto no;
+
+    c->createdo = NULL;
+    c->levelno = levelno;
+    c->args = o->args;
+    c->key_is_last = 0;
+    if (L->msg_obj != NULL && n_msg == L->msg_raw.len && memcmp(msg, L->msg_raw.buf, (size_t)n_msg) == 0) {
+        c->msg = L->msg_obj;
+    }
+    else {
+        PyObject *m = decode_str(msg, n_msg);
+        if (m == NULL)
+            goto no;
+        Py_XSETREF(L->msg_obj, m);  /* the cache holds the record's message */
+        if (raw_set2(&L->msg_raw, msg, n_msg, NULL, 0) < 0)
+            L->msg_raw.len = -1;  /* no bytes kept: no record matches them */
+        c->msg = m;
+    }
+    if (L->head_valid && L->head_gen == L->key_gen && L->head_split == o->la && L->head_raw.len == o->la + o->lb
+            && memcmp(L->head_raw.buf, o->a0, (size_t)o->la) == 0
+            && memcmp(L->head_raw.buf + o->la, o->b0, (size_t)o->lb) == 0) {
+        /* the bytes of the header of last_key: its text, and the two fields the record prints */
+        c->rest = L->last_rest;
+        c->levelname = PyTuple_GET_ITEM(L->last_key, 0);
+        c->name = PyTuple_GET_ITEM(L->last_key, 1);
+        return 1;
+    }
+    {
+        /* kf's order: levelname, name, processName, process, pathname, lineno */
+        PyObject **h = o->head + o->nhead;
+        h[0] = decode_str(levelname, n_levelname);
+        h[1] = h[0] ? decode_str(name, n_name) : NULL;
+        h[2] = h[1] ? decode_str(pname, n_pname) : NULL;
+        h[3] = h[2] ? PyLong_FromLong((long)process) : NULL;
+        h[4] = h[3] ? decode_str(pathname, n_pathname) : NULL;
+        h[5] = h[4] ? PyLong_FromLong((long)lineno) : NULL;
+        for (n = 0; n < 6 && h[n] != NULL; n++)
+            c->kf[n] = h[n];
+        o->nhead += n;
+        if (n < 6)
+            goto no;
+        c->levelname = h[0];
+        c->name = h[1];
+        c->rest = NULL;
+    }
+    return 1;
+no:
+    lean_release(o);
+    return 0;
+}
+
+/* After format_one on a record read lean: keep its header's bytes if last_key is its header. */
+static void
+lean_keep_header(Loop *L, const Common *c, const Lean *o)
+{
+    if (!c->key_is_last || c->rest != NULL)
+        return;  /* not known to be last_key's, or already kept */
+    L->head_valid = raw_set2(&L->head_raw, o->a0, o->la, o->b0, o->lb) == 0;
+    L->head_split = o->la;
+    L->head_gen = L->key_gen;
+}
+
 static PyObject *
 format_common(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *payloads, *full, *simp, *stamps, *heads, *head_rest, *tally, *fallback, *origin, *millis, *not_tallied;
-    PyObject *const *pieces;
-    PyObject *sec_prefix = NULL, *ts_text = NULL, *ms_prefix = NULL, *result = NULL;
-    PyObject *last_key = NULL, *last_rest = NULL;  /* the previous record's header (format_one) */
-    long simplified_level, tag_common;
-    long long cur_sec = LLONG_MIN;
-    int cur_ms = -1;
+    PyObject *payloads, *fallback, *origin, *result = NULL;
+    Loop L;
     Py_ssize_t i, n;
 
     if (nargs != 14) {
         PyErr_SetString(PyExc_TypeError, "format_common takes 14 arguments");
         return NULL;
     }
-    payloads = args[0]; full = args[1]; simp = args[2];
-    stamps = args[4]; heads = args[5]; head_rest = args[6]; tally = args[7]; fallback = args[8];
-    origin = args[9]; millis = args[10]; not_tallied = args[11];
+    memset(&L, 0, sizeof(L));
+    payloads = args[0]; L.full = args[1]; L.simp = args[2];
+    L.stamps = args[4]; L.heads = args[5]; L.head_rest = args[6]; L.tally = args[7]; fallback = args[8];
+    origin = args[9]; L.millis = args[10]; L.not_tallied = args[11];
     if (!PyTuple_CheckExact(args[12]) || PyTuple_GET_SIZE(args[12]) != 4) {
         PyErr_SetString(PyExc_TypeError, "format_common: pieces must be a tuple of 4 str");
         return NULL;
     }
-    pieces = &PyTuple_GET_ITEM(args[12], 0);
+    L.pieces = &PyTuple_GET_ITEM(args[12], 0);
     for (i = 0; i < 4; i++)
-        if (!PyUnicode_CheckExact(pieces[i])) {
+        if (!PyUnicode_CheckExact(L.pieces[i])) {
             PyErr_SetString(PyExc_TypeError, "format_common: pieces must be a tuple of 4 str");
             return NULL;
         }
-    if (!PyList_CheckExact(payloads) || !PyList_CheckExact(full) || !PyList_CheckExact(simp) || !PyDict_CheckExact(heads)
-            || !PyList_CheckExact(millis) || PyList_GET_SIZE(millis) != 1000 || !PyAnySet_CheckExact(not_tallied)) {
+    if (!PyList_CheckExact(payloads) || !PyList_CheckExact(L.full) || !PyList_CheckExact(L.simp)
+            || !PyDict_CheckExact(L.heads) || !PyList_CheckExact(L.millis) || PyList_GET_SIZE(L.millis) != 1000
+            || !PyAnySet_CheckExact(L.not_tallied)) {
         PyErr_SetString(PyExc_TypeError, "format_common: unexpected argument types");
         return NULL;
     }
-    simplified_level = PyLong_AsLong(args[3]);
-    if (simplified_level == -1 && PyErr_Occurred())
+    L.simplified_level = PyLong_AsLong(args[3]);
+    if (L.simplified_level == -1 && PyErr_Occurred())
         return NULL;
-    tag_common = PyLong_AsLong(args[13]);
-    if (tag_common == -1 && PyErr_Occurred())
+    L.tag_common = PyLong_AsLong(args[13]);
+    if (L.tag_common == -1 && PyErr_Occurred())
         return NULL;
+    L.cur_sec = LLONG_MIN;
+    L.cur_ms = -1;
 
     n = PyList_GET_SIZE(payloads);
     for (i = 0; i < n; i++) {
-        PyObject *payload = PyList_GET_ITEM(payloads, i), *obj, *r;
+        PyObject *payload = PyList_GET_ITEM(payloads, i), *r;
+        Common c;
+        Lean o;
         int rc = -1;
         Py_INCREF(payload);
-        obj = PyBytes_CheckExact(payload)
-            ? PyMarshal_ReadObjectFromString(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload)) : NULL;
-        if (obj != NULL) {
-            rc = format_one(obj, full, simp, simplified_level, stamps, &cur_sec, &sec_prefix, &ts_text, &cur_ms,
-                            &ms_prefix, heads, head_rest, &last_key, &last_rest, tally, millis, not_tallied,
-                            pieces, tag_common);
-            Py_DECREF(obj);
+        if (PyBytes_CheckExact(payload)) {
+            const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(payload);
+            if (read_lean(&L, b, PyBytes_GET_SIZE(payload), &c, &o)) {
+                rc = format_one(&L, &c);
+                lean_keep_header(&L, &c, &o);
+                lean_release(&o);
+            }
+            else {
+                PyObject *obj;
+                PyErr_Clear();
+                obj = PyMarshal_ReadObjectFromString((const char *)b, PyBytes_GET_SIZE(payload));
+                if (obj != NULL) {
+                    rc = common_from_tuple(&L, obj, &c);
+                    if (rc == 1)
+                        rc = format_one(&L, &c);
+                    Py_DECREF(obj);
+                }
+            }
         }
         if (rc != 1) {
             /* Not the common case, or not well formed: the general path (as the Python loop's
@@ -813,11 +1133,14 @@ format_common(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     result = Py_None;
     Py_INCREF(result);
 out:
-    Py_XDECREF(sec_prefix);
-    Py_XDECREF(ts_text);
-    Py_XDECREF(ms_prefix);
-    Py_XDECREF(last_key);
-    Py_XDECREF(last_rest);
+    Py_XDECREF(L.sec_prefix);
+    Py_XDECREF(L.ts_text);
+    Py_XDECREF(L.ms_prefix);
+    Py_XDECREF(L.last_key);
+    Py_XDECREF(L.last_rest);
+    Py_XDECREF(L.msg_obj);
+    PyMem_Free(L.msg_raw.buf);
+    PyMem_Free(L.head_raw.buf);
     return result;
 }
 

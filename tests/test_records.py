@@ -575,6 +575,35 @@ def test_a_record_that_differs_from_the_one_before_in_one_header_field_gets_its_
 
 
 @pytest.mark.parametrize("loop", ["python", "compiled"])
+@pytest.mark.parametrize("between", [{5: (2 ** 40,)}, {7: 2 ** 40}, {5: ((1, 2),)}, {10: (None, None, None)}])
+def test_a_header_read_from_its_bytes_is_not_reused_once_a_record_read_by_marshal_changed_it(loop, between):
+    """The compiled loop reads a common record from its bytes and keeps the header's bytes while
+    they are those of the previous record's header. A record that its reader leaves to marshal (a
+    big int, a nested argument, an exc_info tuple) and that has another header changes the
+    previous header: the record after it, with the first header's bytes again, must get the first
+    header, not the one in between. Messages change and repeat too."""
+    first = [1.7e9 + 0.25, 20, "INFO", "app", "done %d", (1,), "/srv/app/a.py", 10, "MainProcess", 100,
+             None, None, None]
+    other = list(first)
+    other[2:4] = ["WARNING", "app.other"]
+    other[6] = "/srv/app/b.py"
+    other[1] = 30
+    other[4] = "other %s"
+    for index, value in between.items():
+        other[index] = value
+    again = list(first)
+    again[4:6] = ["done again %s", ("x",)]
+    payloads = [_lean_payload(first), _lean_payload(other), _lean_payload(first), _lean_payload(again),
+                _lean_payload(other), _lean_payload(again)]
+    texts, _, _, taken_by_general = _run_loop(loop, payloads, logging.DEBUG)
+    assert texts == _general_path(payloads, logging.DEBUG)[0]
+    assert taken_by_general == []
+    full = texts[0].decode()
+    assert full.count("[INFO] [app] [MainProcess:100] [a.py:10]") == 4
+    assert full.count("[WARNING] [app.other] ") == 2
+
+
+@pytest.mark.parametrize("loop", ["python", "compiled"])
 def test_a_record_the_general_path_fails_on_costs_that_record_only(loop, monkeypatch):
     """Whatever goes wrong decoding one record (a bug of ours, as the bytes exc_text was) is a
     counted placeholder: the loop goes on, and the records around it are written."""
