@@ -111,6 +111,13 @@ typedef struct {
     long long header;      /* RING_HEADER */
     Py_buffer view;        /* the ring's mapping, held from _attach() to _detach() */
     int attached;
+    /* publish(): the process's counter words (_attach_words), and _hold, which the Python path
+     * sets while it has the ring or the counters in hand */
+    Py_buffer words;
+    int words_attached;
+    int hold;
+    Py_ssize_t w_state, w_sent, w_sleeping;
+    long long stopped;
 } RingCore;
 
 static PyObject *str_write_slow;
@@ -135,7 +142,118 @@ RingCore_detach(RingCore *self, PyObject *Py_UNUSED(ignored))
         self->attached = 0;
         PyBuffer_Release(&self->view);
     }
+    if (self->words_attached) {
+        self->words_attached = 0;
+        PyBuffer_Release(&self->words);
+    }
     Py_RETURN_NONE;
+}
+
+/* _attach_words(words, state, sent, sleeping, stopped): hold the counters' words (a writable
+ * buffer of 8-byte words) for publish(): the service's state word and its stopped value, this
+ * process's sent counter, the listener's sleeping flag. Sets _hold: the caller clears it. */
+static PyObject *
+RingCore_attach_words(RingCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t idx[3];
+    long long stopped;
+    int k;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "_attach_words(words, state, sent, sleeping, stopped)");
+        return NULL;
+    }
+    if (self->words_attached) {
+        PyErr_SetString(PyExc_ValueError, "words already attached");
+        return NULL;
+    }
+    for (k = 0; k < 3; k++) {
+        idx[k] = PyNumber_AsSsize_t(args[1 + k], PyExc_OverflowError);
+        if (idx[k] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    stopped = PyLong_AsLongLong(args[4]);
+    if (stopped == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &self->words, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return NULL;
+    for (k = 0; k < 3; k++)
+        if (idx[k] < 0 || idx[k] >= self->words.len / 8 || ((uintptr_t)self->words.buf & 7) != 0) {
+            PyBuffer_Release(&self->words);
+            PyErr_SetString(PyExc_ValueError, "_attach_words: a word index out of the buffer");
+            return NULL;
+        }
+    self->w_state = idx[0];
+    self->w_sent = idx[1];
+    self->w_sleeping = idx[2];
+    self->stopped = stopped;
+    self->hold = 1;
+    self->words_attached = 1;
+    Py_RETURN_NONE;
+}
+
+/* The copy of the entry: 0 written; 1 not the common case (no room known, too big, not bytes). */
+static int
+ring_put(RingCore *self, PyObject *payload, long long length_word)
+{
+    Py_ssize_t n;
+    long long word = length_word, head, end, seq, at;
+    unsigned char *base, *entry;
+    const unsigned char *data;
+    if (!self->attached || !PyBytes_CheckExact(payload) || self->capacity <= 0)
+        return 1;
+    n = PyBytes_GET_SIZE(payload);
+    if (word < 0 && n <= self->inline_max)
+        word = n;
+    if (word < 0)
+        return 1;
+    head = self->head;
+    end = head + ((n + ENTRY_SIZE + 7) & -8);
+    seq = self->seq + 1;
+    at = self->header + head % self->capacity;
+    if (end > self->limit || seq > self->seq_limit || at + ENTRY_SIZE + n > (long long)self->view.len)
+        return 1;
+    base = (unsigned char *)self->view.buf;
+    data = (const unsigned char *)PyBytes_AS_STRING(payload);
+    entry = base + at;
+    put_u32(entry, (uint32_t)word);
+    put_u32(entry + 4, adler32(data, n));
+    put_u64(entry + 8, (uint64_t)seq);
+    memcpy(entry + ENTRY_SIZE, data, (size_t)n);
+    self->head = end;
+    self->seq = seq;
+    store_word(base, W_HEAD, end);  /* head last, as in Python */
+    store_word(base, W_PUBLISHED, seq);
+    return 0;
+}
+
+/* publish(payload) -> 0, 1 or 2: the worker's whole hot path in one call (mplog/_worker.py,
+ * put_payload, is its twin and does everything else). 1: published and counted as sent; 2: the
+ * same, and the listener sleeps (the caller rings). 0: nothing done: the service stopped, the
+ * ring has no room known, the payload is big, or the Python path holds the ring (_hold): the
+ * caller takes the Python path, under its lock. No lock here: with the GIL, a C function that
+ * calls no Python code runs whole, between any two bytecodes of another thread or of a signal
+ * handler; so the Python path sets _hold while it has the ring or the counters in hand, and the
+ * read-modify-write of the sent counter is never torn by a thread. Without the GIL (a
+ * free-threaded build) it answers 0 and the lock does it all. */
+static PyObject *
+RingCore_publish(RingCore *self, PyObject *payload)
+{
+#ifdef Py_GIL_DISABLED
+    (void)self;
+    (void)payload;
+    return PyLong_FromLong(0);
+#else
+    long long *words;
+    if (!self->words_attached || self->hold)
+        return PyLong_FromLong(0);
+    words = (long long *)self->words.buf;
+    if (__atomic_load_n(&words[self->w_state], __ATOMIC_ACQUIRE) == self->stopped
+            || ring_put(self, payload, -1) != 0)
+        return PyLong_FromLong(0);
+    /* this process alone writes its sent counter; the listener reads it */
+    __atomic_store_n(&words[self->w_sent], words[self->w_sent] + 1, __ATOMIC_RELEASE);
+    return PyLong_FromLong(__atomic_load_n(&words[self->w_sleeping], __ATOMIC_ACQUIRE) ? 2 : 1);
+#endif
 }
 
 static PyObject *
@@ -153,33 +271,8 @@ RingCore_write(RingCore *self, PyObject *const *args, Py_ssize_t nargs)
         if (length_word == -1 && PyErr_Occurred())
             return NULL;
     }
-    if (self->attached && PyBytes_CheckExact(payload) && self->capacity > 0) {
-        Py_ssize_t n = PyBytes_GET_SIZE(payload);
-        long long word = length_word;
-        if (word < 0 && n <= self->inline_max)
-            word = n;
-        if (word >= 0) {
-            long long head = self->head;
-            long long end = head + ((n + ENTRY_SIZE + 7) & -8);
-            long long seq = self->seq + 1;
-            long long at = self->header + head % self->capacity;
-            if (end <= self->limit && seq <= self->seq_limit
-                    && at + ENTRY_SIZE + n <= (long long)self->view.len) {
-                unsigned char *base = (unsigned char *)self->view.buf;
-                const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(payload);
-                unsigned char *entry = base + at;
-                put_u32(entry, (uint32_t)word);
-                put_u32(entry + 4, adler32(data, n));
-                put_u64(entry + 8, (uint64_t)seq);
-                memcpy(entry + ENTRY_SIZE, data, (size_t)n);
-                self->head = end;
-                self->seq = seq;
-                store_word(base, W_HEAD, end);  /* head last, as in Python */
-                store_word(base, W_PUBLISHED, seq);
-                Py_RETURN_TRUE;
-            }
-        }
-    }
+    if (ring_put(self, payload, length_word) == 0)
+        Py_RETURN_TRUE;
     /* Everything else (no room known, a big record, not bytes) is Python's. */
     {
         PyObject *lw = PyLong_FromLongLong(length_word);
@@ -199,6 +292,10 @@ RingCore_dealloc(RingCore *self)
         self->attached = 0;
         PyBuffer_Release(&self->view);
     }
+    if (self->words_attached) {
+        self->words_attached = 0;
+        PyBuffer_Release(&self->words);
+    }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -206,7 +303,11 @@ static PyMethodDef RingCore_methods[] = {
     {"write", (PyCFunction)(void (*)(void))RingCore_write, METH_FASTCALL,
      "write(payload, length_word=-1) -> bool: publish payload; False if the ring has no room."},
     {"_attach", (PyCFunction)RingCore_attach, METH_O, "Hold the ring's mapping (a writable buffer)."},
-    {"_detach", (PyCFunction)RingCore_detach, METH_NOARGS, "Let the mapping go (before it is closed)."},
+    {"_detach", (PyCFunction)RingCore_detach, METH_NOARGS, "Let the mappings go (before they are closed)."},
+    {"_attach_words", (PyCFunction)(void (*)(void))RingCore_attach_words, METH_FASTCALL,
+     "_attach_words(words, state, sent, sleeping, stopped): hold the counters' words for publish()."},
+    {"publish", (PyCFunction)RingCore_publish, METH_O,
+     "publish(payload) -> 0, 1 or 2: 1 published and counted, 2 also the listener sleeps, 0 nothing done."},
     {NULL, NULL, 0, NULL}
 };
 
@@ -218,6 +319,7 @@ static PyMemberDef RingCore_members[] = {
     {"capacity", T_LONGLONG, offsetof(RingCore, capacity), 0, NULL},
     {"inline_max", T_LONGLONG, offsetof(RingCore, inline_max), 0, NULL},
     {"_header", T_LONGLONG, offsetof(RingCore, header), 0, NULL},
+    {"_hold", T_INT, offsetof(RingCore, hold), 0, NULL},
     {NULL, 0, 0, 0, NULL}
 };
 

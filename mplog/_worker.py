@@ -32,6 +32,8 @@ __all__ = ["SpoolHandler", "MPQueueHandler", "ServiceQueue", "Channel", "worker_
            "current_config", "pool_kwargs"]
 
 _SLEEPING = FIELDS.index("sleeping")
+# publish() needs the GIL (see put_payload); a free-threaded build takes the Python path.
+_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 _context: contextvars.ContextVar[Optional[Dict[str, Any]]] = contextvars.ContextVar("mplog_context", default=None)
 _context_get = _context.get
@@ -69,6 +71,9 @@ class Channel:
         self._counters: Optional[Counters] = None
         self._slot: Optional[Slot] = None
         self._ring: Optional[RingWriter] = None
+        # The compiled ring's publish(), which does the hot path in one call without the lock
+        # (see put_payload), or None: Python's path only.
+        self._publish: Optional[Callable[[bytes], int]] = None
         self._doorbell: Optional[FifoWriter] = None
         self._overflowing = False  # overflow="timeout": the one wait of this episode is spent
         self._drops_unreported = 0
@@ -137,6 +142,7 @@ class Channel:
             slot = self._slot = self._counters.claim_slot(pid, _process_start(pid), _process.process_name(),
                                                           os.getppid())
             self._ring = None  # a forked child's copy of the parent's ring is not its own
+            self._publish = None
             self._pid = pid
             if pid != self.config.owner_pid:
                 # Once per process: leave what tells the listener how it ends (see _process),
@@ -153,6 +159,7 @@ class Channel:
         self._deferred = []
         self._pid = -1
         self._ring = None
+        self._publish = None
         if self._doorbell is not None:
             self._doorbell.pid = os.getpid()
 
@@ -165,6 +172,11 @@ class Channel:
             return None  # the spool is gone (service stopped) or full (ENOSPC): the caller diverts
         slot.set(S_RING, 1)
         self._ring = ring
+        if ring._compiled and _GIL:
+            # publish() holds the counters' words; _attach_words sets _hold, and the Python
+            # path that opens the ring clears it when it lets the ring go.
+            ring._attach_words(slot.words, 1, slot.base + S_SENT, _SLEEPING, STATE_STOPPED)  # type: ignore[attr-defined]
+            self._publish = ring.publish  # type: ignore[attr-defined]
         self._ring_bell()  # a new ring: the listener learns of it now, not at its next scan
         return ring
 
@@ -199,6 +211,28 @@ class Channel:
     put = put_nowait
 
     def put_payload(self, payload: bytes, failures: int = 0) -> None:
+        publish = self._publish
+        if publish is not None and not failures:
+            # The hot path in one C call, without the lock: check the service's state, copy the
+            # entry into the ring, count it sent, read the listener's sleeping flag. With the GIL
+            # it runs whole between two bytecodes of any other thread or signal handler, so it
+            # needs no lock as long as it stays off the ring while the Python path below has it
+            # (_hold). 0: not done (stopped, full, big, held): the Python path does it all.
+            done = publish(payload)
+            if done:
+                if done == 2:
+                    self._wake_locked()
+                return
+        self._put_locked(payload, failures)
+
+    def _wake_locked(self) -> None:
+        slot = self._slot
+        assert slot is not None
+        with slot.lock:
+            self._wake()
+
+    def _put_locked(self, payload: bytes, failures: int) -> None:
+        """put_payload's Python path, under the slot's lock: anything publish() does not do."""
         slot = self._slot
         if slot is None:  # first use, or first use after a fork (after_fork forgets the slot)
             try:
@@ -213,10 +247,12 @@ class Channel:
                 self._deferred.append((payload, failures))
                 return
             self._busy = True
+            self._hold(1)
             try:
                 ring = self._ring
                 words = slot.words
-                # The hot path: the service runs, the ring has room, the listener is awake.
+                # publish()'s case, where it is not there (pure Python, a free-threaded build)
+                # or was held: the service runs, the ring has room, the listener is awake.
                 # Anything else (full, a big record's file not written, no ring yet, stopped)
                 # is _put's, which tries the ring once more.
                 ok = False
@@ -235,6 +271,14 @@ class Channel:
                     self._put(slot, *self._deferred.pop(0))
             finally:
                 self._busy = False
+                # An overflow episode (overflow="timeout") keeps the Python path: it ends there.
+                self._hold(1 if self._overflowing else 0)
+
+    def _hold(self, on: int) -> None:
+        """Keep publish() off the ring and the counters (``on``), or let it back. The caller
+        holds the slot's lock."""
+        if self._publish is not None:
+            self._ring._hold = on  # type: ignore[union-attr]
 
     def _put(self, slot: Slot, payload: bytes, failures: int) -> None:
         words, base = slot.words, slot.base
@@ -333,7 +377,11 @@ class Channel:
             slot = self._slot
             assert slot is not None
             with slot.lock:
-                slot.count(S_SENT, S_DROPPED, S_ERRORS)
+                self._hold(1)  # the sent counter is publish()'s too
+                try:
+                    slot.count(S_SENT, S_DROPPED, S_ERRORS)
+                finally:
+                    self._hold(1 if self._busy or self._overflowing else 0)
             self._note_drop(f"internal error {type(exc).__name__}: {exc}")
         except Exception:
             pass
@@ -406,7 +454,14 @@ class SpoolHandler(logging.Handler):
                 pass
             else:
                 try:
-                    channel.put_payload(payload)
+                    # put_payload's hot path, inlined (one call frame less for every record).
+                    publish = channel._publish
+                    done = 0 if publish is None else publish(payload)
+                    if done != 1:
+                        if done:
+                            channel._wake_locked()
+                        else:
+                            channel._put_locked(payload, 0)
                 except Exception:
                     self.handleError(record)
                 return record

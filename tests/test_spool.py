@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 import mplog
+from mplog import _compiled
 from mplog._spool import ring_capacity, spool_prefix, spool_root
 from conftest import app_blocks, read_blocks, wait_for
 
@@ -803,6 +804,93 @@ def test_a_signal_handler_that_logs_inside_a_logging_call_neither_deadlocks_nor_
     assert sorted(m for m in msgs if m.startswith("from handler ")) == sorted(
         f"from handler {k}" for k in range(len(fired)))
     assert len(fired) > 10
+
+
+def test_threads_that_log_big_and_small_records_at_once_lose_tear_and_miscount_nothing(service):
+    """The compiled ring publishes a small record in one C call without the process's lock; a big
+    record (its own file, then a reference entry) and a full ring take the Python path, whose
+    steps let other threads run (the big record's write() releases the GIL). Four threads at once,
+    one of them with big records, into a ring with room: every record arrives once, in its thread's
+    order, and the accounts close (sent = written). Without the hold that keeps the C call off
+    the ring while the Python path has it, records are torn or counted twice or not at all."""
+    svc = service(overflow="block", queue_size=1000)
+    from mplog import _worker
+    channel = svc._handler.channel
+    log = logging.getLogger("mix")
+    big_pad = "b" * 100_000  # above the 384 KB ring's inline limit (96 KB)
+    counts = {"big": 100}
+    big_done = threading.Event()
+    errors = []
+
+    def small(tag):
+        # until the big records are all in, so that the threads overlap whatever the machine
+        i = 0
+        try:
+            while not big_done.is_set() or i < 1000:
+                log.info("%s item %d", tag, i)
+                i += 1
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+        counts[tag] = i
+
+    def big():
+        try:
+            for i in range(counts["big"]):
+                log.info("big item %d%s", i, big_pad)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+        finally:
+            big_done.set()
+
+    threads = [threading.Thread(target=small, args=(f"s{k}",)) for k in range(3)] + [threading.Thread(target=big)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    assert svc.flush(60)
+    msgs = _messages(svc.full_path)
+    for k in range(3):
+        assert _numbered(msgs, f"s{k}") == list(range(counts[f"s{k}"]))
+    bigs = [m for m in msgs if m.startswith("big item ")]
+    assert [m[:-len(big_pad)] for m in bigs] == [f"big item {i}" for i in range(counts["big"])]
+    assert all(m.endswith(big_pad) for m in bigs)
+    final = svc.stop()["records"]
+    _identity(final)
+    total = sum(counts.values())
+    assert (final["sent"], final["written"], final["torn"], final["lost"]) == (total, total, 0, 0), final
+    if _compiled.enabled() and _worker._GIL:
+        assert channel._publish is not None  # the C call was the hot path here
+
+
+def test_a_child_that_logs_while_its_parent_logs_writes_a_ring_of_its_own(service, ctx):
+    """The main process logs first, so its ring and the compiled publish() are set up; then a
+    child logs while the main process goes on. Under fork the child logs through the handler it
+    inherited (no initializer), with the parent's channel and the parent's ring, mapped shared:
+    it must forget both (after_fork) and take a ring of its own, or the two processes write one
+    ring and records are torn. Spawn and forkserver children install the handler."""
+    svc = service()
+    log = logging.getLogger("t.worker")
+    n = 3000
+    log.info("main item 0")
+    if ctx.get_start_method() == "fork":
+        child = ctx.Process(target=workers.log_n, args=(("child", n),))
+    else:
+        child = ctx.Process(target=workers.process_target, args=(svc.worker_config, "child", n))
+    child.start()
+    try:
+        for i in range(1, n):
+            log.info("main item %d", i)
+    finally:
+        child.join(60)
+    assert child.exitcode == 0
+    assert svc.flush(30)
+    msgs = _messages(svc.full_path)
+    assert _numbered(msgs, "main") == list(range(n))
+    assert _numbered(msgs, "child") == list(range(n))
+    final = svc.stop()["records"]
+    _identity(final)
+    assert (final["written"], final["torn"], final["lost"]) == (2 * n, 0, 0), final
 
 
 def test_a_ring_costs_memory_at_most_its_capacity(service):
