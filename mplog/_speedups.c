@@ -118,6 +118,9 @@ typedef struct {
     int hold;
     Py_ssize_t w_state, w_sent, w_sleeping;
     long long stopped;
+    /* publish_record(): the record's keys (a tuple of str) and the tag of the common record */
+    PyObject *keys;
+    long tag;
 } RingCore;
 
 static PyObject *str_write_slow;
@@ -149,18 +152,38 @@ RingCore_detach(RingCore *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-/* _attach_words(words, state, sent, sleeping, stopped): hold the counters' words (a writable
- * buffer of 8-byte words) for publish(): the service's state word and its stopped value, this
- * process's sent counter, the listener's sleeping flag. Sets _hold: the caller clears it. */
+/* _attach_words(words, state, sent, sleeping, stopped, keys, tag): hold the counters' words (a
+ * writable buffer of 8-byte words) for publish(): the service's state word and its stopped
+ * value, this process's sent counter, the listener's sleeping flag; and the record's keys and
+ * the common record's tag for publish_record(). Sets _hold: the caller clears it. */
 static PyObject *
 RingCore_attach_words(RingCore *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t idx[3];
     long long stopped;
     int k;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "_attach_words(words, state, sent, sleeping, stopped)");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "_attach_words(words, state, sent, sleeping, stopped, keys, tag)");
         return NULL;
+    }
+    if (!PyTuple_CheckExact(args[5]) || PyTuple_GET_SIZE(args[5]) > INT32_MAX) {
+        PyErr_SetString(PyExc_TypeError, "_attach_words: keys must be a tuple of str");
+        return NULL;
+    }
+    for (k = 0; k < PyTuple_GET_SIZE(args[5]); k++)
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(args[5], k))) {
+            PyErr_SetString(PyExc_TypeError, "_attach_words: keys must be a tuple of str");
+            return NULL;
+        }
+    {
+        long tag = PyLong_AsLong(args[6]);
+        if (tag == -1 && PyErr_Occurred())
+            return NULL;
+        if (tag > INT32_MAX || tag < INT32_MIN) {
+            PyErr_SetString(PyExc_ValueError, "_attach_words: tag out of range");
+            return NULL;
+        }
+        self->tag = tag;
     }
     if (self->words_attached) {
         PyErr_SetString(PyExc_ValueError, "words already attached");
@@ -186,22 +209,21 @@ RingCore_attach_words(RingCore *self, PyObject *const *args, Py_ssize_t nargs)
     self->w_sent = idx[1];
     self->w_sleeping = idx[2];
     self->stopped = stopped;
+    Py_INCREF(args[5]);
+    Py_XSETREF(self->keys, args[5]);
     self->hold = 1;
     self->words_attached = 1;
     Py_RETURN_NONE;
 }
 
-/* The copy of the entry: 0 written; 1 not the common case (no room known, too big, not bytes). */
+/* The copy of an entry: 0 written; 1 not the common case (no room known, too big). */
 static int
-ring_put(RingCore *self, PyObject *payload, long long length_word)
+ring_put_raw(RingCore *self, const unsigned char *data, Py_ssize_t n, long long length_word)
 {
-    Py_ssize_t n;
     long long word = length_word, head, end, seq, at;
     unsigned char *base, *entry;
-    const unsigned char *data;
-    if (!self->attached || !PyBytes_CheckExact(payload) || self->capacity <= 0)
+    if (!self->attached || self->capacity <= 0)
         return 1;
-    n = PyBytes_GET_SIZE(payload);
     if (word < 0 && n <= self->inline_max)
         word = n;
     if (word < 0)
@@ -213,7 +235,6 @@ ring_put(RingCore *self, PyObject *payload, long long length_word)
     if (end > self->limit || seq > self->seq_limit || at + ENTRY_SIZE + n > (long long)self->view.len)
         return 1;
     base = (unsigned char *)self->view.buf;
-    data = (const unsigned char *)PyBytes_AS_STRING(payload);
     entry = base + at;
     put_u32(entry, (uint32_t)word);
     put_u32(entry + 4, adler32(data, n));
@@ -224,6 +245,34 @@ ring_put(RingCore *self, PyObject *payload, long long length_word)
     store_word(base, W_HEAD, end);  /* head last, as in Python */
     store_word(base, W_PUBLISHED, seq);
     return 0;
+}
+
+static int
+ring_put(RingCore *self, PyObject *payload, long long length_word)
+{
+    if (!PyBytes_CheckExact(payload))
+        return 1;
+    return ring_put_raw(self, (const unsigned char *)PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload),
+                        length_word);
+}
+
+/* After an entry is in the ring: count it sent; 2 if the listener sleeps, else 1. */
+static PyObject *
+published(RingCore *self)
+{
+    long long *words = (long long *)self->words.buf;
+    /* this process alone writes its sent counter; the listener reads it */
+    __atomic_store_n(&words[self->w_sent], words[self->w_sent] + 1, __ATOMIC_RELEASE);
+    return PyLong_FromLong(__atomic_load_n(&words[self->w_sleeping], __ATOMIC_ACQUIRE) ? 2 : 1);
+}
+
+/* publish() may go on: the counters are attached, the Python path does not hold the ring, and
+ * the service has not stopped. */
+static inline int
+may_publish(RingCore *self)
+{
+    return self->words_attached && !self->hold
+        && __atomic_load_n(&((long long *)self->words.buf)[self->w_state], __ATOMIC_ACQUIRE) != self->stopped;
 }
 
 /* publish(payload) -> 0, 1 or 2: the worker's whole hot path in one call (mplog/_worker.py,
@@ -243,16 +292,9 @@ RingCore_publish(RingCore *self, PyObject *payload)
     (void)payload;
     return PyLong_FromLong(0);
 #else
-    long long *words;
-    if (!self->words_attached || self->hold)
+    if (!may_publish(self) || ring_put(self, payload, -1) != 0)
         return PyLong_FromLong(0);
-    words = (long long *)self->words.buf;
-    if (__atomic_load_n(&words[self->w_state], __ATOMIC_ACQUIRE) == self->stopped
-            || ring_put(self, payload, -1) != 0)
-        return PyLong_FromLong(0);
-    /* this process alone writes its sent counter; the listener reads it */
-    __atomic_store_n(&words[self->w_sent], words[self->w_sent] + 1, __ATOMIC_RELEASE);
-    return PyLong_FromLong(__atomic_load_n(&words[self->w_sleeping], __ATOMIC_ACQUIRE) ? 2 : 1);
+    return published(self);
 #endif
 }
 
@@ -296,8 +338,11 @@ RingCore_dealloc(RingCore *self)
         self->words_attached = 0;
         PyBuffer_Release(&self->words);
     }
+    Py_CLEAR(self->keys);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
+
+static PyObject *RingCore_publish_record(RingCore *self, PyObject *d);  /* after the marshal below */
 
 static PyMethodDef RingCore_methods[] = {
     {"write", (PyCFunction)(void (*)(void))RingCore_write, METH_FASTCALL,
@@ -308,6 +353,8 @@ static PyMethodDef RingCore_methods[] = {
      "_attach_words(words, state, sent, sleeping, stopped): hold the counters' words for publish()."},
     {"publish", (PyCFunction)RingCore_publish, METH_O,
      "publish(payload) -> 0, 1 or 2: 1 published and counted, 2 also the listener sleeps, 0 nothing done."},
+    {"publish_record", (PyCFunction)RingCore_publish_record, METH_O,
+     "publish_record(d) -> 0, 1 or 2: publish(dumps((tag, values of d at keys), 2)), without making either."},
     {NULL, NULL, 0, NULL}
 };
 
@@ -599,6 +646,51 @@ py_dumps(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     if (w.heap)
         PyMem_Free(w.buf);
     return result;
+}
+
+/* publish_record(d): the common record's whole hot path in the caller (mplog/_worker.py,
+ * SpoolHandler.handle): publish(dumps((tag, (d[k] for k in keys)), 2)), with the same bytes,
+ * written into a buffer on the stack and copied into the ring, without the fields' tuple, the
+ * record's tuple and the payload's bytes object. 0: nothing done (a key missing, a value the
+ * marshal here does not write, anything publish() answers 0 to): the caller takes its path
+ * with marshal, which raises what marshal raises. */
+static PyObject *
+RingCore_publish_record(RingCore *self, PyObject *d)
+{
+#ifdef Py_GIL_DISABLED
+    (void)self;
+    (void)d;
+    return PyLong_FromLong(0);
+#else
+    WBuf w;
+    Py_ssize_t k, n;
+    int rc = 0;
+    PyObject *result;
+    if (!PyDict_CheckExact(d) || self->keys == NULL || !may_publish(self))
+        return PyLong_FromLong(0);
+    n = PyTuple_GET_SIZE(self->keys);
+    w.buf = w.local;
+    w.len = 0;
+    w.cap = (Py_ssize_t)sizeof(w.local);
+    w.heap = 0;
+    /* (tag, (values...)) as enc_v2 writes them: the tuple's depth 0, the fields' tuple 1 */
+    wb_int32(&w, '(', 2);
+    wb_int32(&w, 'i', (int32_t)self->tag);
+    wb_int32(&w, '(', (int32_t)n);
+    for (k = 0; k < n && rc == 0; k++) {
+        PyObject *v = PyDict_GetItemWithError(d, PyTuple_GET_ITEM(self->keys, k));  /* borrowed */
+        rc = v == NULL ? 1 : enc_v2(&w, v, 2);
+    }
+    if (rc == 0 && ring_put_raw(self, (const unsigned char *)w.buf, w.len, -1) == 0)
+        result = published(self);
+    else {
+        PyErr_Clear();  /* the caller's marshal meets the same error, and raises it */
+        result = PyLong_FromLong(0);
+    }
+    if (w.heap)
+        PyMem_Free(w.buf);
+    return result;
+#endif
 }
 
 /* ---- the listener's formatting of the common record in the default formats ----------------

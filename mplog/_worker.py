@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 from ._worker_config import WorkerConfig, coerce as _coerce
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
 from . import _process
-from ._record import _STANDARD_LEN, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, common_fields, common_payload, lean_fields, deserialize, record_dumps, serialize
+from ._record import _STANDARD_LEN, COMMON_KEYS, LEAN_KEYS, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, common_fields, common_payload, lean_fields, deserialize, record_dumps, serialize
 from ._spool import W_DONE, RingWriter, _process_start, open_ring_writer, ring_capacity
 from ._transport import K_WAKE, FifoWriter
 
@@ -74,6 +74,7 @@ class Channel:
         # The compiled ring's publish(), which does the hot path in one call without the lock
         # (see put_payload), or None: Python's path only.
         self._publish: Optional[Callable[[bytes], int]] = None
+        self._publish_record: Optional[Callable[[Dict[str, Any]], int]] = None  # the same, from the record's dict
         self._doorbell: Optional[FifoWriter] = None
         self._overflowing = False  # overflow="timeout": the one wait of this episode is spent
         self._drops_unreported = 0
@@ -142,7 +143,7 @@ class Channel:
             slot = self._slot = self._counters.claim_slot(pid, _process_start(pid), _process.process_name(),
                                                           os.getppid())
             self._ring = None  # a forked child's copy of the parent's ring is not its own
-            self._publish = None
+            self._publish = self._publish_record = None
             self._pid = pid
             if pid != self.config.owner_pid:
                 # Once per process: leave what tells the listener how it ends (see _process),
@@ -159,7 +160,7 @@ class Channel:
         self._deferred = []
         self._pid = -1
         self._ring = None
-        self._publish = None
+        self._publish = self._publish_record = None
         if self._doorbell is not None:
             self._doorbell.pid = os.getpid()
 
@@ -175,8 +176,11 @@ class Channel:
         if ring._compiled and _GIL:
             # publish() holds the counters' words; _attach_words sets _hold, and the Python
             # path that opens the ring clears it when it lets the ring go.
-            ring._attach_words(slot.words, 1, slot.base + S_SENT, _SLEEPING, STATE_STOPPED)  # type: ignore[attr-defined]
+            keys = LEAN_KEYS if self.config.lean else COMMON_KEYS  # the handler's _fields
+            ring._attach_words(slot.words, 1, slot.base + S_SENT, _SLEEPING, STATE_STOPPED,  # type: ignore[attr-defined]
+                               keys, TAG_COMMON)
             self._publish = ring.publish  # type: ignore[attr-defined]
+            self._publish_record = ring.publish_record  # type: ignore[attr-defined]
         self._ring_bell()  # a new ring: the listener learns of it now, not at its next scan
         return ring
 
@@ -447,21 +451,26 @@ class SpoolHandler(logging.Handler):
         if (len(d) == _STANDARD_LEN and type(record) is _LogRecord and self.formatter is None
                 and not channel.dedupe and self._emit_is_ours and _context_get() is None):
             # The common record (_record.common_payload, inlined: this is the caller's whole
-            # cost, see scripts/bench.py).
+            # cost, see scripts/bench.py). First the compiled ring's publish_record: the same
+            # payload, made and published in one C call (0: not done, for any reason).
+            publish = channel._publish_record
+            if publish is not None:
+                try:
+                    done = publish(d)
+                    if done:
+                        if done == 2:
+                            channel._wake_locked()
+                        return record
+                except Exception:
+                    self.handleError(record)
+                    return record
             try:
                 payload = self._dumps((TAG_COMMON, self._fields(d)), MARSHAL_VERSION)
             except (ValueError, KeyError):
                 pass
             else:
                 try:
-                    # put_payload's hot path, inlined (one call frame less for every record).
-                    publish = channel._publish
-                    done = 0 if publish is None else publish(payload)
-                    if done != 1:
-                        if done:
-                            channel._wake_locked()
-                        else:
-                            channel._put_locked(payload, 0)
+                    channel.put_payload(payload)
                 except Exception:
                     self.handleError(record)
                 return record

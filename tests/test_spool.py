@@ -1044,6 +1044,66 @@ def test_the_compiled_and_python_rings_write_the_same_bytes(tmp_path, monkeypatc
     assert compiled[0][header:] == python[0][header:]
 
 
+def test_publish_record_writes_what_marshal_writes_and_leaves_the_rest_to_the_python_path(tmp_path):
+    """The caller's hot path in one C call (RingCore.publish_record): the entry it writes is
+    marshal.dumps((TAG_COMMON, the fields), 2), byte for byte; whatever it does not write (a big
+    int, a mapping, a lone surrogate, an object, a key missing) it answers 0 to and writes
+    nothing, so the Python path meets it with marshal. It counts what it publishes, says when the
+    listener sleeps, and does nothing while the service is stopped or the Python path holds it."""
+    import marshal
+    from mplog import _counters, _record, _spool
+    if _spool._RingCore is None:
+        pytest.skip("mplog._speedups is not built here")
+    writer = _spool.open_ring_writer(str(tmp_path / "ring.0"), 64 * 1024, 500)
+    reader = _spool.RingReader(str(tmp_path / "ring.0"), 0)
+    words = memoryview(bytearray(8 * 16)).cast("q")
+    sent, sleeping = 10, 11
+    writer._attach_words(words, 1, sent, sleeping, _counters.STATE_STOPPED, _record.LEAN_KEYS, _record.TAG_COMMON)
+    assert writer.publish_record({}) == 0  # held until the Python path lets it go
+    writer._hold = 0
+
+    def record(*args):
+        return logging.LogRecord("app", logging.INFO, "/a/b.py", 3, "m" + " %r" * len(args), args or None, None)
+
+    plain = [(), (1,), ("s", "é", ""), (1.5, float("inf"), -0.0), (None, True, False), (b"raw",), ((1, ("x", 2.5)),),
+             (-2 ** 31, 2 ** 31 - 1)]
+    deferred = [(2 ** 31,), (2 ** 70,), ({"k": 1},), ("\udc80",), (object(),), ([1],), (1j,)]
+    by_marshal = []  # what the Python path then writes with marshal
+    for args in plain + deferred:
+        d = record(*args).__dict__
+        try:
+            expected = marshal.dumps((_record.TAG_COMMON, _record.lean_fields(d)), 2)
+            by_marshal.append(args)
+        except ValueError:
+            expected = None
+        before = (writer._seq, words[sent])
+        done = writer.publish_record(d)
+        if args in plain:
+            assert done == 1, args
+            assert (writer._seq, words[sent]) == (before[0] + 1, before[1] + 1)
+            assert _drain(reader) == [expected], args
+        else:
+            assert done == 0, args
+            assert (writer._seq, words[sent]) == before and _drain(reader) == []
+    assert all(args in by_marshal for args in [(2 ** 31,), (2 ** 70,), ("\udc80",), (1j,)])
+    d = record(1).__dict__
+    del d["lineno"]
+    assert writer.publish_record(d) == 0
+    d = record(7).__dict__
+    words[sleeping] = 1
+    assert writer.publish_record(d) == 2 and len(_drain(reader)) == 1
+    words[sleeping] = 0
+    words[1] = _counters.STATE_STOPPED
+    assert writer.publish_record(d) == 0 and _drain(reader) == []
+    words[1] = 0
+    writer._hold = 1
+    assert writer.publish_record(d) == 0
+    writer._hold = 0
+    assert writer.publish_record(d) == 1 and len(_drain(reader)) == 1
+    writer.close()
+    reader.close()
+
+
 def test_a_ring_of_the_previous_layout_is_still_read(tmp_path, monkeypatch):
     """Rings written by mplog before 0.2 check their entries with CRC-32: the next run still
     recovers them (layout 1); anything else is not taken for a ring."""
