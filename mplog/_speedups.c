@@ -8,6 +8,12 @@
  *   RingCore.write(payload)  the producer's publish, when the payload fits inline and the room
  *                            known from the last read of the listener's words suffices; else it
  *                            calls the Python method _write_slow(payload, length_word).
+ *   RingCore.publish(payload), RingCore.publish_record(d)
+ *                            the worker's whole hot path (mplog/_worker.py, put_payload and
+ *                            SpoolHandler.handle): the state word, the copy, the sent counter,
+ *                            the sleeping flag, without the process's lock (the GIL makes the
+ *                            call whole; the Python path holds it off with _hold); the second
+ *                            makes the common record's payload too, marshal's bytes on the stack.
  *   take_entries(...)        the listener's loop over whole entries in order, each checked; it
  *                            stops where Python's general loop must go on (the end of the data
  *                            area, a WRAP, a big record's reference, an entry that fails).
