@@ -168,8 +168,13 @@ RingCore_attach_words(RingCore *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t idx[3];
     long long stopped;
     int k;
+    long tag;
     if (nargs != 7) {
         PyErr_SetString(PyExc_TypeError, "_attach_words(words, state, sent, sleeping, stopped, keys, tag)");
+        return NULL;
+    }
+    if (self->words_attached) {
+        PyErr_SetString(PyExc_ValueError, "words already attached");
         return NULL;
     }
     if (!PyTuple_CheckExact(args[5]) || PyTuple_GET_SIZE(args[5]) > INT32_MAX) {
@@ -181,18 +186,11 @@ RingCore_attach_words(RingCore *self, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_TypeError, "_attach_words: keys must be a tuple of str");
             return NULL;
         }
-    {
-        long tag = PyLong_AsLong(args[6]);
-        if (tag == -1 && PyErr_Occurred())
-            return NULL;
-        if (tag > INT32_MAX || tag < INT32_MIN) {
-            PyErr_SetString(PyExc_ValueError, "_attach_words: tag out of range");
-            return NULL;
-        }
-        self->tag = tag;
-    }
-    if (self->words_attached) {
-        PyErr_SetString(PyExc_ValueError, "words already attached");
+    tag = PyLong_AsLong(args[6]);
+    if (tag == -1 && PyErr_Occurred())
+        return NULL;
+    if (tag > INT32_MAX || tag < INT32_MIN) {
+        PyErr_SetString(PyExc_ValueError, "_attach_words: tag out of range");
         return NULL;
     }
     for (k = 0; k < 3; k++) {
@@ -215,6 +213,7 @@ RingCore_attach_words(RingCore *self, PyObject *const *args, Py_ssize_t nargs)
     self->w_sent = idx[1];
     self->w_sleeping = idx[2];
     self->stopped = stopped;
+    self->tag = tag;
     Py_INCREF(args[5]);
     Py_XSETREF(self->keys, args[5]);
     self->hold = 1;
@@ -273,12 +272,18 @@ published(RingCore *self)
 }
 
 /* publish() may go on: the counters are attached, the Python path does not hold the ring, and
- * the service has not stopped. */
+ * the service has not stopped. Never without the GIL (a free-threaded build): nothing then makes
+ * the call whole, and the lock does it all. */
 static inline int
 may_publish(RingCore *self)
 {
+#ifdef Py_GIL_DISABLED
+    (void)self;
+    return 0;
+#else
     return self->words_attached && !self->hold
         && __atomic_load_n(&((long long *)self->words.buf)[self->w_state], __ATOMIC_ACQUIRE) != self->stopped;
+#endif
 }
 
 /* publish(payload) -> 0, 1 or 2: the worker's whole hot path in one call (mplog/_worker.py,
@@ -289,19 +294,13 @@ may_publish(RingCore *self)
  * calls no Python code runs whole, between any two bytecodes of another thread or of a signal
  * handler; so the Python path sets _hold while it has the ring or the counters in hand, and the
  * read-modify-write of the sent counter is never torn by a thread. Without the GIL (a
- * free-threaded build) it answers 0 and the lock does it all. */
+ * free-threaded build) it answers 0 (may_publish) and the lock does it all. */
 static PyObject *
 RingCore_publish(RingCore *self, PyObject *payload)
 {
-#ifdef Py_GIL_DISABLED
-    (void)self;
-    (void)payload;
-    return PyLong_FromLong(0);
-#else
     if (!may_publish(self) || ring_put(self, payload, -1) != 0)
         return PyLong_FromLong(0);
     return published(self);
-#endif
 }
 
 static PyObject *
@@ -356,7 +355,7 @@ static PyMethodDef RingCore_methods[] = {
     {"_attach", (PyCFunction)RingCore_attach, METH_O, "Hold the ring's mapping (a writable buffer)."},
     {"_detach", (PyCFunction)RingCore_detach, METH_NOARGS, "Let the mappings go (before they are closed)."},
     {"_attach_words", (PyCFunction)(void (*)(void))RingCore_attach_words, METH_FASTCALL,
-     "_attach_words(words, state, sent, sleeping, stopped): hold the counters' words for publish()."},
+     "_attach_words(words, state, sent, sleeping, stopped, keys, tag): hold the counters' words for publish()."},
     {"publish", (PyCFunction)RingCore_publish, METH_O,
      "publish(payload) -> 0, 1 or 2: 1 published and counted, 2 also the listener sleeps, 0 nothing done."},
     {"publish_record", (PyCFunction)RingCore_publish_record, METH_O,
@@ -489,6 +488,15 @@ typedef struct {
     int heap;
     char local[1024];
 } WBuf;
+
+static inline void
+wb_init(WBuf *w)
+{
+    w->buf = w->local;
+    w->len = 0;
+    w->cap = (Py_ssize_t)sizeof(w->local);
+    w->heap = 0;
+}
 
 static int
 wb_reserve(WBuf *w, Py_ssize_t n)
@@ -638,10 +646,7 @@ py_dumps(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     }
     if (version != 2)
         return PyMarshal_WriteObjectToString(args[0], version);
-    w.buf = w.local;
-    w.len = 0;
-    w.cap = (Py_ssize_t)sizeof(w.local);
-    w.heap = 0;
+    wb_init(&w);
     rc = enc_v2(&w, args[0], 0);
     if (rc == 0)
         result = PyBytes_FromStringAndSize(w.buf, w.len);
@@ -663,11 +668,6 @@ py_dumps(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 RingCore_publish_record(RingCore *self, PyObject *d)
 {
-#ifdef Py_GIL_DISABLED
-    (void)self;
-    (void)d;
-    return PyLong_FromLong(0);
-#else
     WBuf w;
     Py_ssize_t k, n;
     int rc = 0;
@@ -675,10 +675,7 @@ RingCore_publish_record(RingCore *self, PyObject *d)
     if (!PyDict_CheckExact(d) || self->keys == NULL || !may_publish(self))
         return PyLong_FromLong(0);
     n = PyTuple_GET_SIZE(self->keys);
-    w.buf = w.local;
-    w.len = 0;
-    w.cap = (Py_ssize_t)sizeof(w.local);
-    w.heap = 0;
+    wb_init(&w);
     /* (tag, (values...)) as enc_v2 writes them: the tuple's depth 0, the fields' tuple 1 */
     wb_int32(&w, '(', 2);
     wb_int32(&w, 'i', (int32_t)self->tag);
@@ -696,7 +693,6 @@ RingCore_publish_record(RingCore *self, PyObject *d)
     if (w.heap)
         PyMem_Free(w.buf);
     return result;
-#endif
 }
 
 /* ---- the listener's formatting of the common record in the default formats ----------------
@@ -781,12 +777,10 @@ typedef struct {
     PyObject *last_key, *last_rest;
     unsigned long key_gen;
     /* the lean reader's caches: the previous message's bytes and str, and the raw bytes of the
-     * header fields of last_key while head_gen == key_gen (head_split: the first span's length) */
+     * header fields of last_key while head_gen == key_gen (len -1: none kept) */
     Raw msg_raw, head_raw;
     PyObject *msg_obj;
     unsigned long head_gen;
-    Py_ssize_t head_split;
-    int head_valid;
 } Loop;
 
 /* One common record, as format_one reads it; every object borrowed. */
@@ -1195,7 +1189,7 @@ read_lean(Loop *L, const unsigned char *buf, Py_ssize_t len, Common *c, Lean *o)
     c->levelno = levelno;
     c->args = o->args;
     c->key_is_last = 0;
-    if (L->msg_obj != NULL && n_msg == L->msg_raw.len && memcmp(msg, L->msg_raw.buf, (size_t)n_msg) == 0) {
+    if (n_msg == L->msg_raw.len && memcmp(msg, L->msg_raw.buf, (size_t)n_msg) == 0) {
         c->msg = L->msg_obj;
     }
     else {
@@ -1207,7 +1201,9 @@ read_lean(Loop *L, const unsigned char *buf, Py_ssize_t len, Common *c, Lean *o)
             L->msg_raw.len = -1;  /* no bytes kept: no record matches them */
         c->msg = m;
     }
-    if (L->head_valid && L->head_gen == L->key_gen && L->head_split == o->la && L->head_raw.len == o->la + o->lb
+    /* The spans delimit themselves (type codes and lengths), so equal bytes end to end are equal
+     * spans, and equal spans are equal fields. */
+    if (L->head_gen == L->key_gen && L->head_raw.len == o->la + o->lb
             && memcmp(L->head_raw.buf, o->a0, (size_t)o->la) == 0
             && memcmp(L->head_raw.buf + o->la, o->b0, (size_t)o->lb) == 0) {
         /* the bytes of the header of last_key: its text, and the two fields the record prints */
@@ -1218,7 +1214,7 @@ read_lean(Loop *L, const unsigned char *buf, Py_ssize_t len, Common *c, Lean *o)
     }
     {
         /* kf's order: levelname, name, processName, process, pathname, lineno */
-        PyObject **h = o->head + o->nhead;
+        PyObject **h = o->head;
         h[0] = decode_str(levelname, n_levelname);
         h[1] = h[0] ? decode_str(name, n_name) : NULL;
         h[2] = h[1] ? decode_str(pname, n_pname) : NULL;
@@ -1227,7 +1223,7 @@ read_lean(Loop *L, const unsigned char *buf, Py_ssize_t len, Common *c, Lean *o)
         h[5] = h[4] ? PyLong_FromLong((long)lineno) : NULL;
         for (n = 0; n < 6 && h[n] != NULL; n++)
             c->kf[n] = h[n];
-        o->nhead += n;
+        o->nhead = n;
         if (n < 6)
             goto no;
         c->levelname = h[0];
@@ -1246,8 +1242,8 @@ lean_keep_header(Loop *L, const Common *c, const Lean *o)
 {
     if (!c->key_is_last || c->rest != NULL)
         return;  /* not known to be last_key's, or already kept */
-    L->head_valid = raw_set2(&L->head_raw, o->a0, o->la, o->b0, o->lb) == 0;
-    L->head_split = o->la;
+    if (raw_set2(&L->head_raw, o->a0, o->la, o->b0, o->lb) < 0)
+        L->head_raw.len = -1;  /* no bytes kept: no record matches them */
     L->head_gen = L->key_gen;
 }
 
@@ -1290,6 +1286,7 @@ format_common(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
         return NULL;
     L.cur_sec = LLONG_MIN;
     L.cur_ms = -1;
+    L.msg_raw.len = L.head_raw.len = -1;  /* nothing kept yet */
 
     n = PyList_GET_SIZE(payloads);
     for (i = 0; i < n; i++) {

@@ -251,7 +251,7 @@ class Channel:
                 self._deferred.append((payload, failures))
                 return
             self._busy = True
-            self._hold(1)
+            self._hold()
             try:
                 ring = self._ring
                 words = slot.words
@@ -275,14 +275,18 @@ class Channel:
                     self._put(slot, *self._deferred.pop(0))
             finally:
                 self._busy = False
-                # An overflow episode (overflow="timeout") keeps the Python path: it ends there.
-                self._hold(1 if self._overflowing else 0)
+                self._unhold()
 
-    def _hold(self, on: int) -> None:
+    def _hold(self, on: int = 1) -> None:
         """Keep publish() off the ring and the counters (``on``), or let it back. The caller
         holds the slot's lock."""
         if self._publish is not None:
             self._ring._hold = on  # type: ignore[union-attr]
+
+    def _unhold(self) -> None:
+        # Still held inside an outer put (a signal handler's record), and through an overflow
+        # episode (overflow="timeout"), which ends on the Python path.
+        self._hold(1 if self._busy or self._overflowing else 0)
 
     def _put(self, slot: Slot, payload: bytes, failures: int) -> None:
         words, base = slot.words, slot.base
@@ -381,11 +385,11 @@ class Channel:
             slot = self._slot
             assert slot is not None
             with slot.lock:
-                self._hold(1)  # the sent counter is publish()'s too
+                self._hold()  # the sent counter is publish()'s too
                 try:
                     slot.count(S_SENT, S_DROPPED, S_ERRORS)
                 finally:
-                    self._hold(1 if self._busy or self._overflowing else 0)
+                    self._unhold()
             self._note_drop(f"internal error {type(exc).__name__}: {exc}")
         except Exception:
             pass
