@@ -287,6 +287,7 @@ class LogService:
         # child holds a copy of this object) stop() and close() detach that process only.
         self._owner_pid = 0
         self._diverted_flushed = 0  # records sent to stderr that an earlier flush() reported
+        self._exit_marker: Optional[logging.Handler] = None  # see _stop_with_logging_shutdown
 
     # -- paths and configs -----------------------------------------------------------------
     @property
@@ -581,8 +582,8 @@ class LogService:
                 self._restore_root()
             elif self._hooks is not None:
                 # At exit, our handler stays on the root: a record logged later (a handler's
-                # close, an atexit function of logging's own era) finds the service stopped
-                # and goes to stderr as one simplified line, counted as sent to stderr.
+                # close, an atexit function registered before logging was imported) finds the
+                # service stopped and goes to stderr as one simplified line.
                 self._hooks.uninstall()
                 self._hooks = None
             self._restore_signals()
@@ -739,7 +740,7 @@ def _stop_with_logging_shutdown(service: LogService) -> bool:
     if not isinstance(handlers, list):
         return False
     marker = _StopAtShutdown(service)  # appends a weak reference to itself: move it to the front
-    service._exit_marker = marker  # type: ignore[attr-defined]  # the list holds a weak reference only
+    service._exit_marker = marker  # logging's list holds a weak reference only
     lock = getattr(logging, "_lock", None)  # logging's module lock (3.6+), around its list
     with lock if lock is not None else contextlib.nullcontext():
         for i, ref in enumerate(handlers):
