@@ -123,6 +123,20 @@ def test_the_same_logging_dict_in_every_worker_joins_the_service(settings, ctx, 
     assert _stop_and_read(settings, tmp_path) == expected
 
 
+def test_a_subprocess_that_applies_the_settings_joins_the_service(settings, tmp_path):
+    """Django's autoreloader runs the server in a subprocess that calls django.setup() again:
+    a new interpreter started from the service's process joins it, starting nothing."""
+    code = ("import logging, fw_settings; fw_settings.setup(); "
+            "h = logging.getLogger().handlers[0]; assert h.joined and h.service is None, h; "
+            "fw_settings.log_items(('sub', 40)); h.flush()")
+    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert settings.service.flush(10) is True
+    assert _stop_and_read(settings, tmp_path) == sorted(f"sub item {i}" for i in range(40))
+
+
 def test_a_file_set_held_by_another_program_is_refused_with_what_to_do(tmp_path):
     """Not a child of the service's process: a ServiceHandler on its files raises EBUSY naming
     the files and what to do; it does not join another program's service."""
