@@ -84,7 +84,7 @@ def _stalled_run(ctx, logs, shm, n_workers: int, **options) -> Dict[str, object]
 @pytest.mark.parametrize("queue_size", [10_000, 5_000], ids=["default-rings", "small-rings"])
 def test_an_8mib_tmpfs_and_a_stalled_listener_kill_no_worker(tmpfs, tmp_path, monkeypatch, ctx, queue_size):
     """8 workers on an 8 MiB tmpfs as XDG_RUNTIME_DIR. At the default queue_size the rings do
-    not fit: the spool goes to a disk directory, and says so in the log. With rings small
+    not fit: the spool goes to the next root with the room (/dev/shm, else TMPDIR or /var/tmp on disk), and says so in the log. With rings small
     enough to be placed there (1.8 MiB), the stall fills the tmpfs: the rings that get no room
     are full and drop, counted; before the fix every worker died of SIGBUS."""
     shm = tmpfs("shm", "8m")
