@@ -9,6 +9,7 @@ once every worker has ended, and check that no worker died and that every loggin
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -154,3 +155,59 @@ def test_a_ring_on_a_full_tmpfs_refuses_and_nothing_dies(tmpfs, monkeypatch, imp
     accepted, refused, read, kind = got
     print("\nring on a 256 KiB tmpfs:", {"accepted": accepted, "refused": refused, "read": read, "writer": kind})
     assert 0 < accepted < 5000 and refused == 5000 - accepted and read == accepted
+
+
+def _claim_on_a_full_tmpfs(path: str, conn) -> None:
+    """In a child: counters on a tmpfs, which is then filled; claims past the reserved slots."""
+    from mplog._counters import MAX_SLOTS, Counters
+    counters = Counters.create(path)
+    fd = os.open(os.path.join(os.path.dirname(path), "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass  # ENOSPC: the tmpfs is full
+    finally:
+        os.close(fd)
+    slots = [counters.claim_slot(1000 + i).index for i in range(300)]
+    slots[-1] and counters.slot(slots[-1]).add(1)  # a store into the last slot handed out
+    try:
+        Counters.create(path + ".2")
+        second = "made"
+    except OSError as exc:
+        second = errno.errorcode.get(exc.errno or 0, str(exc))
+    conn.send((slots.count(MAX_SLOTS - 1), len(set(slots)), second))
+
+
+def test_counters_on_a_full_tmpfs_hand_out_reserved_slots_only(tmpfs):
+    """Claims past the slots reserved at creation, on a full tmpfs, get the shared overflow
+    slot (its page reserved at creation) rather than a page the tmpfs cannot back; a counter
+    file that finds no room is an OSError. The process lives."""
+    import multiprocessing
+    mnt = tmpfs("counters", "256k")
+    ctx = multiprocessing.get_context("fork")
+    mine, theirs = ctx.Pipe()
+    p = ctx.Process(target=_claim_on_a_full_tmpfs, args=(str(mnt / "counters"), theirs))
+    p.start()
+    got = mine.recv() if mine.poll(60) else None
+    p.join(30)
+    assert p.exitcode == 0, f"the claimer died: {p.exitcode}"
+    overflow, distinct, second = got
+    print("\ncounters on a full tmpfs:", {"overflow_claims": overflow, "distinct_slots": distinct, "second": second})
+    assert overflow > 0 and distinct < 300 and second == "ENOSPC"
+
+
+def test_a_tmpfs_without_room_for_the_rings_is_passed_over_with_a_notice(tmpfs, tmp_path, monkeypatch):
+    """The first root whose free room holds a full ring per CPU (and the main process's) is
+    chosen; the notice names the one passed over and the room it lacked."""
+    from mplog import _spool
+    small = tmpfs("small", "8m")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    monkeypatch.setattr(_spool, "spool_roots", lambda: [str(small), str(disk)])
+    ring = _spool.RING_HEADER + _spool.ring_capacity(10_000)
+    placement = _spool.place_spool(ring)
+    print("\nplacement:", placement)
+    assert placement.need == _spool.expected_processes() * ring + _spool.COUNTER_BYTES
+    assert placement.root == str(disk) and f"{small} (tmpfs) has 8.0 MiB free" in placement.notice
+    assert _spool.place_spool(_spool.RING_HEADER + _spool.ring_capacity(100)).root == str(small)
