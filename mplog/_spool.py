@@ -224,7 +224,9 @@ class RingWriter:
         # passes it, so neither path stores into a page the filesystem may not have.
         self._reserved = 0
         self._retry_at = 0.0  # after a refused reservation: not again before this (monotonic)
-        self._limit = 0
+        first = min(capacity, RESERVE_CHUNK)
+        self._reserve(0, first, first)  # the first chunk now, so the first record takes the fast path
+        self._limit = self._reserved
         if self._compiled:
             self._header = RING_HEADER
             self._attach(self._mm)  # type: ignore[attr-defined]
