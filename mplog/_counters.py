@@ -35,6 +35,9 @@ FIELDS = (
     "restarts_noted",
     # the listener's own vitals for health, sampled with psutil once a second (see _listener.Vitals)
     "vital_pid", "vital_ns", "vital_cpu_centi", "vital_rss", "vital_fds", "vital_create_us", "main_create_us",
+    # the pid that sent the latest stop frame: an exit nobody in the main process asked for is
+    # named after it (see _supervisor._on_exit)
+    "stop_pid",
 )
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 assert len(FIELDS) <= 96

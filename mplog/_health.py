@@ -73,6 +73,24 @@ class Health:
         self.runtime = runtime
         self.ring_bytes = ring_bytes
         self._mount: Optional[Tuple[str, str]] = None  # the spool's mount point and type, looked up once
+        self._diverted = (0, 0.0)  # records sent to stderr instead of the files, and when that last grew
+
+    def diverted(self) -> int:
+        """Records that went to stderr instead of the files: diverted by the processes (the
+        service stopped or its spool gone under them) or by the listener (files unwritable)."""
+        return self.counters.slot_totals()["diverted"] + self.counters.get("stderr_records")
+
+    def diverting(self, diverted: int) -> Optional[float]:
+        """Seconds since records last went to stderr, while that was within ``degraded_window``
+        (None: not lately, or never)."""
+        now = time.monotonic()
+        last, since = self._diverted
+        if diverted > last:
+            self._diverted = (diverted, now)
+            return 0.0
+        if last and now - since < self.config.degraded_window:
+            return now - since
+        return None
 
     @property
     def main_create_time(self) -> Optional[float]:
@@ -128,10 +146,12 @@ class Health:
         listener = supervisor.listener_info() if not final else dict(_STOPPED_LISTENER)
         last_write_ns = snap["last_write_ns"]
         stalled = (not final) and supervisor.progress_stalled(written, in_spool)
+        # Records going to stderr are not in the files: never "healthy" while that happens.
+        to_stderr = None if final else self.diverting(diverted)
         if final or supervisor.state == "stopped":
             status = "down"
         elif (supervisor.degraded or stalled or not listener["alive"] or listener["status"] == "unresponsive"
-              or snap["error_ns"]):
+              or snap["error_ns"] or to_stderr is not None):
             status = "degraded"
         else:
             status = "healthy"
@@ -183,4 +203,9 @@ class Health:
             report["reason"] = f"the listener has not answered for {listener['sample_age_s']:.0f} s"
         if stalled:
             report["reason"] = "records are waiting and none was written for 2 s"
+        if to_stderr is not None:
+            report["reason"] = (f"{diverted} record(s) went to stderr instead of the files, the latest "
+                                f"{to_stderr:.0f} s ago")
+        elif not final and supervisor.last_exit and supervisor.last_exit.get("cause") and "reason" not in report:
+            report["reason"] = f"the listener exited with {supervisor.last_exit['name']}: {supervisor.last_exit['cause']}"
         return report

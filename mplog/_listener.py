@@ -547,7 +547,9 @@ class Listener:
                 return
             if not data:
                 return
-            for kind, _pid, _tid, _seq, payload in self.control.feed(data):
+            for kind, pid, _tid, _seq, payload in self.control.feed(data):
+                if kind == K_STOP:
+                    self.counters.set("stop_pid", pid)  # who asked: see _supervisor._on_exit
                 self.on_control(kind, payload)
 
     def on_control(self, kind: int, payload: bytes) -> None:

@@ -12,6 +12,7 @@ the next ``LogService`` on the same file set writes those records first.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -29,11 +30,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from ._capture import ENV as CAPTURE_ENV
 from ._capture import capture_dir, disabled_by_env, publish, withdraw
 from ._config import ListenerConfig, ServiceConfig, WorkerConfig
-from ._counters import Counters
+from ._counters import STATE_STOPPED, Counters
 from ._health import Health, down_report
 from ._process import ExceptionHooks
-from ._spool import (RING_HEADER, SPOOL_MAX_AGE_S, clean_spools, list_spools, place_spool, remove_spool, ring_capacity,
-                     spool_prefix, spool_root, spool_roots, unwritten_records, write_owner)
+from ._spool import (RING_HEADER, SPOOL_MAX_AGE_S, _process_start, clean_spools, list_spools, place_spool,
+                     remove_spool, ring_capacity, spool_prefix, spool_root, spool_roots, unwritten_records,
+                     write_owner)
 from ._supervisor import Supervisor, write_health_file
 from ._transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FifoWriter
 from ._worker import ServiceQueue, SpoolHandler, _service_read_fds, uninstall, with_levels, worker_init
@@ -282,6 +284,11 @@ class LogService:
         self._capture_dir: Optional[str] = None
         self._strays_possible = False
         self._hooks: Optional[ExceptionHooks] = None
+        # The process that started it: the only one that stops it. In any other (a forked
+        # child holds a copy of this object) stop() and close() detach that process only.
+        self._owner_pid = 0
+        self._diverted_flushed = 0  # records sent to stderr that an earlier flush() reported
+        self._exit_marker: Optional[logging.Handler] = None  # see _stop_with_logging_shutdown
 
     # -- paths and configs -----------------------------------------------------------------
     @property
@@ -337,7 +344,7 @@ class LogService:
             root = spool_root()  # the lock's (elsewhere than Linux), whatever room it has
             placement = place_spool(RING_HEADER + self._ring_bytes)
             mine = _running.get(prefix)
-            if mine is not None and not mine._stopped:  # lockf does not stop this process itself
+            if mine is not None and mine._owned() and not mine._stopped:  # lockf does not stop this process itself
                 raise OSError(errno.EBUSY, f"another mplog service (pid {os.getpid()}, this process) is writing "
                                            "these log files; stop it, or use mplog.ServiceHandler to share it",
                               str(cfg.simplified_path))
@@ -361,11 +368,31 @@ class LogService:
                 self._unlock()
                 raise
             self._started = True
+            self._owner_pid = os.getpid()
             if placement.notice:
                 self._notice(placement.notice)
             _running[_file_set_key(cfg)] = self
             atexit.register(self._at_exit)
             return self
+
+    def _owned(self) -> bool:
+        """True in the process that started this service (not in a forked copy of it)."""
+        return self._owner_pid == os.getpid()
+
+    def _joinable(self) -> Optional[WorkerConfig]:
+        """In a forked child of the service's process: the service's WorkerConfig while it runs
+        (its counters say so), for a ServiceHandler of the same file set to join it."""
+        cfg = self._worker_config
+        if cfg is None or not self._started or self._owned():
+            return None
+        try:
+            counters = Counters.open(cfg.counters_path)
+        except OSError:
+            return None  # the spool is gone: the service has stopped
+        try:
+            return cfg if counters.get("state") != STATE_STOPPED else None
+        finally:
+            counters.close()
 
     def _start_in(self, runtime: str, leftovers: Tuple[str, ...]) -> None:
         cfg = self.config
@@ -471,9 +498,13 @@ class LogService:
             return False
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Return True once every record logged before this call is in the files (False if that
-        did not happen within ``timeout`` seconds)."""
+        """Return True once every record logged before this call is in the files; False if that
+        did not happen within ``timeout`` seconds, or if records went to stderr instead of the
+        files since the previous flush() (each such episode is reported once)."""
         with self._lock:
+            if self._started and not self._owned():
+                # A forked copy: this process's own records only (its ring's tail).
+                return self._handler is None or self._handler.channel.wait_written(timeout)
             if not self._started or self._stopped or self._supervisor is None:
                 return self._stopped
             supervisor = self._supervisor
@@ -487,7 +518,19 @@ class LogService:
         with self._flush_lock:
             if not self._send_control(K_FLUSH, frame, deadline):
                 return False
-            return supervisor.wait_flushed(token, deadline, send)
+            flushed = supervisor.wait_flushed(token, deadline, send)
+            return self._nothing_diverted() and flushed
+
+    def _nothing_diverted(self) -> bool:
+        """False if records went to stderr instead of the files since the last call (a stopped
+        or missing spool, a listener that could not write): flush() must not say "written"."""
+        if self._health is None:
+            return True
+        diverted = self._health.diverted()
+        if diverted > self._diverted_flushed:
+            self._diverted_flushed = diverted
+            return False
+        return True
 
     def install_signal_handlers(self, signals: Any = None) -> None:
         """Opt in: on SIGTERM or SIGINT, stop the service (every record logged before the signal
@@ -527,14 +570,29 @@ class LogService:
     def stop(self) -> Dict[str, Any]:
         """Write every record logged before this call, stop the listener, restore the root
         logger. Idempotent. Returns within ``shutdown_timeout`` (+0.5 s) whatever the listener's
-        state, and returns the final health report."""
+        state, and returns the final health report.
+
+        In a process that did not start the service (a forked child, where ``dictConfig``
+        closes the inherited handlers) it only detaches that process: see ``_detach``."""
+        return self._stop(restore=True)
+
+    def _stop(self, restore: bool) -> Dict[str, Any]:
         with self._lock:
+            if self._started and not self._owned():
+                return self._detach()
             if self._stopped or not self._started:
                 return self.health()
             self._stopped = True
             deadline = time.monotonic() + self.config.shutdown_timeout
             self._withdraw_capture()  # first: no new child joins a service that is stopping
-            self._restore_root()
+            if restore:
+                self._restore_root()
+            elif self._hooks is not None:
+                # At exit, our handler stays on the root: a record logged later (a handler's
+                # close, an atexit function registered before logging was imported) finds the
+                # service stopped and goes to stderr as one simplified line.
+                self._hooks.uninstall()
+                self._hooks = None
             self._restore_signals()
             atexit.unregister(self._at_exit)
 
@@ -558,6 +616,16 @@ class LogService:
             _running.pop(_file_set_key(self.config), None)
             return self._final
 
+    def _detach(self) -> Dict[str, Any]:
+        """This process stops logging through the service's main-process handler; the owner's
+        listener, spool, files, capture and lock are not this process's to touch. Records this
+        process logs go where its configuration now sends them."""
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
+        atexit.unregister(self._at_exit)
+        return {"status": "detached", "service": {"pid": self._owner_pid, "name": self.config.name,
+                                                  "directory": str(self.config.directory)}}
+
     def _restore_root(self) -> None:
         if self._hooks is not None:
             self._hooks.uninstall()
@@ -577,7 +645,7 @@ class LogService:
 
     def _flush_for_handler(self, timeout: float) -> None:
         if self._started and not self._stopped:
-            self.flush(timeout)
+            self.flush(timeout)  # in a forked copy, this process's own records (see flush)
 
     def _unlock(self) -> None:
         if self._lock_fd >= 0:
@@ -612,16 +680,24 @@ class LogService:
             self._runtime = None
 
     def _at_exit(self) -> None:
-        # Registered after multiprocessing is imported, so it runs before multiprocessing's own
-        # exit function terminates children and joins feeder threads (atexit is LIFO). Python
-        # would wait for non-daemon children after us: wait for them first (bounded), so what
-        # they log still reaches the files, whatever the import order.
+        # atexit runs last-registered-first, and logging registered its shutdown() when it was
+        # imported, before any service: the standard library's handlers still write what every
+        # atexit function logs. Stopping here would lose what the functions registered before
+        # start() log. So here (before multiprocessing's exit function, registered earlier,
+        # terminates daemonic children) wait for non-daemon children, bounded, as Python would
+        # after us; then leave the stop to logging.shutdown(), through a handler it closes last.
+        if self._started and not self._owned():
+            return  # a forked child's exit (3.13+ runs atexit there): not this process's service
         try:
             _join_children(time.monotonic() + self.config.exit_timeout)
         except Exception:
             pass
+        if not _stop_with_logging_shutdown(self):
+            self._stop_at_exit()
+
+    def _stop_at_exit(self) -> None:
         try:
-            self.stop()
+            self._stop(restore=False)
         except Exception as exc:
             try:
                 os.write(2, f"mplog: stopping at exit failed: {exc}\n".encode())
@@ -644,6 +720,44 @@ class LogService:
 
 
 
+class _StopAtShutdown(logging.Handler):
+    """Not a handler of any logger: a place in ``logging._handlerList``, first, so that the
+    ``logging.shutdown()`` that runs at exit closes it after every other handler, once every
+    atexit function has run. Closing it stops the service."""
+
+    def __init__(self, service: LogService) -> None:
+        super().__init__()
+        self.service: Optional[LogService] = service
+
+    def emit(self, record: logging.LogRecord) -> None:  # pragma: no cover - on no logger
+        pass
+
+    def close(self) -> None:
+        service, self.service = self.service, None
+        if service is not None:
+            service._stop_at_exit()
+        super().close()
+
+
+def _stop_with_logging_shutdown(service: LogService) -> bool:
+    """Have logging's own exit-time shutdown stop ``service`` last (see LogService._at_exit).
+    False where logging keeps no such list (then the caller stops now)."""
+    import weakref
+    handlers = getattr(logging, "_handlerList", None)
+    if not isinstance(handlers, list):
+        return False
+    marker = _StopAtShutdown(service)  # appends a weak reference to itself: move it to the front
+    service._exit_marker = marker  # logging's list holds a weak reference only
+    lock = getattr(logging, "_lock", None)  # logging's module lock (3.6+), around its list
+    with lock if lock is not None else contextlib.nullcontext():
+        for i, ref in enumerate(handlers):
+            if ref() is marker:
+                del handlers[i]
+                break
+        handlers.insert(0, weakref.ref(marker))
+    return True
+
+
 _shares: Dict[str, int] = {}  # file set -> ServiceHandlers of this process sharing its service
 
 
@@ -658,12 +772,16 @@ class ServiceHandler(logging.Handler):
 
     * a second ServiceHandler for the same directory and name in this process (the
       configuration applied twice) shares the first one's service;
-    * in another process of the application whose service already runs (a spawn child that
-      re-imports a ``__main__`` configuring logging at module level) it *joins* that service,
-      starting nothing: ``handler.service`` is then ``None`` and ``handler.joined`` True.
+    * in another process of the application whose service already runs -- a child of the
+      service's process at any depth: a fork child or a pool worker that applies the same
+      LOGGING dict (Django, Celery prefork, gunicorn), a spawn child that re-imports a
+      ``__main__`` configuring logging at module level -- it *joins* that service, starting
+      nothing: ``handler.service`` is then ``None`` and ``handler.joined`` True;
+    * a file set held by a service of another program raises ``OSError(EBUSY)`` naming it.
 
     ``close()`` (``logging.shutdown()`` calls it at exit) releases the service; the last
-    handler of this process to close stops it. ``flush()`` returns once every record logged
+    handler of the service's own process to close stops it. Closed in any other process (a
+    forked child's ``dictConfig`` closes what it inherited), it detaches that process only. ``flush()`` returns once every record logged
     before it is in the files. ``handler.service`` gives ``pool_kwargs()`` for the pools.
 
     Not a ``QueueHandler`` subclass on purpose: since Python 3.12, dictConfig builds every
@@ -677,7 +795,12 @@ class ServiceHandler(logging.Handler):
         config = ServiceConfig.build(directory, name, **options)
         self._key = _file_set_key(config)
         running = _running.get(self._key)
-        if running is not None and not running._stopped:
+        # A forked child holds a copy of its parent's service: it joins the original.
+        worker = running._joinable() if running is not None else None
+        if worker is not None:
+            self.joined = True
+            inner = SpoolHandler(worker)
+        elif running is not None and running._owned() and not running._stopped:
             self.service = running
         else:
             try:
@@ -687,7 +810,10 @@ class ServiceHandler(logging.Handler):
                     raise
                 worker = _running_worker_config(self._key)
                 if worker is None:
-                    raise
+                    raise OSError(errno.EBUSY, f"{exc.strerror.partition(';')[0]}, and it is not a service of "
+                                               "this program (this process or one it was started from); stop "
+                                               "it, or give this program another directory or name",
+                                  exc.filename) from None
                 self.joined = True
                 inner = SpoolHandler(worker)
         if self.service is not None:
@@ -729,10 +855,36 @@ class ServiceHandler(logging.Handler):
         super().close()
 
 
+def _ancestors() -> List[Tuple[int, int]]:
+    """(pid, start time) of this process's parent, its parent, ... up to init (Linux's /proc;
+    elsewhere the parent alone, start time unknown: 0)."""
+    found: List[Tuple[int, int]] = []
+    pid = os.getpid()
+    while pid > 1 and len(found) < 64:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            if not found:
+                found.append((os.getppid(), 0))
+            break
+        if ppid <= 0:
+            break
+        found.append((ppid, _process_start(ppid)))
+        pid = ppid
+    return found
+
+
 def _running_worker_config(prefix: str) -> Optional[WorkerConfig]:
-    """The worker config of the live service of a file set, run by another process."""
-    for spool in list_spools(None, prefix):
+    """The worker config of the live service of a file set, run by a process this one was
+    started from (at any depth: a pool worker of a pool worker). A service of another program
+    is not joined: its files are its own."""
+    ancestors = _ancestors()
+    for spool in list_spools(None, prefix):  # wherever its room placed it
         if not spool.alive:
+            continue
+        if not any(pid == spool.owner_pid and (not start or not spool.owner_start or start == spool.owner_start)
+                   for pid, start in ancestors):
             continue
         try:
             with open(os.path.join(spool.path, "worker.json")) as f:

@@ -328,16 +328,34 @@ class Supervisor:
         self.last_exit = {"name": exit_name(rc), "returncode": rc, "time": time.time()}
         self.state = "backoff"
         c = self.counters
+        cause = self._unasked_stop(c)
+        if cause:
+            self.last_exit["cause"] = cause
         ready = c.get("listener_pid") == proc.pid
         progressed = c.get("written") > proc.written_at_start or self.backlog() == 0
         delay = self.policy.exited(time.monotonic(), ready=ready, progressed=progressed)
         self._set_degraded(self.policy.degraded)
         self._restart_at = time.monotonic() + delay
+        why = f" ({cause})" if cause else ""
         if delay:
-            self._say(f"listener exited with {self.last_exit['name']}; restarting in {delay:.1f} s")
+            self._say(f"listener exited with {self.last_exit['name']}{why}; restarting in {delay:.1f} s")
         else:
-            self._say(f"listener exited with {self.last_exit['name']}; restarting now")
+            self._say(f"listener exited with {self.last_exit['name']}{why}; restarting now")
             self._restart()
+
+    def _unasked_stop(self, c: Counters) -> Optional[str]:
+        """The listener stopped on a stop frame this process did not send (a child that holds a
+        copy of the service, an older mplog in it): say who sent it, and undo what the stop did
+        to the shared state, or every process would send its records to stderr from now on."""
+        sender = c.get("stop_pid")
+        if not sender or c.get("state") != STATE_STOPPED:
+            return None
+        c.set("stop_pid", 0)
+        c.set("final_set", 0)
+        c.set("state", STATE_DEGRADED if self._degraded else STATE_RUNNING)
+        if sender == os.getpid():
+            return "stopped by this process without stop()"
+        return f"stopped by process {sender}, not the service's own process (a child that inherited it?)"
 
     def backlog(self) -> int:
         """Records published in the rings and not yet written (or diverted) by the listener."""

@@ -449,6 +449,9 @@ class SpoolHandler(logging.Handler):
         self._fields = lean_fields if cfg.lean else common_fields  # see _record.TAG_COMMON
         self._dumps = record_dumps()  # compiled or marshal's own, chosen per handler
         self.flush_hook: Any = None  # set by LogService in the main process: the service's barrier
+        # QueueHandler's (3.12+): dictConfig sets it on a QueueHandler it made with a listener.
+        # The listener here is a process of the service, not an object of this one: None.
+        self.listener: Any = None
 
     @property
     def queue(self) -> "ServiceQueue":
@@ -460,7 +463,10 @@ class SpoolHandler(logging.Handler):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "_emit_is_ours" not in cls.__dict__:  # a subclass may say its emit() needs no call
-            cls._emit_is_ours = cls.emit is SpoolHandler.emit
+            # QueueHandler's hooks: a subclass that overrides prepare() or enqueue() (to add a
+            # field, say) has them called for every record, as QueueHandler.emit() would.
+            cls._emit_is_ours = (cls.emit is SpoolHandler.emit and cls.prepare is SpoolHandler.prepare
+                                 and cls.enqueue is SpoolHandler.enqueue)
 
     def handle(self, record: logging.LogRecord) -> Any:
         # Handler.handle() takes the handler's lock around emit(); ours needs none (the ring has
@@ -502,16 +508,28 @@ class SpoolHandler(logging.Handler):
         self.emit(record)
         return record
 
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """``QueueHandler.prepare``: the object returned is what ``enqueue`` sends. The record
+        goes as it is: ``enqueue`` turns it into plain fields and the listener formats it, so
+        nothing is merged or dropped here. Override it to send a modified copy."""
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        """``QueueHandler.enqueue``: publish the record into this process's ring (the overflow
+        policy applies when it is full). May raise; ``emit`` counts the failure."""
+        channel = self.channel
+        if channel.dedupe and channel.seen_before(record):
+            return
+        if self.formatter is None:
+            payload, failures = channel.prepare(record)
+        else:
+            payload, failures = channel.prepare(record, self._render(record))
+        channel.put_payload(payload, failures)
+
     def emit(self, record: logging.LogRecord) -> None:
+        """``QueueHandler.emit``: ``enqueue(prepare(record))``; a failure is counted, never raised."""
         try:
-            channel = self.channel
-            if channel.dedupe and channel.seen_before(record):
-                return
-            if self.formatter is None:
-                payload, failures = channel.prepare(record)
-            else:
-                payload, failures = channel.prepare(record, self._render(record))
-            channel.put_payload(payload, failures)
+            self.enqueue(self.prepare(record))
         except Exception:
             self.handleError(record)
 
