@@ -11,6 +11,7 @@ A slot's index also names the process's ring in the spool (``ring.<index>``).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -70,10 +71,16 @@ X_CLEAN = 1 << 8  # it reached its normal exit (multiprocessing's exit function,
 X_CODE_KNOWN = 1 << 9  # ... and knew its exit status, in the bits X_CODE_SHIFT.. (0..255)
 X_UNCAUGHT = 1 << 10  # an uncaught exception ended its main thread (a Process target)
 X_CODE_SHIFT = 16
+_SLOTS_AT_START = 84  # the header and these fill 5 pages: the main process and its first workers
 _SIZE = 8 * (HEADER_WORDS + SLOT_WORDS * MAX_SLOTS)  # 12 MiB, sparse on tmpfs: 192 bytes a process
 
 STATE_STARTING, STATE_RUNNING, STATE_DEGRADED, STATE_STOPPING, STATE_STOPPED = range(5)
 STATE_NAMES = ("starting", "running", "degraded", "stopping", "stopped")
+
+
+def _reserve(fd: int, offset: int, length: int) -> bool:
+    from ._spool import reserve  # the one way mplog reserves room (posix_fallocate)
+    return reserve(fd, offset, length)
 
 
 class Counters:
@@ -89,6 +96,15 @@ class Counters:
     def create(cls, path: str) -> "Counters":
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.ftruncate(fd, _SIZE)
+        # Sparse, but every page a process stores into is reserved first (a store into a page a
+        # full tmpfs cannot back is a SIGBUS): the header and the first slots now, the shared
+        # overflow slot (the fallback of a claim that finds no room), each further slot at its claim.
+        last = 8 * (HEADER_WORDS + SLOT_WORDS * (MAX_SLOTS - 1))
+        if not (_reserve(fd, 0, 8 * (HEADER_WORDS + SLOT_WORDS * _SLOTS_AT_START))
+                and _reserve(fd, last, 8 * SLOT_WORDS)):
+            os.close(fd)
+            os.unlink(path)
+            raise OSError(errno.ENOSPC, "no room for the counters in the spool", path)
         self = cls(path, fd, mmap.mmap(fd, _SIZE))
         self.words[_INDEX["magic"]] = _MAGIC
         return self
@@ -146,8 +162,10 @@ class Counters:
         fcntl.lockf(self._fd, fcntl.LOCK_EX, 8, 8 * _INDEX["slots_used"], os.SEEK_SET)
         try:
             used = words[_INDEX["slots_used"]]
-            if used >= MAX_SLOTS:
-                slot = MAX_SLOTS - 1  # shared overflow slot: increments may race, documented
+            if used >= MAX_SLOTS or not _reserve(self._fd, 8 * (HEADER_WORDS + SLOT_WORDS * used), 8 * SLOT_WORDS):
+                # The shared overflow slot: increments may race (documented). Also where a
+                # claim finds no room for its slot's page: counted, not a SIGBUS.
+                slot, used = MAX_SLOTS - 1, MAX_SLOTS
             else:
                 slot = used
             base = HEADER_WORDS + SLOT_WORDS * slot

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ._config import ServiceConfig
 from ._counters import S_DEATH, S_DEATH_NS, S_PID, S_START, Counters, settle_accounts
+from ._spool import RING_HEADER, filesystem, free_bytes
 from ._deathword import start_wall, unpack  # not _exits: the listener's, see _deathword
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,6 +72,7 @@ class Health:
         self.counters = counters
         self.runtime = runtime
         self.ring_bytes = ring_bytes
+        self._mount: Optional[Tuple[str, str]] = None  # the spool's mount point and type, looked up once
         self._diverted = (0, 0.0)  # records sent to stderr instead of the files, and when that last grew
 
     def diverted(self) -> int:
@@ -108,6 +110,15 @@ class Health:
         except OSError:
             pass
         return {"rings": rings, "bytes_used": used}
+
+    def spool_room(self) -> Dict[str, Any]:
+        """The spool's filesystem: where it is mounted, its type, its free bytes, and how many
+        more full rings fit in them (rings reserve their pages as they fill: see _spool)."""
+        if self._mount is None:
+            self._mount = filesystem(self.runtime)
+        free = free_bytes(self.runtime)
+        ring_file = RING_HEADER + self.ring_bytes
+        return {"path": self._mount[0], "type": self._mount[1], "free_bytes": free, "rings_free": free // ring_file}
 
     def report(self, supervisor: "Supervisor", final: bool = False) -> Dict[str, Any]:
         snap = self.counters.snapshot()
@@ -164,7 +175,8 @@ class Health:
             # ``capacity_bytes``; ``bytes`` is the memory the spool's touched pages take now.
             "queue": {"depth": 0 if final else in_spool, "capacity": self.config.queue_size,
                       "capacity_bytes": self.ring_bytes, "scope": "per process",
-                      "rings": usage["rings"], "bytes": usage["bytes_used"], "spool": self.runtime},
+                      "rings": usage["rings"], "bytes": usage["bytes_used"], "spool": self.runtime,
+                      "filesystem": self.spool_room()},
             "records": {"sent": sent, "written": written, "dropped": dropped, "lost": lost,
                         "diverted": diverted, "torn": snap["torn"], "lost_with_listener": snap["lost_listener"],
                         "unattributed_lost": unattributed, "replaced": totals["replaced"] + snap["replaced_listener"],

@@ -33,8 +33,9 @@ from ._config import ListenerConfig, ServiceConfig, WorkerConfig
 from ._counters import STATE_STOPPED, Counters
 from ._health import Health, down_report
 from ._process import ExceptionHooks
-from ._spool import (SPOOL_MAX_AGE_S, _process_start, clean_spools, list_spools, remove_spool, ring_capacity, spool_prefix,
-                     spool_root, unwritten_records, write_owner)
+from ._spool import (RING_HEADER, SPOOL_MAX_AGE_S, _process_start, clean_spools, list_spools, place_spool,
+                     remove_spool, ring_capacity, spool_prefix, spool_root, spool_roots, unwritten_records,
+                     write_owner)
 from ._supervisor import Supervisor, write_health_file
 from ._transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FifoWriter
 from ._worker import ServiceQueue, SpoolHandler, _service_read_fds, uninstall, with_levels, worker_init
@@ -124,7 +125,7 @@ def _lock_file_set(root: str, prefix: str, cfg: ServiceConfig) -> int:
 
 
 def _holder(root: str, prefix: str) -> str:
-    for spool in list_spools(root, prefix):
+    for spool in list_spools(None, prefix):  # wherever its room placed it
         if spool.alive:
             return str(spool.owner_pid)
     return "?"
@@ -340,16 +341,20 @@ class LogService:
             cfg = self.config
             _check_directory(cfg.directory, (cfg.simplified_path, cfg.full_path))
             prefix = spool_prefix(str(cfg.directory), cfg.name)
-            root = spool_root()
+            root = spool_root()  # the lock's (elsewhere than Linux), whatever room it has
+            placement = place_spool(RING_HEADER + self._ring_bytes)
             mine = _running.get(prefix)
             if mine is not None and mine._owned() and not mine._stopped:  # lockf does not stop this process itself
                 raise OSError(errno.EBUSY, f"another mplog service (pid {os.getpid()}, this process) is writing "
                                            "these log files; stop it, or use mplog.ServiceHandler to share it",
                               str(cfg.simplified_path))
             self._lock_fd = _lock_file_set(root, prefix, cfg)  # one writer per file set
-            clean_spools(SPOOL_MAX_AGE_S, root)  # abandoned spools of any run of this user
-            # Spools of earlier runs of this file set that died with records unwritten.
-            leftovers = tuple(s.path for s in list_spools(root, prefix) if not s.alive and s.unwritten)
+            for place in spool_roots():
+                clean_spools(SPOOL_MAX_AGE_S, place)  # abandoned spools of any run of this user
+            # Spools of earlier runs of this file set that died with records unwritten (in any
+            # root: an earlier run may have found other room).
+            leftovers = tuple(s.path for s in list_spools(None, prefix) if not s.alive and s.unwritten)
+            root = placement.root
             # Made under a name no other service looks at, then renamed once it has its owner
             # file: a concurrent start's cleaning must never take it for an orphan.
             staging = tempfile.mkdtemp(prefix="." + prefix, dir=root)
@@ -364,6 +369,8 @@ class LogService:
                 raise
             self._started = True
             self._owner_pid = os.getpid()
+            if placement.notice:
+                self._notice(placement.notice)
             _running[_file_set_key(cfg)] = self
             atexit.register(self._at_exit)
             return self
@@ -873,7 +880,7 @@ def _running_worker_config(prefix: str) -> Optional[WorkerConfig]:
     started from (at any depth: a pool worker of a pool worker). A service of another program
     is not joined: its files are its own."""
     ancestors = _ancestors()
-    for spool in list_spools(spool_root(), prefix):
+    for spool in list_spools(None, prefix):  # wherever its room placed it
         if not spool.alive:
             continue
         if not any(pid == spool.owner_pid and (not start or not spool.owner_start or start == spool.owner_start)

@@ -53,7 +53,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._counters import Counters
 
 __all__ = ["RingWriter", "RingReader", "SpoolReader", "ring_capacity", "RING_HEADER", "spool_key", "spool_root",
-           "SpoolInfo", "list_spools", "remove_spool", "BYTES_PER_RECORD"]
+           "SpoolInfo", "list_spools", "remove_spool", "BYTES_PER_RECORD", "spool_roots", "place_spool",
+           "Placement", "filesystem", "free_bytes", "reserve"]
 
 PAGE = mmap.PAGESIZE
 RING_HEADER = 4096 if PAGE <= 4096 else PAGE
@@ -160,6 +161,30 @@ checksum = adler32
 
 _WRAP_CHECK = checksum(b"")
 
+# A ring reserves its data area lazily, a chunk ahead of its head, so an idle process's ring
+# costs a chunk, not its capacity; one posix_fallocate per chunk (~700 records at the defaults).
+RESERVE_CHUNK = 256 * 1024
+RESERVE_RETRY_S = 0.001  # a refused reservation is tried again after this: drops stay cheap
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def reserve(fd: int, offset: int, length: int) -> bool:
+    """Make the filesystem back bytes [offset, offset + length) of ``fd`` now (posix_fallocate:
+    ENOSPC here, not a SIGBUS at the store). False if it cannot."""
+    if length <= 0:
+        return True
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:  # macOS: no way to reserve; its disks do not fill page by page
+        return True
+    start = offset // PAGE * PAGE
+    try:
+        fallocate(fd, start, offset + length - start)
+    except OSError as exc:
+        if exc.errno == errno.EINTR:
+            return reserve(fd, offset, length)
+        return False  # ENOSPC, EDQUOT, or a filesystem that cannot: no room, never a guess
+    return True
+
 
 class RingWriter:
     """The producer's end of one ring. One process writes it; callers serialise their threads.
@@ -177,7 +202,11 @@ class RingWriter:
         self.max_records = max_records
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fd, RING_HEADER + capacity)  # sparse: pages cost memory once touched
+            os.ftruncate(fd, RING_HEADER + capacity)  # sparse: pages are reserved as they are needed
+            if not reserve(fd, 0, RING_HEADER):  # the header is stored into now
+                os.unlink(path)
+                raise OSError(errno.ENOSPC, "no room for a ring in the spool", path)
+            self._ino = os.fstat(fd).st_ino
             self._mm = mmap.mmap(fd, RING_HEADER + capacity)
         finally:
             os.close(fd)
@@ -191,7 +220,13 @@ class RingWriter:
         self._seq = 0
         self.inline_max = capacity // 4 - ENTRY_SIZE  # larger payloads go to a file of their own
         self._seq_limit = max_records  # what fits as of the last read of the listener's words
-        self._limit = capacity
+        # Running offsets [head, _reserved) are reserved in the file (see _reserve); _limit never
+        # passes it, so neither path stores into a page the filesystem may not have.
+        self._reserved = 0
+        self._retry_at = 0.0  # after a refused reservation: not again before this (monotonic)
+        first = min(capacity, RESERVE_CHUNK)
+        self._reserve(0, first, first)  # the first chunk now, so the first record takes the fast path
+        self._limit = self._reserved
         if self._compiled:
             self._header = RING_HEADER
             self._attach(self._mm)  # type: ignore[attr-defined]
@@ -252,13 +287,50 @@ class RingWriter:
             if lap_end + need > tail_limit:
                 return False
             if left >= ENTRY_SIZE:
+                if head + ENTRY_SIZE > self._reserved and not self._reserve(head, head + ENTRY_SIZE, lap_end):
+                    return False
                 _ENTRY.pack_into(self._mm, RING_HEADER + head % cap, WRAP, _WRAP_CHECK, self._seq + 1)
-            self._head = head = lap_end
+            self._head = head = self._reserved = lap_end  # nothing of the next lap is known reserved
             lap_end += cap
         elif head + need > tail_limit:
             return False
-        self._limit = min(tail_limit, lap_end)
+        if head + need > self._reserved:
+            # Up to a chunk ahead, never past the page holding the listener's tail (its pages
+            # are given back only behind it, see RingReader._release), nor the end of the lap.
+            bound = min(lap_end, -(-tail_limit // PAGE) * PAGE)
+            if not self._reserve(max(self._reserved, head), min(bound, head + need + RESERVE_CHUNK), bound,
+                                 head + need):
+                return False
+        self._limit = min(tail_limit, lap_end, self._reserved)
         return True
+
+    def _reserve(self, start: int, stop: int, bound: int, least: int = -1) -> bool:
+        """Reserve running offsets [start, stop) (one lap), or at least [start, least): True if
+        [start, least or stop) is reserved. The pages a store may touch must be the
+        filesystem's before it: a store into a page a full tmpfs cannot back is a SIGBUS."""
+        least = stop if least < 0 else least
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False  # refused a moment ago: a full ring, without a system call per record
+        at = RING_HEADER + start % self.capacity
+        ok = False
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            fd = -1  # the spool is gone (stopped): no room
+        if fd >= 0:
+            try:
+                if os.fstat(fd).st_ino == self._ino:
+                    for end in (stop, least) if least < stop else (stop,):
+                        if reserve(fd, at, min(bound, end) - start):
+                            self._reserved = min(bound, end)
+                            ok = True
+                            break
+            finally:
+                os.close(fd)
+        if not ok:
+            self._retry_at = now + RESERVE_RETRY_S
+        return ok and self._reserved >= least
 
     def _write_external(self, payload: bytes) -> bool:
         seq = self._seq + 1
@@ -273,11 +345,13 @@ class RingWriter:
                     view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
-        except OSError:
+        except OSError as exc:
             try:
                 os.unlink(path)
             except OSError:
                 pass
+            if exc.errno in _NO_ROOM:
+                return False  # no room for its file: the ring is full (the overflow policy)
             raise
         if not self.write(_EXTERNAL.pack(len(payload), checksum(payload)), F_EXTERNAL | _EXTERNAL.size):
             os.unlink(path)
@@ -533,13 +607,90 @@ class RingReader:
 
 
 # -- the spool directory ---------------------------------------------------------------------
-def spool_root() -> str:
-    """Where spools live: tmpfs when there is one (``XDG_RUNTIME_DIR``, ``/dev/shm``)."""
+def spool_roots() -> List[str]:
+    """Where spools may live, in order of preference: tmpfs (``XDG_RUNTIME_DIR``, ``/dev/shm``),
+    then a local disk directory (``TMPDIR`` or ``/tmp``, ``/var/tmp``)."""
     import tempfile
-    for candidate in (os.environ.get("XDG_RUNTIME_DIR"), "/dev/shm"):
-        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
-            return candidate
-    return tempfile.gettempdir()
+    out: List[str] = []
+    for candidate in (os.environ.get("XDG_RUNTIME_DIR"), "/dev/shm", tempfile.gettempdir(), "/var/tmp"):
+        if (candidate and candidate not in out and os.path.isdir(candidate)
+                and os.access(candidate, os.W_OK | os.X_OK)):
+            out.append(candidate)
+    return out or [tempfile.gettempdir()]
+
+
+def spool_root() -> str:
+    """The preferred spool root: tmpfs when there is one (``XDG_RUNTIME_DIR``, ``/dev/shm``)."""
+    return spool_roots()[0]
+
+
+def free_bytes(path: str) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def filesystem(path: str) -> Tuple[str, str]:
+    """The mount point and type of the filesystem holding ``path`` (/proc/self/mountinfo)."""
+    real = os.path.realpath(path)
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return "/", kind
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        point = fields[4].replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, right.split()[0]
+    return best or "/", kind
+
+
+# The spool must hold a full ring for each process a pool on this machine runs by default (one
+# per CPU it may use) and the main process's, plus the counters' reserved pages.
+COUNTER_BYTES = 64 * 1024
+
+
+def expected_processes() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return cpus + 1
+
+
+class Placement(NamedTuple):
+    root: str
+    need: int  # bytes: full rings for expected_processes(), and the counters
+    free: int  # the chosen root's free bytes when chosen
+    notice: str  # why the preferred root was passed over ("" if it was not)
+
+
+def place_spool(ring_file_bytes: int) -> Placement:
+    """The first root whose free room holds the rings a stall could fill (a tmpfs cannot
+    page out: past its room a ring is full and drops); if none has it, the roomiest."""
+    roots = spool_roots()
+    processes = expected_processes()
+    need = processes * ring_file_bytes + COUNTER_BYTES
+    room = [(root, free_bytes(root)) for root in roots]
+    chosen = next(((r, f) for r, f in room if f >= need), None) or max(room, key=lambda rf: rf[1])
+    notice = ""
+    if chosen[0] != roots[0]:
+        mib = 1024 * 1024
+        first, free = room[0]
+        notice = (f"the spool is in {chosen[0]} ({filesystem(chosen[0])[1]}, {chosen[1] / mib:.1f} MiB free): "
+                  f"{first} ({filesystem(first)[1]}) has {free / mib:.1f} MiB free, and {processes} rings of "
+                  f"{ring_file_bytes / mib:.1f} MiB ({processes - 1} CPUs and the main process) need "
+                  f"{need / mib:.1f} MiB")
+        if chosen[1] < need:
+            notice += "; no root has that room: rings that find none are full and the overflow policy applies"
+    return Placement(chosen[0], need, chosen[1], notice)
 
 
 def spool_key(directory: str, name: str) -> str:
@@ -637,8 +788,10 @@ def _usage(path: str) -> int:
 
 
 def list_spools(root: Optional[str] = None, prefix: str = "") -> List[SpoolInfo]:
-    """This user's spools under ``root`` (``prefix`` narrows to one file set)."""
-    root = root or spool_root()
+    """This user's spools under ``root``, or under every root a spool may be placed in
+    (``prefix`` narrows to one file set)."""
+    if root is None:
+        return [info for r in spool_roots() for info in list_spools(r, prefix)]
     mine = f"mplog-{os.getuid()}-"
     out: List[SpoolInfo] = []
     try:
@@ -710,7 +863,14 @@ class SpoolReader:
         self.retired = 0
         self.open_errors = 0
         self.gone: Set[int] = set()  # slots whose process ended: a bad entry will never mend
-        self.keep = KeepBudget()  # which busy rings keep their pages
+        # Which busy rings keep their pages: at most a quarter of the spool's filesystem, so
+        # that on a small tmpfs the pages go back to the rings that need room.
+        try:
+            st = os.statvfs(runtime)
+            size = st.f_blocks * st.f_frsize
+        except OSError:
+            size = 0
+        self.keep = KeepBudget(min(KEEP_BYTES, size // 4) if size else KEEP_BYTES)
 
     def refresh(self) -> None:
         """Open the rings of processes that started logging since the last look."""

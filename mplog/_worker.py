@@ -25,7 +25,7 @@ from ._worker_config import WorkerConfig, coerce as _coerce
 from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
 from . import _process
 from ._record import _STANDARD_LEN, COMMON_KEYS, LEAN_KEYS, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, common_fields, common_payload, lean_fields, deserialize, record_dumps, serialize
-from ._spool import W_DONE, RingWriter, _process_start, open_ring_writer, ring_capacity
+from ._spool import _NO_ROOM, W_DONE, RingWriter, _process_start, open_ring_writer, ring_capacity
 from ._transport import K_WAKE, FifoWriter
 
 __all__ = ["SpoolHandler", "MPQueueHandler", "ServiceQueue", "Channel", "worker_init", "install", "uninstall", "context",
@@ -71,6 +71,7 @@ class Channel:
         self._counters: Optional[Counters] = None
         self._slot: Optional[Slot] = None
         self._ring: Optional[RingWriter] = None
+        self._no_room = False  # the ring could not be made for want of room: a full ring
         # The compiled ring's publish(), which does the hot path in one call without the lock
         # (see put_payload), or None: Python's path only.
         self._publish: Optional[Callable[[bytes], int]] = None
@@ -169,8 +170,11 @@ class Channel:
         path = os.path.join(os.path.dirname(cfg.counters_path), f"ring.{slot.index}")
         try:
             ring = open_ring_writer(path, cfg.ring_bytes or ring_capacity(cfg.queue_size), cfg.queue_size)
-        except OSError:
-            return None  # the spool is gone (service stopped) or full (ENOSPC): the caller diverts
+        except OSError as exc:
+            # No room for even its header (ENOSPC): a full ring, the overflow policy's; the
+            # spool gone (the service stopped): the caller diverts.
+            self._no_room = exc.errno in _NO_ROOM
+            return None
         slot.set(S_RING, 1)
         self._ring = ring
         if ring._compiled and _GIL:
@@ -299,18 +303,34 @@ class Channel:
         if ring is None:
             ring = self._open_ring(slot)
             if ring is None:
-                self._divert(slot, payload)
+                if not self._no_room:
+                    self._divert(slot, payload)
+                    return
+                ok: Optional[bool] = self._overflow(lambda: self._write_new_ring(slot, payload))
+                if ok is None:
+                    self._divert(slot, payload)
+                    return
+                self._count_put(slot, ok, payload)
                 return
         try:
-            ok: Optional[bool] = ring.write(payload)
-        except OSError:  # a big record's own file could not be written (ENOSPC in the spool)
+            ok = ring.write(payload)
+        except OSError:  # a big record's own file could not be written (not for room: EACCES...)
             self._divert(slot, payload)
             return
         if not ok:
-            ok = self._overflow(ring, payload)
+            ok = self._overflow(lambda: ring.write(payload))
             if ok is None:
                 self._divert(slot, payload)
                 return
+        self._count_put(slot, ok, payload)
+
+    def _write_new_ring(self, slot: Slot, payload: bytes) -> bool:
+        """A record for a ring that had no room to be made: make it now, if there is room."""
+        ring = self._ring or self._open_ring(slot)
+        return ring is not None and ring.write(payload)
+
+    def _count_put(self, slot: Slot, ok: bool, payload: bytes) -> None:
+        words, base = slot.words, slot.base
         if ok:
             words[base + S_SENT] += 1
             self._overflowing = False  # room again: the next overflow may wait once more
@@ -332,8 +352,9 @@ class Channel:
         counters.words[_SLEEPING] = 0
         self._ring_bell()
 
-    def _overflow(self, ring: RingWriter, payload: bytes) -> Optional[bool]:
-        """The ring is full. True: written after a wait; False: drop; None: the service is gone."""
+    def _overflow(self, write: Callable[[], bool]) -> Optional[bool]:
+        """The ring is full (or has no room to be made). ``write`` tries again. True: written
+        after a wait; False: drop; None: the service is gone."""
         policy = self.config.overflow
         if policy == "drop" or policy == "stderr":
             return False
@@ -348,7 +369,7 @@ class Channel:
         counters = self._counters
         assert counters is not None
         while True:
-            if ring.write(payload):
+            if write():
                 return True
             if counters.words[1] == STATE_STOPPED:
                 return None
