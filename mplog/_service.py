@@ -393,7 +393,7 @@ class LogService:
             file_mode=cfg.file_mode, rotate_bytes=cfg.rotate_bytes, rotate_interval=cfg.rotate_interval,
             backup_count=cfg.backup_count, compress=cfg.compress, syslog=cfg.syslog, syslog_level=cfg.syslog_level,
             recover=leftovers, follow_symlinks=private_directory(cfg.directory),
-            capture_dir=capture_dir() if self._will_capture() else None)
+            capture_dir=self._capture_path())
         self._health = Health(cfg, self._counters, runtime, self._ring_bytes)
         self._supervisor = Supervisor(cfg, self._counters, listener, self._health)
         self._supervisor.start()
@@ -427,6 +427,14 @@ class LogService:
             self._capture_children()
 
     # -- pool workers made without the initializer (issue 13; see _capture.py) ----------------
+    def _capture_path(self) -> Optional[str]:
+        if not self._will_capture():
+            return None
+        try:
+            return capture_dir()
+        except OSError:
+            return None  # publish() says why, as a notice
+
     def _will_capture(self) -> bool:
         return self.config.capture_children and not disabled_by_env()
 
