@@ -6,9 +6,11 @@ scheduler) or by old code, without mplog's initializer. While a ``LogService`` r
 worker it starts installs mplog by itself, before any user code runs::
 
     main process (LogService.start → publish)
-      ├─ a directory <spool root>/mplog-children-<uid>-<pid>-<start>/, 0700:
+      ├─ a directory <spool root>/mplog-children-<uid>-<pid>-<start>-<random>/, 0700, made
+      │  by mkdir (never one that exists: see docs/shared-machines.md):
       │     config.json       the WorkerConfig of the service children should log to
       │     sitecustomize.py  runs first thing in every new interpreter that inherits ...
+      │                       (Python 2 syntax; the only importable name in the directory)
       ├─ ... the environment: MPLOG_CAPTURE=<pid>:<dir>, and <dir> first on PYTHONPATH
       │     → spawn children and loky workers (new interpreters): sitecustomize chains to any
       │       sitecustomize of your own, then installs mplog from config.json
@@ -33,8 +35,10 @@ Standard library only: this module runs in every captured worker.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -89,12 +93,16 @@ def _mplog_say(exc):
 _SITECUSTOMIZE = '''\
 # Written by mplog for the pool workers of process {pid} while its LogService runs, and removed
 # when the service stops (see mplog/_capture.py). Chains to the sitecustomize that would have
-# run without this directory on PYTHONPATH.
+# run without this directory on PYTHONPATH. Every interpreter that inherits the environment
+# imports this file (Python 2.7 and 3.6 too): it is Python 2 syntax, and it does nothing but
+# the chain outside a pool worker of a Python mplog runs on.
 import os as _os
 import sys as _sys
 {loader}
 
 def _mplog_is_pool_worker(here):
+    if _sys.version_info < (3, 9):
+        return False  # mplog's Pythons only: no other interpreter is a pool worker of the service
     value = _os.environ.get("{env}", "")
     pid, _, where = value.partition(":")
     if where != here or not pid.isdigit() or int(pid) != _os.getppid():
@@ -131,7 +139,7 @@ try:
     import sitecustomize  # noqa: F401
 except ImportError as _exc:
     _sys.modules.setdefault("sitecustomize", _mplog_self)
-    if _exc.name != "sitecustomize":
+    if getattr(_exc, "name", "sitecustomize") != "sitecustomize":  # Python 2: no name (and site ignores it)
         raise
 except BaseException:
     _sys.modules.setdefault("sitecustomize", _mplog_self)
@@ -168,17 +176,65 @@ class _State:
         self.suspended: Optional[CapturedHandler] = None  # release() by an explicit route
         self.original_gpd: Any = None
         self.pending: Optional[Tuple[str, WorkerConfig]] = None  # to install at _bootstrap
+        self.made: Optional[Tuple[int, str]] = None  # (pid, the capture directory it made)
 
 
 _state = _State()
 
 
 def capture_dir() -> str:
-    """This process's capture directory: the same for each of its services, so a worker that
-    outlived one service finds the next."""
+    """This process's capture directory, made if need be: the same for each of its services
+    (made again at the same name after a stop), so a worker that outlived one service finds
+    the next. Its name ends in random characters and it is made with ``mkdir`` (never an
+    existing directory): another user who made a directory at a name of ours first, in a
+    world-writable root, is never used. Raises OSError."""
+    import tempfile
     from ._spool import _process_start, spool_root
     pid = os.getpid()
-    return os.path.join(spool_root(), f"mplog-children-{os.getuid()}-{pid}-{_process_start(pid)}")
+    made = _state.made
+    if made is not None and made[0] == pid:
+        path = made[1]
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        if _is_ours(path):
+            return path
+    root = os.path.abspath(spool_root())
+    path = tempfile.mkdtemp(prefix=f"mplog-children-{os.getuid()}-{pid}-{_process_start(pid)}-", dir=root)
+    if not _is_ours(path):
+        raise PermissionError(errno.EPERM, "the capture directory was changed by someone else", path)
+    _state.made = (pid, path)
+    return path
+
+
+def _is_ours(path: str) -> bool:
+    """A directory (not a link) of this user that nobody else can write, with nothing in it
+    that another user made."""
+    try:
+        st = os.lstat(path)
+        if not (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077):
+            return False
+        return all(e.stat(follow_symlinks=False).st_uid == os.getuid() for e in os.scandir(path))
+    except OSError:
+        return False
+
+
+def _read_config(here: str) -> Optional[WorkerConfig]:
+    """The capture directory's config.json if this user wrote it (a directory another user
+    made at the name, after our service stopped, is never read), else None."""
+    try:
+        fd = os.open(os.path.join(here, "config.json"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd) as f:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022 or not _is_ours(here):
+            return None
+        try:
+            return WorkerConfig.from_json(f.read())
+        except (OSError, ValueError, TypeError):
+            return None
 
 
 def _current_config() -> Optional[WorkerConfig]:
@@ -213,8 +269,12 @@ def _unhook_multiprocessing() -> None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = f"{path}.{os.getpid()}.tmp"  # not importable: only sitecustomize is
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -226,7 +286,7 @@ def publish(config: WorkerConfig) -> str:
     Returns the capture directory. Raises OSError if it cannot be written."""
     here = capture_dir()
     _clean_stale(os.path.dirname(here))
-    os.makedirs(here, mode=0o700, exist_ok=True)
+    _block_bytecode(here)
     _write_atomic(os.path.join(here, "sitecustomize.py"), _SITECUSTOMIZE.format(
         pid=os.getpid(), env=ENV, off=OFF_ENV, here=here, package=_PACKAGE, loader=_LOAD_MPLOG))
     _write_atomic(os.path.join(here, "config.json"), config.to_json())
@@ -239,6 +299,19 @@ def publish(config: WorkerConfig) -> str:
     _state.here = here
     _hook_multiprocessing()
     return here
+
+
+def _block_bytecode(here: str) -> None:
+    # The directory on PYTHONPATH holds sitecustomize.py and nothing else that can be imported:
+    # a file named __pycache__ keeps Python 3 from writing its bytecode there, and a directory
+    # named sitecustomize.pyc keeps Python 2 from writing its own (both fail silently).
+    for name, make in (("__pycache__", lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                                                     | os.O_NOFOLLOW, 0o400))),
+                       ("sitecustomize.pyc", lambda p: os.mkdir(p, 0o500))):
+        try:
+            make(os.path.join(here, name))
+        except FileExistsError:
+            pass
 
 
 def withdraw(service_id: str) -> None:
@@ -283,7 +356,8 @@ def withdraw(service_id: str) -> None:
 
 
 def _clean_stale(root: str) -> None:
-    # A main process killed while capturing leaves its directory: remove those of dead processes.
+    # A main process killed while capturing leaves its directory: remove those of dead
+    # processes, if this user made them (another user's directory at such a name is theirs).
     from ._spool import process_alive
     import shutil
     prefix = f"mplog-children-{os.getuid()}-"
@@ -293,11 +367,22 @@ def _clean_stale(root: str) -> None:
         return
     for entry in entries:
         try:
-            pid, start = (int(x) for x in entry.name[len(prefix):].split("-"))
+            pid, start = (int(x) for x in entry.name[len(prefix):].split("-")[:2])
         except ValueError:
             continue
-        if not process_alive(pid, start):
+        if not process_alive(pid, start) and _is_ours(entry.path):
             shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def remove_dir(path: str) -> None:
+    """Remove a capture directory, if it is this user's (the listener's, after its application died)."""
+    import shutil
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def clean_environ(env: Dict[str, str]) -> Dict[str, str]:
@@ -348,17 +433,15 @@ class CapturedHandler(SpoolHandler):
     def _follow(self) -> Optional["CapturedHandler"]:
         path = os.path.join(self.here, "config.json")
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except OSError:
             return None
         key = (st.st_ino, st.st_mtime_ns)
         if key == self._seen:
             return None
         self._seen = key
-        try:
-            with open(path) as f:
-                cfg = WorkerConfig.from_json(f.read())
-        except (OSError, ValueError, TypeError):
+        cfg = _read_config(self.here)
+        if cfg is None:
             return None
         if cfg.service_id == self.config.service_id:
             return None
@@ -422,8 +505,9 @@ def _defer(here: str, cfg: WorkerConfig) -> None:
 
 def boot(here: str) -> None:
     """From the capture directory's sitecustomize, in a new pool worker."""
-    with open(os.path.join(here, "config.json")) as f:
-        cfg = WorkerConfig.from_json(f.read())
+    cfg = _read_config(here)
+    if cfg is None:
+        raise PermissionError(errno.EPERM, "no config.json of this user in the capture directory", here)
     _defer(here, cfg)
 
 

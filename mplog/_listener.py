@@ -716,7 +716,8 @@ class Listener:
                 self.finish("stopped (application gone)", time.monotonic() + 1.0)
                 self.remove_if_empty()
                 if cfg.capture_dir:  # its children's capture: nobody else is left to withdraw it
-                    shutil.rmtree(cfg.capture_dir, ignore_errors=True)
+                    from ._capture import remove_dir
+                    remove_dir(cfg.capture_dir)  # only if it is ours
                 return 0
             if self.terminated and now - self.terminated >= 1.0:
                 # SIGTERM to this process alone (the application lives on and did not stop us):

@@ -34,7 +34,7 @@ from ._counters import STATE_STOPPED, Counters
 from ._health import Health, down_report
 from ._process import ExceptionHooks
 from ._spool import (RING_HEADER, SPOOL_MAX_AGE_S, _process_start, clean_spools, list_spools, place_spool,
-                     remove_spool, ring_capacity, spool_prefix, spool_root, spool_roots, unwritten_records,
+                     remove_spool, ring_capacity, spool_prefix, spool_roots, unwritten_records,
                      write_owner)
 from ._supervisor import Supervisor, write_health_file
 from ._transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FifoWriter
@@ -92,43 +92,66 @@ def _file_set_key(cfg: ServiceConfig) -> str:
     return spool_prefix(str(cfg.directory), cfg.name)
 
 
-def _lock_file_set(root: str, prefix: str, cfg: ServiceConfig) -> int:
+def lock_path(cfg: ServiceConfig) -> Path:
+    """The file set's lock file: ``<directory>/.<name>.lock``."""
+    return cfg.directory / f".{cfg.name}.lock"
+
+
+def _lock_file_set(cfg: ServiceConfig) -> int:
     """Take the file set's lock, or raise OSError naming the files and the holder.
 
-    The lock is a Unix socket bound to an abstract name (Linux): the kernel drops it when the
-    holder dies, and nothing is left on disk. A forked child closes its copy (see _worker), so
-    an orphaned worker never keeps the next run out. Elsewhere, a ``lockf`` lock on a file in
-    the spool root does the same job (and leaves that small file behind).
+    The lock is a ``flock`` on ``.<name>.lock`` in the log directory, 0600, this user's: a file
+    set is known by what it is (the same files through a symbolic link or a bind mount share
+    one lock file; two filesystems mounted at one path in two mount namespaces have two), the
+    kernel drops it when the holder dies, and no other user can open it to hold it. ``flock``
+    belongs to the open file, not the process: a second service of this process on the same
+    files is refused too. A forked child closes its copy (see _worker), so an orphaned worker
+    never keeps the next run out. The file holds the holder's pid; stop() removes it.
     """
-    import socket
-    name = f"\0{prefix}lock"
-    if sys.platform.startswith("linux"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = lock_path(cfg)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            sock.bind(name)
-        except OSError:
-            sock.close()
-            raise OSError(errno.EBUSY, f"another mplog service (pid {_holder(root, prefix)}) is writing these log "
-                                       "files; stop it, choose another name, or use mplog.ServiceHandler to join it",
-                          str(cfg.simplified_path)) from None
-        fd = sock.detach()
-        _service_read_fds[fd] = os.getpid()  # a forked child closes it (not its lock)
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
+                raise PermissionError(errno.EPERM, f"the lock file of these log files belongs to uid {st.st_uid}, who "
+                                                   "could hold it: remove it, or log to a directory only you can write",
+                                      str(path))
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchmod(fd, 0o600)  # nobody else may open it, even to read: flock needs no more
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                here = " (this process)" if holder == str(os.getpid()) else ""
+                raise OSError(errno.EBUSY, f"another mplog service (pid {holder}{here}) is writing these log files; "
+                                           "stop it, choose another name, or use mplog.ServiceHandler to join it",
+                              str(cfg.simplified_path)) from None
+            try:
+                now = os.lstat(path)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                os.close(fd)  # its holder removed it as we opened it: take the new one
+                continue
+        except BaseException:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _service_read_fds[fd] = os.getpid()  # a forked child closes it
         return fd
-    path = os.path.join(root, prefix + "lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+
+
+def _holder(fd: int) -> str:
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").split()
     except OSError:
-        os.close(fd)
-        raise OSError(errno.EBUSY, "another mplog service is writing these log files", str(cfg.simplified_path)) from None
-    return fd
-
-
-def _holder(root: str, prefix: str) -> str:
-    for spool in list_spools(None, prefix):  # wherever its room placed it
-        if spool.alive:
-            return str(spool.owner_pid)
-    return "?"
+        return "?"
+    return text[0] if text and text[0].isdigit() else "?"
 
 
 def _join_children(deadline: float) -> None:
@@ -341,14 +364,13 @@ class LogService:
             cfg = self.config
             _check_directory(cfg.directory, (cfg.simplified_path, cfg.full_path))
             prefix = spool_prefix(str(cfg.directory), cfg.name)
-            root = spool_root()  # the lock's (elsewhere than Linux), whatever room it has
             placement = place_spool(RING_HEADER + self._ring_bytes)
             mine = _running.get(prefix)
-            if mine is not None and mine._owned() and not mine._stopped:  # lockf does not stop this process itself
+            if mine is not None and mine._owned() and not mine._stopped:  # the same path in this process: say so
                 raise OSError(errno.EBUSY, f"another mplog service (pid {os.getpid()}, this process) is writing "
                                            "these log files; stop it, or use mplog.ServiceHandler to share it",
                               str(cfg.simplified_path))
-            self._lock_fd = _lock_file_set(root, prefix, cfg)  # one writer per file set
+            self._lock_fd = _lock_file_set(cfg)  # one writer per file set
             for place in spool_roots():
                 clean_spools(SPOOL_MAX_AGE_S, place)  # abandoned spools of any run of this user
             # Spools of earlier runs of this file set that died with records unwritten (in any
@@ -426,7 +448,7 @@ class LogService:
             file_mode=cfg.file_mode, rotate_bytes=cfg.rotate_bytes, rotate_interval=cfg.rotate_interval,
             backup_count=cfg.backup_count, compress=cfg.compress, syslog=cfg.syslog, syslog_level=cfg.syslog_level,
             recover=leftovers, follow_symlinks=private_directory(cfg.directory),
-            capture_dir=capture_dir() if self._will_capture() else None)
+            capture_dir=self._capture_path())
         self._health = Health(cfg, self._counters, runtime, self._ring_bytes)
         self._supervisor = Supervisor(cfg, self._counters, listener, self._health)
         self._supervisor.start()
@@ -460,6 +482,14 @@ class LogService:
             self._capture_children()
 
     # -- pool workers made without the initializer (issue 13; see _capture.py) ----------------
+    def _capture_path(self) -> Optional[str]:
+        if not self._will_capture():
+            return None
+        try:
+            return capture_dir()
+        except OSError:
+            return None  # publish() says why, as a notice
+
     def _will_capture(self) -> bool:
         return self.config.capture_children and not disabled_by_env()
 
@@ -651,7 +681,15 @@ class LogService:
         if self._lock_fd >= 0:
             _service_read_fds.pop(self._lock_fd, None)
             try:
-                os.close(self._lock_fd)  # releases the lockf lock
+                # Removed while held (a service waiting for it sees another inode and retries).
+                path = lock_path(self.config)
+                if (os.lstat(path).st_ino, os.lstat(path).st_dev) == (os.fstat(self._lock_fd).st_ino,
+                                                                      os.fstat(self._lock_fd).st_dev):
+                    os.unlink(path)
+            except OSError:
+                pass
+            try:
+                os.close(self._lock_fd)  # releases the lock
             except OSError:
                 pass
             self._lock_fd = -1

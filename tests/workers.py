@@ -413,3 +413,11 @@ def modules_loaded(names: tuple) -> list:
     import sys
     logging.getLogger("t.modules").info("modules from %d", os.getpid())
     return sorted(set(names) & set(sys.modules))
+
+
+def hold_until(config: Any, ready: Any, stay: Any) -> None:
+    """Log one record, say ready, then live on until ``stay`` is set (an orphaned worker)."""
+    mplog.worker_init(config)
+    logging.getLogger("t.hold").info("holding")
+    ready.set()
+    stay.wait(120)
