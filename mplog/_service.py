@@ -36,7 +36,7 @@ from ._spool import (SPOOL_MAX_AGE_S, clean_spools, list_spools, remove_spool, r
                      spool_root, unwritten_records, write_owner)
 from ._supervisor import Supervisor, write_health_file
 from ._transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FifoWriter
-from ._worker import ServiceQueue, SpoolHandler, _service_read_fds, uninstall, with_levels, worker_init
+from ._worker import ServiceQueue, SpoolHandler, _service_read_fds, close_channel, uninstall, with_levels, worker_init
 
 __all__ = ["LogService", "ServiceHandler"]
 
@@ -584,8 +584,12 @@ class LogService:
 
     def _cleanup(self) -> None:
         self._withdraw_capture()
-        if self._handler is not None:
-            self._handler.channel.close()
+        if self._worker_config is not None:
+            close_channel(self._worker_config)  # this process's ring, its counters, its doorbell
+        if self._counters is not None:
+            # The supervisor and health read them no more: the final report is taken.
+            self._counters.close()
+            self._counters = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
