@@ -12,6 +12,7 @@ the next ``LogService`` on the same file set writes those records first.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -532,12 +533,17 @@ class LogService:
             self._restore_signals()
             atexit.unregister(self._at_exit)
 
-            def send_stop(budget: float, dl: float) -> bool:
-                return self._send_control(K_STOP, struct.pack("<d", budget), dl)
-
             supervisor = self._supervisor
             if supervisor is not None:
-                supervisor.stop(deadline, send_stop)
+                channel = self._handler.channel if self._handler is not None else None
+                # No record of this process in flight while the listener takes its last look:
+                # then it need not wait for any (``quiet``), unless other processes log.
+                with channel.quiesced(0.5) if channel is not None else contextlib.nullcontext(True) as quiet:
+
+                    def send_stop(budget: float, dl: float) -> bool:
+                        return self._send_control(K_STOP, struct.pack("<dB", budget, bool(quiet)), dl)
+
+                    supervisor.stop(deadline, send_stop)
             if self._health is not None and supervisor is not None:
                 self._final = self._health.report(supervisor, final=True)
             else:

@@ -205,28 +205,51 @@ class Channel:
         counters = self._counters
         return self._closed or (counters is not None and counters.words[1] == STATE_STOPPED)
 
+    @contextlib.contextmanager
+    def quiesced(self, timeout: float) -> Iterator[bool]:
+        """While the block runs, no thread of this process is between reading the service's
+        state and publishing: the Python path waits for the slot's lock, publish() is held off
+        (it then takes the Python path). The service holds this while its listener stops, so
+        the listener need not wait for this process's records in flight. Yields False if the
+        lock could not be had within ``timeout`` (a thread waits for room in a full ring)."""
+        slot = self._slot
+        if slot is None or self._pid != os.getpid():
+            yield True
+            return
+        if not slot.lock.acquire(timeout=max(0.0, timeout)):
+            yield False
+            return
+        try:
+            self._hold()
+            yield True
+        finally:
+            self._unhold()
+            slot.lock.release()
+
     def close(self) -> None:
         """Let go of the doorbell, the ring and the counters (the service has stopped): each
         mapping holds a descriptor, and a notebook that runs a service per cell ran out of them
         (issue 29). A record put after this goes to stderr (``_put_locked``)."""
         slot = self._slot
-        if slot is not None:
-            slot.lock.acquire()  # no thread of this process is inside the Python path's ring write
+        # No thread of this process may be inside the Python path's ring write when the ring is
+        # unmapped. One that will not let go (it cannot, the service has stopped: a bound
+        # anyway) keeps the mappings: a leak, not a crash.
+        held = slot is None or slot.lock.acquire(timeout=1.0)
         try:
             self._closed = True
             self._publish = self._publish_record = None
             ring, self._ring = self._ring, None
             counters, self._counters = self._counters, None
             self._slot = None
-            if ring is not None:
+            if ring is not None and held:
                 ring.close()  # first: the compiled ring holds a view of the counters' words
-            if counters is not None:
+            if counters is not None and held:
                 counters.close()
             if self._doorbell is not None:
                 self._doorbell.close()
                 self._doorbell = None
         finally:
-            if slot is not None:
+            if slot is not None and held:
                 slot.lock.release()
 
     # -- the record path ------------------------------------------------------------------
