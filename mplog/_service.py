@@ -38,7 +38,7 @@ from ._spool import (RING_HEADER, SPOOL_MAX_AGE_S, _process_start, clean_spools,
                      write_owner)
 from ._supervisor import Supervisor, write_health_file
 from ._transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FifoWriter
-from ._worker import ServiceQueue, SpoolHandler, _service_read_fds, uninstall, with_levels, worker_init
+from ._worker import ServiceQueue, SpoolHandler, _service_read_fds, close_channel, uninstall, with_levels, worker_init
 
 __all__ = ["LogService", "ServiceHandler"]
 
@@ -626,12 +626,17 @@ class LogService:
             self._restore_signals()
             atexit.unregister(self._at_exit)
 
-            def send_stop(budget: float, dl: float) -> bool:
-                return self._send_control(K_STOP, struct.pack("<d", budget), dl)
-
             supervisor = self._supervisor
             if supervisor is not None:
-                supervisor.stop(deadline, send_stop)
+                channel = self._handler.channel if self._handler is not None else None
+                # No record of this process in flight while the listener takes its last look:
+                # then it need not wait for any (``quiet``), unless other processes log.
+                with channel.quiesced(0.5) if channel is not None else contextlib.nullcontext(True) as quiet:
+
+                    def send_stop(budget: float, dl: float) -> bool:
+                        return self._send_control(K_STOP, struct.pack("<dB", budget, bool(quiet)), dl)
+
+                    supervisor.stop(deadline, send_stop)
             if self._health is not None and supervisor is not None:
                 self._final = self._health.report(supervisor, final=True)
             else:
@@ -696,8 +701,12 @@ class LogService:
 
     def _cleanup(self) -> None:
         self._withdraw_capture()
-        if self._handler is not None:
-            self._handler.channel.close()
+        if self._worker_config is not None:
+            close_channel(self._worker_config)  # this process's ring, its counters, its doorbell
+        if self._counters is not None:
+            # The supervisor and health read them no more: the final report is taken.
+            self._counters.close()
+            self._counters = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import logging
 import os
 import sys
@@ -84,6 +85,7 @@ class Channel:
         # both mplog's handler and a QueueHandler on that queue is sent once (see seen_before).
         self.dedupe = False
         self._last_key: Dict[int, Tuple[float, int, str]] = {}
+        self._closed = False  # the service stopped and close() let its spool go (see close)
 
     def seen_before(self, record: logging.LogRecord) -> bool:
         """True if this thread's previous record sent here was this same record (the original
@@ -137,6 +139,8 @@ class Channel:
     # -- per-process state --------------------------------------------------------------
     def _attach(self) -> Counters:
         # Lazily, and again after a fork: a child must not share its parent's slot or ring.
+        if self._closed:
+            raise OSError(errno.ESHUTDOWN, "the log service has stopped", self.config.counters_path)
         pid = os.getpid()
         if self._pid != pid or self._counters is None:
             if self._counters is None:
@@ -203,12 +207,54 @@ class Channel:
     def stopped(self) -> bool:
         """True once the service has stopped (its listener wrote the stop summary)."""
         counters = self._counters
-        return counters is not None and counters.words[1] == STATE_STOPPED
+        return self._closed or (counters is not None and counters.words[1] == STATE_STOPPED)
+
+    @contextlib.contextmanager
+    def quiesced(self, timeout: float) -> Iterator[bool]:
+        """While the block runs, no thread of this process is between reading the service's
+        state and publishing: the Python path waits for the slot's lock, publish() is held off
+        (it then takes the Python path). The service holds this while its listener stops, so
+        the listener need not wait for this process's records in flight. Yields False if the
+        lock could not be had within ``timeout`` (a thread waits for room in a full ring)."""
+        slot = self._slot
+        if slot is None or self._pid != os.getpid():
+            yield True
+            return
+        if not slot.lock.acquire(timeout=max(0.0, timeout)):
+            yield False
+            return
+        try:
+            self._hold()
+            yield True
+        finally:
+            self._unhold()
+            slot.lock.release()
 
     def close(self) -> None:
-        if self._doorbell is not None:
-            self._doorbell.close()
-            self._doorbell = None
+        """Let go of the doorbell, the ring and the counters (the service has stopped): each
+        mapping holds a descriptor, and a notebook that runs a service per cell ran out of them
+        (issue 29). A record put after this goes to stderr (``_put_locked``)."""
+        slot = self._slot
+        # No thread of this process may be inside the Python path's ring write when the ring is
+        # unmapped. One that will not let go (it cannot, the service has stopped: a bound
+        # anyway) keeps the mappings: a leak, not a crash.
+        held = slot is None or slot.lock.acquire(timeout=1.0)
+        try:
+            self._closed = True
+            self._publish = self._publish_record = None
+            ring, self._ring = self._ring, None
+            counters, self._counters = self._counters, None
+            self._slot = None
+            if ring is not None and held:
+                ring.close()  # first: the compiled ring holds a view of the counters' words
+            if counters is not None and held:
+                counters.close()
+            if self._doorbell is not None:
+                self._doorbell.close()
+                self._doorbell = None
+        finally:
+            if slot is not None and held:
+                slot.lock.release()
 
     # -- the record path ------------------------------------------------------------------
     def put_nowait(self, record: logging.LogRecord) -> None:
@@ -243,6 +289,9 @@ class Channel:
         """put_payload's Python path, under the slot's lock: anything publish() does not do."""
         slot = self._slot
         if slot is None:  # first use, or first use after a fork (after_fork forgets the slot)
+            if self._closed:  # the service has stopped: as _put says it, a plain line
+                self._to_stderr(payload, "")
+                return
             try:
                 self._attach()
             except OSError:
@@ -251,6 +300,9 @@ class Channel:
             slot = self._slot
             assert slot is not None
         with slot.lock:
+            if self._closed:  # close() ran while this thread waited for the lock
+                self._to_stderr(payload, "")
+                return
             if self._busy:  # a signal handler, inside this thread's own put: publish it after
                 self._deferred.append((payload, failures))
                 return
@@ -656,6 +708,14 @@ def _channel_for(config: WorkerConfig) -> Channel:
     if channel is None:
         channel = _channels[config.service_id] = Channel(config)
     return channel
+
+
+def close_channel(config: WorkerConfig) -> None:
+    """The service of ``config`` has stopped: this process lets go of its channel (ring,
+    counters, doorbell), and the next service gets a channel of its own."""
+    channel = _channels.pop(config.service_id, None)
+    if channel is not None:
+        channel.close()
 
 
 def _after_fork_in_child() -> None:

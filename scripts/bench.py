@@ -31,6 +31,9 @@ What is measured, per setup and worker count P (each worker logs N records):
   a warm-up of 100 records each, until every record is in the file). "In the file" means: the
   workers returned (file handlers), the listener drained up to a sentinel (queue setups),
   ``svc.flush()`` returned True (mplog), ``logger.complete()`` returned (loguru).
+* records/s to stop(): the same records over that time plus the setup's stop (``svc.stop()``,
+  ``QueueListener.stop()``, handlers closed), timed on its own after the files are verified:
+  the end of a user's program, which waits for both.
 * caller cost: every logging call is timed on its own with ``time.perf_counter_ns()``; each
   worker reports its median and p99; the table shows the median over workers. The timer's own
   overhead (measured, printed in the header) is included, not subtracted.
@@ -930,7 +933,11 @@ def coordinate(spec: Dict[str, Any]) -> Dict[str, Any]:
         pids = {r["wid"]: r["pid"] for r in res}
         result["verify"] = s.verify(pids)
         phase = "stop"
+        t_stop = time.perf_counter()
         s.stop(deadline)
+        # As a user's program ends: every record in the file *and* the service stopped.
+        result["stop_s"] = time.perf_counter() - t_stop
+        result["rate_to_stop"] = total / (elapsed + result["stop_s"]) if elapsed + result["stop_s"] > 0 else None
         for p in workers:
             p.join(max(0.1, min(10.0, deadline - time.monotonic())))
         result["ok"] = True
@@ -1117,13 +1124,14 @@ def _fmt(value: Any, spec: str = ",.0f", none: str = "-") -> str:
 
 def row_cells(r: Dict[str, Any]) -> List[str]:
     if not r.get("ok"):
-        return [r["setup"], "FAILED", "", "", "", "", "", "", ""]
+        return [r["setup"], "FAILED", "", "", "", "", "", "", "", ""]
     v = r.get("verify")
     ldt = "n/a" if v is None else f"{v['lost']}/{v['dup']}/{v['torn']}"
     star = "*" if r.get("writer") == "thread" else ""
     return [
         r["setup"],
         _fmt(r["rate"]),
+        _fmt(r.get("rate_to_stop")),
         _fmt(r["caller_med_us"], ".2f"),
         _fmt(r["caller_p99_us"], ".2f"),
         _fmt(r["writer_cpu_us"], ".1f") + (star if r["writer_cpu_us"] is not None else ""),
@@ -1134,7 +1142,7 @@ def row_cells(r: Dict[str, Any]) -> List[str]:
     ]
 
 
-HEADERS = ["setup", "records/s", "call med µs", "call p99 µs", "writer CPU µs/rec", "workers CPU µs/rec",
+HEADERS = ["setup", "records/s", "records/s to stop()", "call med µs", "call p99 µs", "writer CPU µs/rec", "workers CPU µs/rec",
            "worker RSS MB (shm)", "writer RSS MB", "lost/dup/torn"]
 
 

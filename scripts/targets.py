@@ -22,12 +22,14 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from typing import Any
+from typing import Any, Dict
 
 import psutil
 
@@ -300,6 +302,64 @@ def health_cost(tmp: Path) -> None:
     report("one health() call (ms)", cost, "ms", "< 1", cost < 1)
 
 
+def start_stop_cost(tmp: Path, runs: int) -> None:
+    """start() beside ``python -c "import mplog"`` (run in turn, so load hits both alike), and
+    stop() of an idle service holding one record (issue 30)."""
+    imports, starts, stops = [], [], []
+    for k in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import mplog"], check=True)
+        imports.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        svc = mplog.LogService(tmp / "cost").start()
+        starts.append(time.perf_counter() - t0)
+        logging.getLogger("s").info("one")
+        svc.flush(10)
+        t0 = time.perf_counter()
+        svc.stop()
+        stops.append(time.perf_counter() - t0)
+    imp, st, sp = (statistics.median(v) for v in (imports, starts, stops))
+    print(f"    python -c 'import mplog' {imp * 1e3:.1f} ms, start() {st * 1e3:.1f} ms (medians of {runs})")
+    report("start() / start-up of python -c 'import mplog' (median)", st / imp, "x", "<= 2", st <= 2 * imp)
+    report("stop() of an idle service (s, median)", sp, "s", "<= 0.025", sp <= 0.025)
+
+
+def _cycle_figures(root: str) -> Dict[str, int]:
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for line in f if "mplog" in line or root in line)
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"fds": len(os.listdir("/proc/self/fd")), "maps": maps, "threads": threading.active_count(), "rss": rss}
+
+
+def cycles(tmp: Path, n: int) -> None:
+    """n start/log/stop cycles in this process (a notebook's cells): what is left (issue 29)."""
+    from mplog._spool import spool_prefix, spool_root
+    root = spool_root()
+    # Only this file set's spools and this process's capture: others (same uid) share the root.
+    mine = (spool_prefix(str(tmp / "cycles"), "run"), f"mplog-children-{os.getuid()}-{os.getpid()}-")
+    env = lambda: {k: v for k, v in os.environ.items() if k == "PYTHONPATH" or k.startswith("MPLOG")}  # noqa: E731
+    ours = lambda: {e for e in os.listdir(root) if e.startswith(mine)}  # noqa: E731
+    for k in range(5):  # warm-up: imports, first allocations
+        with mplog.LogService(tmp / "cycles"):
+            logging.getLogger("c").info("warm-up %d", k)
+    before, env0, spool0 = _cycle_figures(root), env(), ours()
+    t0 = time.perf_counter()
+    for k in range(n):
+        with mplog.LogService(tmp / "cycles"):
+            logging.getLogger("c").info("cycle %d", k)
+    took = time.perf_counter() - t0
+    after = _cycle_figures(root)
+    print(f"    {n} cycles in {took:.1f} s: fds {before['fds']} -> {after['fds']}, maps {before['maps']} -> "
+          f"{after['maps']}, threads {before['threads']} -> {after['threads']}, RSS {before['rss'] / 2**20:.1f} -> "
+          f"{after['rss'] / 2**20:.1f} MB, env {'same' if env() == env0 else 'CHANGED'}, "
+          f"spool entries {len(spool0)} -> {len(ours())}")
+    same = (all(after[k] == before[k] for k in ("fds", "maps", "threads")) and env() == env0 and ours() == spool0)
+    grown = (after["rss"] - before["rss"]) / 2**20
+    report(f"{n} start/log/stop cycles: RSS growth, fds/maps/threads/env/spool same", grown, "MB",
+           "<= 5, same", same and grown <= 5)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
@@ -313,6 +373,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         start_latency(tmp, 5)
+        start_stop_cost(tmp, 15)
+        cycles(tmp, 1000 // scale)
         worker_init_cost(tmp)
         health_cost(tmp)
         restart_latency(tmp, 10)
