@@ -27,6 +27,11 @@ of these counters (``state()``)::
 - ``pending``: buffered, not yet handed to the kernel (a message the kernel did not take
   before a break stays here and goes first on the next connection: it cannot be a duplicate).
 
+Who holds what: ``_Buffer`` the records not yet formatted, ``submitted`` and ``dropped``;
+``_Sender`` (the thread) the formatted messages the kernel did not take (``pending`` is both)
+and the end offsets of those ``in_flight``; ``_Connection`` settles them into ``_Tally``'s
+``forwarded`` and ``lost``; ``SyslogForwarder`` is the façade the listener calls.
+
 Why count the in-flight messages as lost rather than resend them: RFC 6587 has no
 application-level acknowledgement, so the only certainty a sender has is its own TCP state.
 A message whose bytes the peer did not acknowledge may still have reached it (the ACK itself
@@ -219,6 +224,406 @@ class _Closed(Exception):
         self.clean = clean
 
 
+class _Buffer:
+    """The bounded buffer between the listener and the sender thread, the counters of what it
+    accepted and dropped, and the pipe that wakes the thread.
+
+    ``put`` runs in the listener's thread, ``take`` and ``drop_rest`` in the sender's; a record
+    leaves the deque by one atomic ``popleft``, so it is counted once, by whichever took it.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.records: Deque[Record] = collections.deque()
+        # Each counter has one writer: the caller of put() or the sender thread.
+        self.submitted = 0       # put(): accepted (at or above level)
+        self.dropped_full = 0    # put(): oldest record pushed out, or submitted after close
+        self.dropped_close = 0   # thread: still buffered when close()'s time ran out
+        self.closed = False      # thread: it ended; what comes now is dropped
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def put(self, rec: Record) -> None:
+        """Append ``rec``, pushing out the oldest when full. O(1); never blocks."""
+        buf = self.records
+        self.submitted += 1
+        if self.closed:
+            self.dropped_full += 1
+            return
+        if len(buf) >= self.size:
+            try:
+                buf.popleft()  # atomic: a record is taken either here or by the thread
+                self.dropped_full += 1
+            except IndexError:
+                pass
+        if buf:
+            buf.append(rec)
+        else:
+            buf.append(rec)
+            self.wake()  # only when the buffer goes from empty to not empty
+
+    def take(self) -> Optional[Record]:
+        try:
+            return self.records.popleft()
+        except IndexError:
+            return None
+
+    def drop_rest(self, carried: int) -> None:
+        """The thread ends: what is left (and the ``carried`` messages it held) was not sent."""
+        self.closed = True
+        left = carried
+        while self.take() is not None:
+            left += 1
+        self.dropped_close += left
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"!")
+        except OSError:
+            pass  # the pipe is full: the thread is awake anyway
+
+    def drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    def close_pipe(self) -> None:
+        # Closed by close(), not by the thread: put() runs in the caller's thread, and must
+        # never write into a descriptor number that something else has reused.
+        if self.wake_w >= 0:
+            wake_r, wake_w = self.wake_r, self.wake_w
+            self.wake_r = self.wake_w = -1
+            os.close(wake_r)
+            os.close(wake_w)
+
+
+class _Stop:
+    """close()'s request, which the thread and the connection read: whether, and by when."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.deadline = 0.0
+
+    def request(self, timeout: float) -> None:
+        self.deadline = time.monotonic() + max(0.0, timeout)
+        self.requested = True
+
+    def expired(self, now: float) -> bool:
+        return self.requested and now >= self.deadline
+
+
+class _Tally:
+    """The sender thread's counters and its latest error (it is their only writer)."""
+
+    def __init__(self) -> None:
+        self.forwarded = 0
+        self.lost = 0
+        self.reconnects = 0
+        self.resets = 0  # connections that ended other than by the receiver's clean close
+        self.connected = False
+        self.last_error: Optional[str] = None  # the latest error, kept after a recovery
+        self.last_error_time: Optional[float] = None  # when (time.time())
+
+    def set_error(self, text: str) -> None:
+        self.last_error_time = time.time()
+        self.last_error = text
+
+
+class _Connection:
+    """One TCP connection and its acknowledgement tracking: which messages the kernel took
+    (``inflight``: their end offsets), which the peer acknowledged (``SIOCOUTQ``: forwarded),
+    and which a break leaves unacknowledged (lost)."""
+
+    def __init__(self, sock: socket.socket, peer: str, tally: _Tally, inflight: Deque[int],
+                 stop: _Stop, send_timeout: float) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setblocking(False)  # sends wait in poll(), so close() and breaks are noticed
+        self.sock = sock
+        self.peer = peer
+        self.tally = tally
+        self.inflight = inflight
+        self.inflight.clear()
+        self.sent = 0  # bytes the kernel took on this connection
+        self.stop = stop
+        self.send_timeout = send_timeout
+
+    def check_peer(self) -> None:
+        """Notice a closed or reset connection before sending more into it (the sooner, the
+        fewer messages are lost). A syslog receiver sends nothing; anything it does send is
+        discarded unread."""
+        for _ in range(16):  # a peer that keeps talking cannot keep us here
+            try:
+                data = self.sock.recv(4096, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                raise _Closed(f"{self.peer} closed the connection", clean=True)
+
+    def settle(self) -> None:
+        """Messages whose last byte the peer acknowledged are forwarded."""
+        if not self.inflight:
+            return
+        unacked = _unacked(self.sock)
+        if unacked is None:
+            return
+        acked = self.sent - unacked
+        inflight = self.inflight
+        n = 0
+        while inflight and inflight[0] <= acked:
+            inflight.popleft()
+            n += 1
+        if n:
+            self.tally.forwarded += n
+
+    def broken(self) -> None:
+        """The connection is gone (or given up): acknowledged messages are forwarded, the rest
+        lost; the socket will be reset on close, so our kernel cannot deliver them later."""
+        self.settle()  # if SIOCOUTQ cannot answer, every unconfirmed message counts lost
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        n = len(self.inflight)
+        self.inflight.clear()
+        if n:
+            self.tally.lost += n
+        self.tally.connected = False
+
+    def send_batch(self, batch: List[bytes], size: int, carry: Deque[bytes]) -> None:
+        """Hand ``batch`` to the kernel; what it did not take goes back to the front of ``carry``."""
+        sock = self.sock
+        data = memoryview(b"".join(batch))
+        done = 0
+        stalled_since = time.monotonic()
+        try:
+            while done < size:
+                try:
+                    n = sock.send(data[done:])
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                if n:
+                    done += n
+                    stalled_since = time.monotonic()
+                    continue
+                # The send queue is full: wait for room, the peer's close, or close().
+                now = time.monotonic()
+                if now - stalled_since >= self.send_timeout:
+                    raise _Closed(f"{self.peer} accepted nothing for {self.send_timeout:g} s")
+                if self.stop.expired(now):
+                    raise _Closed("closing: time ran out")
+                self.check_peer()
+                self.settle()
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT | _POLLRDHUP)
+                poller.poll(50)
+        finally:
+            self._account(batch, done, carry)
+
+    def _account(self, batch: List[bytes], done: int, carry: Deque[bytes]) -> None:
+        # Messages the kernel took whole are in flight; one it took in part is in flight
+        # too (its frame is torn if the connection breaks: lost, never resent); the rest
+        # never left this process and go first on the next connection.
+        end = 0
+        base = self.sent
+        for i, msg in enumerate(batch):
+            start = end
+            end += len(msg)
+            if start < done:
+                self.inflight.append(base + end)
+            else:
+                carry.extendleft(reversed(batch[i:]))
+                break
+        self.sent = base + done
+
+
+class _Sender:
+    """The daemon thread: connects with an exponential backoff, formats the buffered records
+    and sends them in batches, and settles each connection's accounting when it ends."""
+
+    def __init__(self, buffer: _Buffer, tally: _Tally, stop: _Stop, *, host: str, port: int,
+                 hostname: str, app_name: str, facility: int, backoff_initial: float,
+                 backoff_max: float, send_timeout: float, connect_timeout: float,
+                 batch_bytes: int) -> None:
+        self.buffer = buffer
+        self.tally = tally
+        self.stop = stop
+        self.host = host
+        self.port = port
+        self.hostname = hostname
+        self.app_name = app_name
+        self.facility = facility
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.send_timeout = send_timeout
+        self.connect_timeout = connect_timeout
+        self.batch_bytes = batch_bytes
+        self.clock = _Clock()
+        self.carry: Deque[bytes] = collections.deque()  # formatted, not taken by the kernel
+        self.inflight: Deque[int] = collections.deque()  # end offsets of messages in the kernel
+        self.thread = threading.Thread(target=self._run, name="mplog-syslog", daemon=True)
+        self.thread.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self.buffer) + len(self.carry)
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait up to ``seconds``, or until close() is called (and its deadline has come)."""
+        end = time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            if self.stop.requested:
+                end = min(end, self.stop.deadline)
+            if now >= end:
+                return
+            poller = select.poll()
+            poller.register(self.buffer.wake_r, select.POLLIN)
+            poller.poll(max(1, int((end - now) * 1000)))
+            self.buffer.drain_wake()
+
+    def _run(self) -> None:
+        delay = self.backoff_initial
+        first = True
+        stop, tally = self.stop, self.tally
+        try:
+            while True:
+                if stop.requested and (time.monotonic() >= stop.deadline or not self.pending):
+                    return
+                timeout = self.connect_timeout
+                if stop.requested:
+                    timeout = max(0.01, min(timeout, stop.deadline - time.monotonic()))
+                try:
+                    sock = socket.create_connection((self.host, self.port), timeout=timeout)
+                except OSError as exc:
+                    tally.set_error(f"connect to {self.host}:{self.port}: {_describe(exc)}")
+                    self._sleep(delay)
+                    delay = min(delay * 2, self.backoff_max)
+                    continue
+                if not first:
+                    tally.reconnects += 1
+                first = False
+                forwarded_before = tally.forwarded
+                try:
+                    self._serve(sock)
+                finally:
+                    tally.connected = False
+                    sock.close()
+                if tally.forwarded > forwarded_before:
+                    delay = self.backoff_initial  # the connection worked: start the backoff over
+                elif not stop.requested:
+                    self._sleep(delay)  # accepted, then broke without delivering: back off
+                    delay = min(delay * 2, self.backoff_max)
+        except Exception as exc:  # noqa: BLE001 - a bug here must show in health, not vanish
+            tally.set_error(f"forwarder stopped: {type(exc).__name__}: {exc}")
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        """The thread ends: whatever is left was not sent."""
+        carried = len(self.carry)
+        self.carry.clear()
+        self.buffer.drop_rest(carried)
+
+    def _serve(self, sock: socket.socket) -> None:
+        """Send on one connection until it breaks or close() ends it; settle its accounting."""
+        conn = _Connection(sock, f"{self.host}:{self.port}", self.tally, self.inflight, self.stop,
+                           self.send_timeout)
+        self.tally.connected = True
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | _POLLRDHUP)
+        poller.register(self.buffer.wake_r, select.POLLIN)
+        try:
+            while True:
+                conn.check_peer()
+                conn.settle()
+                if self.stop.requested:
+                    if time.monotonic() >= self.stop.deadline:
+                        break
+                    if not self.pending:
+                        if not self.inflight:
+                            break
+                        self._wait(poller, 10)  # for the last ACKs
+                        continue
+                if self.pending:
+                    batch, size = self._take_batch()
+                    conn.send_batch(batch, size, self.carry)
+                    continue
+                # Idle: wait for records or the peer's close; look at the ACKs while some are due.
+                self._wait(poller, 20 if self.inflight else 1000)
+        except _Closed as exc:
+            self.tally.set_error(str(exc))
+            if not exc.clean:
+                self.tally.resets += 1
+            conn.broken()
+            return
+        except OSError as exc:  # ECONNRESET, EPIPE, ...
+            self.tally.set_error(f"send to {self.host}:{self.port}: {_describe(exc)}")
+            self.tally.resets += 1
+            conn.broken()
+            return
+        self._end(conn)
+
+    def _end(self, conn: _Connection) -> None:
+        # close(): stop cleanly if everything was acknowledged; otherwise reset the connection
+        # (in broken()), so that nothing counted lost can still be delivered by our kernel later.
+        conn.settle()
+        if self.inflight:
+            self.tally.set_error(f"closing: {len(self.inflight)} message(s) not acknowledged in time")
+            self.tally.resets += 1
+            conn.broken()
+        else:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _wait(self, poller: "select.poll", ms: int) -> None:
+        for fd, _ev in poller.poll(ms):
+            if fd == self.buffer.wake_r:
+                self.buffer.drain_wake()
+
+    def _take_batch(self) -> Tuple[List[bytes], int]:
+        batch: List[bytes] = []
+        size = 0
+        carry = self.carry
+        while carry and size < self.batch_bytes:
+            msg = carry.popleft()
+            batch.append(msg)
+            size += len(msg)
+        while size < self.batch_bytes:
+            rec = self.buffer.take()
+            if rec is None:
+                break
+            msg = self._format(rec)
+            batch.append(msg)
+            size += len(msg)
+        return batch, size
+
+    def _format(self, rec: Record) -> bytes:
+        try:
+            return format_rfc5424(rec, self.hostname, self.app_name, self.facility, clock=self.clock)
+        except Exception as exc:  # noqa: BLE001 - a field of the wrong type costs its text, not the record
+            try:
+                what = f"{type(exc).__name__}: {exc}"
+            except Exception:  # noqa: BLE001
+                what = type(exc).__name__
+            stand_in = make_record(time.time(), logging.ERROR, "mplog",
+                                   f"<record could not be formatted for syslog: {what}>")
+            return format_rfc5424(stand_in, self.hostname, self.app_name, self.facility, clock=self.clock)
+
+
+def _counter(part: str, name: str, doc: str) -> Any:
+    """A read-only attribute of the forwarder that one of its parts holds."""
+    return property(lambda self: getattr(getattr(self, part), name), doc=doc)
+
+
 class SyslogForwarder:
     """Forward records to a syslog engine over TCP; see the module's docstring for the counters.
 
@@ -260,343 +665,60 @@ class SyslogForwarder:
         self.send_timeout = send_timeout
         self.connect_timeout = connect_timeout
         self.batch_bytes = batch_bytes
-        self._clock = _Clock()
-        self._buf: Deque[Record] = collections.deque()
-        # Each counter has one writer: the caller of submit() or the sender thread.
-        self.submitted = 0       # submit(): accepted (at or above level)
-        self._dropped_full = 0   # submit(): oldest record pushed out, or submitted after close
-        self._dropped_close = 0  # thread: still buffered when close()'s time ran out
-        self.forwarded = 0       # thread
-        self.lost = 0            # thread
-        self.reconnects = 0      # thread
-        self.resets = 0          # thread: connections that ended other than by the receiver's clean close
-        self.connected = False   # thread
-        self.last_error: Optional[str] = None  # thread: the latest error, kept after a recovery
-        self.last_error_time: Optional[float] = None  # thread: when (time.time())
-        self._carry: Deque[bytes] = collections.deque()  # formatted, not taken by the kernel
-        self._inflight: Deque[int] = collections.deque()  # end offsets of messages in the kernel
-        self._sent = 0  # bytes the kernel took on the current connection
-        self._closing = False
-        self._deadline = 0.0
-        self._closed = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._thread = threading.Thread(target=self._run, name="mplog-syslog", daemon=True)
-        self._thread.start()
+        self._buffer = _Buffer(self.buffer_size)
+        self._tally = _Tally()
+        self._stop = _Stop()
+        self._sender = _Sender(self._buffer, self._tally, self._stop, host=self.host, port=self.port,
+                               hostname=self.hostname, app_name=self.app_name, facility=facility,
+                               backoff_initial=backoff_initial, backoff_max=backoff_max,
+                               send_timeout=send_timeout, connect_timeout=connect_timeout,
+                               batch_bytes=batch_bytes)
 
-    # -- the listener's side ---------------------------------------------------------------
+    submitted = _counter("_buffer", "submitted", "Records accepted (at or above the level).")
+    forwarded = _counter("_tally", "forwarded", "Messages whose every byte the peer acknowledged.")
+    lost = _counter("_tally", "lost", "Messages unacknowledged when their connection broke.")
+    reconnects = _counter("_tally", "reconnects", "Connections made after the first.")
+    resets = _counter("_tally", "resets", "Connections ended other than by the receiver's clean close.")
+    connected = _counter("_tally", "connected", "A connection is up.")
+    last_error = _counter("_tally", "last_error", "The latest error, kept after a recovery.")
+    last_error_time = _counter("_tally", "last_error_time", "When the latest error happened (time.time()).")
+
     def submit(self, rec: Record) -> None:
         """Queue ``rec`` if it is at or above the level. O(1); never blocks, never raises."""
         try:
             if rec.levelno < self.level:
                 return
-            buf = self._buf
-            self.submitted += 1
-            if self._closed:
-                self._dropped_full += 1
-                return
-            if len(buf) >= self.buffer_size:
-                try:
-                    buf.popleft()  # atomic: a record is taken either here or by the thread
-                    self._dropped_full += 1
-                except IndexError:
-                    pass
-            if buf:
-                buf.append(rec)
-            else:
-                buf.append(rec)
-                try:  # wake the thread only when the buffer goes from empty to not empty
-                    os.write(self._wake_w, b"!")
-                except OSError:
-                    pass  # the pipe is full: the thread is awake anyway
+            self._buffer.put(rec)
         except Exception:  # noqa: BLE001 - a record of the wrong shape must not hurt the listener
             pass
 
     @property
     def dropped(self) -> int:
-        return self._dropped_full + self._dropped_close
+        return self._buffer.dropped_full + self._buffer.dropped_close
 
     def state(self) -> Dict[str, Any]:
         """For health: JSON-serialisable."""
+        tally = self._tally
         return {
-            "host": self.host, "port": self.port, "connected": self.connected,
-            "submitted": self.submitted, "forwarded": self.forwarded, "dropped": self.dropped,
-            "lost": self.lost, "pending": len(self._buf) + len(self._carry),
-            "in_flight": len(self._inflight), "reconnects": self.reconnects, "resets": self.resets,
-            "last_error": self.last_error, "last_error_time": self.last_error_time,
+            "host": self.host, "port": self.port, "connected": tally.connected,
+            "submitted": self._buffer.submitted, "forwarded": tally.forwarded, "dropped": self.dropped,
+            "lost": tally.lost, "pending": self._sender.pending,
+            "in_flight": len(self._sender.inflight), "reconnects": tally.reconnects,
+            "resets": tally.resets, "last_error": tally.last_error,
+            "last_error_time": tally.last_error_time,
         }
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what can be sent within ``timeout`` seconds, then stop. What is still buffered
         then counts as dropped, what is unacknowledged as lost (the connection is reset, so the
         kernel cannot deliver it later)."""
-        if not self._closing:
-            self._deadline = time.monotonic() + max(0.0, timeout)
-            self._closing = True
-            self._wake()
-        self._thread.join(max(0.0, self._deadline - time.monotonic()) + 1.0)
-        if not self._thread.is_alive() and self._wake_w >= 0:
-            # Closed here, not in the thread: submit() runs in the caller's thread, and must
-            # never write into a descriptor number that something else has reused.
-            wake_r, wake_w = self._wake_r, self._wake_w
-            self._wake_r = self._wake_w = -1
-            os.close(wake_r)
-            os.close(wake_w)
-
-    # -- the thread -----------------------------------------------------------------------
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:
-            pass
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except OSError:
-            pass
-
-    def _sleep(self, seconds: float) -> None:
-        """Wait up to ``seconds``, or until close() is called (and its deadline has come)."""
-        end = time.monotonic() + seconds
-        while True:
-            now = time.monotonic()
-            if self._closing:
-                end = min(end, self._deadline)
-            if now >= end:
-                return
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            poller.poll(max(1, int((end - now) * 1000)))
-            self._drain_wake()
-
-    def _run(self) -> None:
-        delay = self.backoff_initial
-        first = True
-        try:
-            while True:
-                if self._closing and (time.monotonic() >= self._deadline
-                                      or not (self._buf or self._carry)):
-                    return
-                timeout = self.connect_timeout
-                if self._closing:
-                    timeout = max(0.01, min(timeout, self._deadline - time.monotonic()))
-                try:
-                    sock = socket.create_connection((self.host, self.port), timeout=timeout)
-                except OSError as exc:
-                    self._set_error(f"connect to {self.host}:{self.port}: {_describe(exc)}")
-                    self._sleep(delay)
-                    delay = min(delay * 2, self.backoff_max)
-                    continue
-                if not first:
-                    self.reconnects += 1
-                first = False
-                forwarded_before = self.forwarded
-                try:
-                    self._serve(sock)
-                finally:
-                    self.connected = False
-                    sock.close()
-                if self.forwarded > forwarded_before:
-                    delay = self.backoff_initial  # the connection worked: start the backoff over
-                elif not self._closing:
-                    self._sleep(delay)  # accepted, then broke without delivering: back off
-                    delay = min(delay * 2, self.backoff_max)
-        except Exception as exc:  # noqa: BLE001 - a bug here must show in health, not vanish
-            self._set_error(f"forwarder stopped: {type(exc).__name__}: {exc}")
-        finally:
-            self._finish()
-
-    def _set_error(self, text: str) -> None:
-        self.last_error_time = time.time()
-        self.last_error = text
-
-    def _finish(self) -> None:
-        """The thread ends: whatever is left was not sent."""
-        self._closed = True
-        left = len(self._carry)
-        self._carry.clear()
-        while True:
-            try:
-                self._buf.popleft()
-            except IndexError:
-                break
-            left += 1
-        self._dropped_close += left
-
-    def _serve(self, sock: socket.socket) -> None:
-        """Send on one connection until it breaks or close() ends it; settle its accounting."""
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setblocking(False)  # sends wait in poll(), so close() and breaks are noticed
-        self._sent = 0
-        self._inflight.clear()
-        self.connected = True
-        poller = select.poll()
-        poller.register(sock, select.POLLIN | _POLLRDHUP)
-        poller.register(self._wake_r, select.POLLIN)
-        try:
-            while True:
-                self._check_peer(sock)
-                self._settle(sock)
-                if self._closing:
-                    if time.monotonic() >= self._deadline:
-                        break
-                    if not (self._buf or self._carry):
-                        if not self._inflight:
-                            break
-                        self._wait(poller, 10)  # for the last ACKs
-                        continue
-                if self._carry or self._buf:
-                    self._send_batch(sock)
-                    continue
-                # Idle: wait for records or the peer's close; look at the ACKs while some are due.
-                self._wait(poller, 20 if self._inflight else 1000)
-        except _Closed as exc:
-            self._set_error(str(exc))
-            if not exc.clean:
-                self.resets += 1
-            self._broken(sock)
-            return
-        except OSError as exc:  # ECONNRESET, EPIPE, ...
-            self._set_error(f"send to {self.host}:{self.port}: {_describe(exc)}")
-            self.resets += 1
-            self._broken(sock)
-            return
-        # close(): stop cleanly if everything was acknowledged; otherwise reset the connection
-        # (in _broken), so that nothing counted lost can still be delivered by our kernel later.
-        self._settle(sock)
-        if self._inflight:
-            self._set_error(f"closing: {len(self._inflight)} message(s) not acknowledged in time")
-            self.resets += 1
-            self._broken(sock)
-        else:
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def _wait(self, poller: "select.poll", ms: int) -> None:
-        for fd, _ev in poller.poll(ms):
-            if fd == self._wake_r:
-                self._drain_wake()
-
-    def _check_peer(self, sock: socket.socket) -> None:
-        """Notice a closed or reset connection before sending more into it (the sooner, the
-        fewer messages are lost). A syslog receiver sends nothing; anything it does send is
-        discarded unread."""
-        for _ in range(16):  # a peer that keeps talking cannot keep us here
-            try:
-                data = sock.recv(4096, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            if not data:
-                raise _Closed(f"{self.host}:{self.port} closed the connection", clean=True)
-
-    def _settle(self, sock: socket.socket) -> None:
-        """Messages whose last byte the peer acknowledged are forwarded."""
-        if not self._inflight:
-            return
-        unacked = _unacked(sock)
-        if unacked is None:
-            return
-        acked = self._sent - unacked
-        inflight = self._inflight
-        n = 0
-        while inflight and inflight[0] <= acked:
-            inflight.popleft()
-            n += 1
-        if n:
-            self.forwarded += n
-
-    def _broken(self, sock: socket.socket) -> None:
-        """The connection is gone (or given up): acknowledged messages are forwarded, the rest
-        lost; the socket will be reset on close, so our kernel cannot deliver them later."""
-        self._settle(sock)  # if SIOCOUTQ cannot answer, every unconfirmed message counts lost
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        n = len(self._inflight)
-        self._inflight.clear()
-        if n:
-            self.lost += n
-        self.connected = False
-
-    def _take_batch(self) -> Tuple[List[bytes], int]:
-        batch: List[bytes] = []
-        size = 0
-        carry = self._carry
-        while carry and size < self.batch_bytes:
-            msg = carry.popleft()
-            batch.append(msg)
-            size += len(msg)
-        buf = self._buf
-        while size < self.batch_bytes:
-            try:
-                rec = buf.popleft()
-            except IndexError:
-                break
-            msg = self._format(rec)
-            batch.append(msg)
-            size += len(msg)
-        return batch, size
-
-    def _format(self, rec: Record) -> bytes:
-        try:
-            return format_rfc5424(rec, self.hostname, self.app_name, self.facility, clock=self._clock)
-        except Exception as exc:  # noqa: BLE001 - a field of the wrong type costs its text, not the record
-            try:
-                what = f"{type(exc).__name__}: {exc}"
-            except Exception:  # noqa: BLE001
-                what = type(exc).__name__
-            stand_in = make_record(time.time(), logging.ERROR, "mplog",
-                                   f"<record could not be formatted for syslog: {what}>")
-            return format_rfc5424(stand_in, self.hostname, self.app_name, self.facility, clock=self._clock)
-
-    def _send_batch(self, sock: socket.socket) -> None:
-        batch, size = self._take_batch()
-        data = memoryview(b"".join(batch))
-        done = 0
-        stalled_since = time.monotonic()
-        try:
-            while done < size:
-                try:
-                    n = sock.send(data[done:])
-                except (BlockingIOError, InterruptedError):
-                    n = 0
-                if n:
-                    done += n
-                    stalled_since = time.monotonic()
-                    continue
-                # The send queue is full: wait for room, the peer's close, or close().
-                now = time.monotonic()
-                if now - stalled_since >= self.send_timeout:
-                    raise _Closed(f"{self.host}:{self.port} accepted nothing for {self.send_timeout:g} s")
-                if self._closing and now >= self._deadline:
-                    raise _Closed("closing: time ran out")
-                self._check_peer(sock)
-                self._settle(sock)
-                poller = select.poll()
-                poller.register(sock, select.POLLOUT | _POLLRDHUP)
-                poller.poll(50)
-        finally:
-            # Messages the kernel took whole are in flight; one it took in part is in flight
-            # too (its frame is torn if the connection breaks: lost, never resent); the rest
-            # never left this process and go first on the next connection.
-            end = 0
-            base = self._sent
-            for i, msg in enumerate(batch):
-                start = end
-                end += len(msg)
-                if start < done:
-                    self._inflight.append(base + end)
-                else:
-                    self._carry.extendleft(reversed(batch[i:]))
-                    break
-            self._sent = base + done
+        if not self._stop.requested:
+            self._stop.request(timeout)
+            self._buffer.wake()
+        thread = self._sender.thread
+        thread.join(max(0.0, self._stop.deadline - time.monotonic()) + 1.0)
+        if not thread.is_alive():
+            self._buffer.close_pipe()
 
 
 def _describe(exc: BaseException) -> str:

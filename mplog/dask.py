@@ -20,6 +20,9 @@ How a record travels, with Dask's own mechanisms only (no socket of ours):
    ``logging.makeLogRecord`` (plain data only: nothing from the network is unpickled), adds
    ``dask_worker`` (the scheduler's address for the sender) to its Context, and hands it to
    ``svc.queue.put_nowait``: the service's listener stays the only writer of the files.
+   On the client, ``_Receiver`` is that handler (and the per-worker sequence and counters),
+   ``_TopicHistory`` clears the scheduler's copy of the topic, and ``DaskLogForwarder`` is
+   what the user holds: ``counts``, ``flush()``, ``close()``.
 
 Usage::
 
@@ -60,7 +63,7 @@ import time
 import traceback
 import uuid
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import distributed  # type: ignore[import-not-found,unused-ignore]
 
@@ -456,6 +459,164 @@ def _truncate_topic_on_scheduler(topic: str) -> Any:
     return truncate
 
 
+class _TopicHistory:
+    """The scheduler's copy of the topic's events, cleared now and then: they are delivered."""
+
+    def __init__(self, client: Any, topic: str) -> None:
+        self.client = client
+        self.topic = topic
+
+    def clear(self) -> None:
+        # The scheduler keeps the last events of every topic (distributed.admin.low-level-log-length,
+        # 1000): ours are delivered already, so they need not sit in its memory.
+        try:
+            self.client.run_on_scheduler(_truncate_topic_on_scheduler(self.topic))
+        except Exception:
+            pass
+
+    def clear_soon(self) -> None:
+        # In the client's event loop: do not wait for the answer here.
+        client = self.client
+        run = getattr(client, "_run_on_scheduler", None)
+        if run is None:
+            return
+
+        async def truncate() -> None:
+            try:
+                await run(_truncate_topic_on_scheduler(self.topic))
+            except Exception:
+                pass
+
+        try:
+            asyncio.get_running_loop().create_task(truncate())
+        except Exception:
+            pass
+
+
+class _Receiver:
+    """The subscription's event handler (in the client's event-loop thread): checks each batch,
+    tracks every worker instance's sequence and counters, hands the records to the service."""
+
+    def __init__(self, queue: Any, plugin: MplogWorkerPlugin, history: "_TopicHistory",
+                 truncate_every: Callable[[], int]) -> None:
+        self._queue = queue
+        self.plugin = plugin
+        self._history = history
+        self._truncate_every = truncate_every
+        self.lock = threading.Lock()
+        self.instances: Dict[str, Dict[str, Any]] = {}
+        self.counts = {"received": 0, "dropped_in_workers": 0, "malformed": 0, "replaced_in_workers": 0,
+                       "batches": 0, "missing_batches": 0, "workers_ended_without_final": 0}
+        self.probe: Optional[str] = None
+        self.probe_seen = threading.Event()
+        self._since_truncate = 0
+
+    def on_event(self, event: Any) -> None:
+        try:
+            self._handle(event)
+        except Exception as exc:  # never let a batch break the client's report loop
+            self.put(_notice(logging.ERROR, f"mplog could not handle a Dask log event: {_describe(exc)}"))
+            with self.lock:
+                self.counts["malformed"] += 1
+
+    def put(self, record: logging.LogRecord) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except Exception:
+            pass  # the channel counts and diverts its own failures
+
+    def _malformed(self, reason: str, address: Optional[str], n: int = 1) -> None:
+        with self.lock:
+            self.counts["malformed"] += n
+        origin = f"Dask worker {address}" if address else "Dask"
+        self.put(_notice(logging.WARNING, f"malformed log record(s) from {origin} replaced: {reason}", address))
+
+    def _handle(self, event: Any) -> None:
+        if not isinstance(event, (tuple, list)) or len(event) != 2:
+            self._malformed("an event that is not (time, message)", None)
+            return
+        msg = event[1]
+        if type(msg) is dict and "mplog_probe" in msg and len(msg) == 1:
+            if msg["mplog_probe"] == self.probe:
+                self.probe_seen.set()
+            return
+        address = msg.get("worker") if type(msg) is dict else None
+        if type(address) is not str or not 0 < len(address) <= MAX_ADDRESS:
+            self._malformed("a batch without a worker address", None)
+            return
+        try:
+            instance, seq, final, records, dropped, replaced = self._check_batch(msg)
+        except _Malformed as exc:
+            self._malformed(f"batch: {exc}", address)
+            return
+        with self.lock:
+            state = self.instances.get(instance)
+            if state is None:
+                state = self.instances[instance] = {"worker": address, "seq": 0, "dropped": 0,
+                                                     "replaced": 0, "final": False, "reported": False}
+            if seq <= state["seq"]:
+                return  # a batch seen before
+            self.counts["missing_batches"] += seq - state["seq"] - 1
+            state["seq"] = seq
+            new_drops = max(0, dropped - state["dropped"])
+            state["dropped"] = max(state["dropped"], dropped)
+            self.counts["dropped_in_workers"] += new_drops
+            self.counts["replaced_in_workers"] += max(0, replaced - state["replaced"])
+            state["replaced"] = max(state["replaced"], replaced)
+            state["final"] = state["final"] or final
+            self.counts["batches"] += 1
+            self._since_truncate += 1
+            truncate = self._since_truncate >= self._truncate_every()
+            if truncate:
+                self._since_truncate = 0
+        if new_drops:
+            self.put(_notice(logging.WARNING, f"{new_drops} record(s) dropped in Dask worker {address}: its "
+                                              f"buffer of {self.plugin.max_buffer} records was full", address))
+        good = 0
+        for flat in records:
+            try:
+                record = _rebuild(flat, address)
+            except _Malformed as exc:
+                self._malformed(str(exc), address)
+                continue
+            self.put(record)
+            good += 1
+        with self.lock:
+            self.counts["received"] += good
+        if truncate:
+            self._history.clear_soon()
+
+    @staticmethod
+    def _check_batch(msg: Dict[str, Any]) -> Tuple[str, int, bool, Any, int, int]:
+        if msg.get("mplog") != _FORMAT:
+            raise _Malformed("not an mplog batch of a known format")
+        instance = _check_str(msg.get("instance"), 64, "instance")
+        seq = _check_int(msg.get("seq"), "seq")
+        dropped = _check_int(msg.get("dropped"), "dropped")
+        replaced = _check_int(msg.get("replaced"), "replaced")
+        final = msg.get("final")
+        records = msg.get("records")
+        if seq < 1 or dropped < 0 or replaced < 0 or type(final) is not bool:
+            raise _Malformed("bad seq, counters or final flag")
+        if not isinstance(records, (list, tuple)) or len(records) > MAX_BATCH_RECORDS:
+            raise _Malformed(f"records is not a list of at most {MAX_BATCH_RECORDS}")
+        return instance, seq, final, records, dropped, replaced
+
+    def report_ended(self, current: Any) -> None:
+        """Workers gone without a final batch (killed): say so, once each."""
+        ended = []
+        with self.lock:
+            for state in self.instances.values():
+                if not state["final"] and not state["reported"] and state["worker"] not in current:
+                    state["reported"] = True
+                    self.counts["workers_ended_without_final"] += 1
+                    ended.append(state["worker"])
+        for address in ended:
+            self.put(_notice(logging.WARNING, f"Dask worker {address} ended without its final log batch "
+                                              f"(killed?): records it logged in its last "
+                                              f"{self.plugin.interval:g} s may be lost, uncounted", address))
+
+
 class DaskLogForwarder:
     """What ``forward_dask_logs`` returns: the subscription and the plugin, their counters,
     ``flush()`` and ``close()`` (also a context manager)."""
@@ -468,14 +629,9 @@ class DaskLogForwarder:
         self.svc = svc
         self.plugin = plugin
         self.topic = plugin.topic
-        self._queue = svc.queue  # raises if the service is not started
-        self._lock = threading.Lock()
-        self._instances: Dict[str, Dict[str, Any]] = {}
-        self._counts = {"received": 0, "dropped_in_workers": 0, "malformed": 0, "replaced_in_workers": 0,
-                        "batches": 0, "missing_batches": 0, "workers_ended_without_final": 0}
-        self._probe: Optional[str] = None
-        self._probe_seen = threading.Event()
-        self._since_truncate = 0
+        self._history = _TopicHistory(client, self.topic)
+        self._receiver = _Receiver(svc.queue,  # raises if the service is not started
+                                   plugin, self._history, lambda: self.truncate_every)
         self._closed = False
 
     # -- public --------------------------------------------------------------------------------
@@ -486,8 +642,8 @@ class DaskLogForwarder:
         (placeholders made while flattening), ``batches``, ``missing_batches`` (gaps in a
         worker's sequence), ``workers_ended_without_final`` (killed workers: their last
         records may be lost, uncounted)."""
-        with self._lock:
-            return dict(self._counts)
+        with self._receiver.lock:
+            return dict(self._receiver.counts)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Ask every worker to send its buffer now, wait until the client has received it, then
@@ -508,13 +664,13 @@ class DaskLogForwarder:
                   if isinstance(result, tuple) and len(result) == 2}
         failed = any(result is not None and not isinstance(result, tuple) for result in sent.values())
         while True:
-            with self._lock:
-                behind = [i for i, seq in wanted.items() if self._instances.get(i, {}).get("seq", 0) < seq]
+            with self._receiver.lock:
+                behind = [i for i, seq in wanted.items() if self._receiver.instances.get(i, {}).get("seq", 0) < seq]
             if not behind or time.monotonic() > deadline:
                 break
             time.sleep(0.005)  # a deadline loop on the counters the event handler updates
-        self._report_ended(set(sent))
-        self._truncate_history()
+        self._receiver.report_ended(set(sent))
+        self._history.clear()
         if behind:
             return False
         return self.svc.flush(max(0.0, deadline - time.monotonic())) and not failed
@@ -540,8 +696,8 @@ class DaskLogForwarder:
             except Exception:
                 addresses = []
         while addresses and time.monotonic() < deadline:
-            with self._lock:
-                finished = {v["worker"] for v in self._instances.values() if v["final"]}
+            with self._receiver.lock:
+                finished = {v["worker"] for v in self._receiver.instances.values() if v["final"]}
             addresses = [a for a in addresses if a not in finished]
             if addresses:
                 time.sleep(0.005)  # a deadline loop on the final batches
@@ -550,8 +706,8 @@ class DaskLogForwarder:
         except Exception:
             current = None
         if current is not None:
-            self._report_ended(current)
-        self._truncate_history()
+            self._receiver.report_ended(current)
+        self._history.clear()
         try:
             self.client.unsubscribe_topic(self.topic)
         except Exception:
@@ -569,15 +725,15 @@ class DaskLogForwarder:
 
     # -- set-up ----------------------------------------------------------------------------------
     def _start(self, timeout: float) -> None:
-        self.client.subscribe_topic(self.topic, self._on_event)
+        self.client.subscribe_topic(self.topic, self._receiver.on_event)
         # The subscription travels on the client's batched stream, the probe by RPC: wait until
         # a probe comes back, so nothing a worker sends after registration is missed.
         deadline = time.monotonic() + timeout
         while True:
-            self._probe = uuid.uuid4().hex
-            self._probe_seen.clear()
-            self.client.log_event(self.topic, {"mplog_probe": self._probe})
-            if self._probe_seen.wait(min(0.5, max(0.01, deadline - time.monotonic()))):
+            self._receiver.probe = uuid.uuid4().hex
+            self._receiver.probe_seen.clear()
+            self.client.log_event(self.topic, {"mplog_probe": self._receiver.probe})
+            if self._receiver.probe_seen.wait(min(0.5, max(0.01, deadline - time.monotonic()))):
                 break
             if time.monotonic() > deadline:
                 self.client.unsubscribe_topic(self.topic)
@@ -595,138 +751,6 @@ class DaskLogForwarder:
                 pass
             raise
 
-    # -- the event handler (client's event-loop thread) ---------------------------------------
-    def _on_event(self, event: Any) -> None:
-        try:
-            self._handle(event)
-        except Exception as exc:  # never let a batch break the client's report loop
-            self._put(_notice(logging.ERROR, f"mplog could not handle a Dask log event: {_describe(exc)}"))
-            with self._lock:
-                self._counts["malformed"] += 1
-
-    def _put(self, record: logging.LogRecord) -> None:
-        try:
-            self._queue.put_nowait(record)
-        except Exception:
-            pass  # the channel counts and diverts its own failures
-
-    def _malformed(self, reason: str, address: Optional[str], n: int = 1) -> None:
-        with self._lock:
-            self._counts["malformed"] += n
-        origin = f"Dask worker {address}" if address else "Dask"
-        self._put(_notice(logging.WARNING, f"malformed log record(s) from {origin} replaced: {reason}", address))
-
-    def _handle(self, event: Any) -> None:
-        if not isinstance(event, (tuple, list)) or len(event) != 2:
-            self._malformed("an event that is not (time, message)", None)
-            return
-        msg = event[1]
-        if type(msg) is dict and "mplog_probe" in msg and len(msg) == 1:
-            if msg["mplog_probe"] == self._probe:
-                self._probe_seen.set()
-            return
-        address = msg.get("worker") if type(msg) is dict else None
-        if type(address) is not str or not 0 < len(address) <= MAX_ADDRESS:
-            self._malformed("a batch without a worker address", None)
-            return
-        try:
-            instance, seq, final, records, dropped, replaced = self._check_batch(msg)
-        except _Malformed as exc:
-            self._malformed(f"batch: {exc}", address)
-            return
-        with self._lock:
-            state = self._instances.get(instance)
-            if state is None:
-                state = self._instances[instance] = {"worker": address, "seq": 0, "dropped": 0,
-                                                     "replaced": 0, "final": False, "reported": False}
-            if seq <= state["seq"]:
-                return  # a batch seen before
-            self._counts["missing_batches"] += seq - state["seq"] - 1
-            state["seq"] = seq
-            new_drops = max(0, dropped - state["dropped"])
-            state["dropped"] = max(state["dropped"], dropped)
-            self._counts["dropped_in_workers"] += new_drops
-            self._counts["replaced_in_workers"] += max(0, replaced - state["replaced"])
-            state["replaced"] = max(state["replaced"], replaced)
-            state["final"] = state["final"] or final
-            self._counts["batches"] += 1
-            self._since_truncate += 1
-            truncate = self._since_truncate >= self.truncate_every
-            if truncate:
-                self._since_truncate = 0
-        if new_drops:
-            self._put(_notice(logging.WARNING, f"{new_drops} record(s) dropped in Dask worker {address}: its "
-                                               f"buffer of {self.plugin.max_buffer} records was full", address))
-        good = 0
-        for flat in records:
-            try:
-                record = _rebuild(flat, address)
-            except _Malformed as exc:
-                self._malformed(str(exc), address)
-                continue
-            self._put(record)
-            good += 1
-        with self._lock:
-            self._counts["received"] += good
-        if truncate:
-            self._truncate_soon()
-
-    @staticmethod
-    def _check_batch(msg: Dict[str, Any]) -> Tuple[str, int, bool, Any, int, int]:
-        if msg.get("mplog") != _FORMAT:
-            raise _Malformed("not an mplog batch of a known format")
-        instance = _check_str(msg.get("instance"), 64, "instance")
-        seq = _check_int(msg.get("seq"), "seq")
-        dropped = _check_int(msg.get("dropped"), "dropped")
-        replaced = _check_int(msg.get("replaced"), "replaced")
-        final = msg.get("final")
-        records = msg.get("records")
-        if seq < 1 or dropped < 0 or replaced < 0 or type(final) is not bool:
-            raise _Malformed("bad seq, counters or final flag")
-        if not isinstance(records, (list, tuple)) or len(records) > MAX_BATCH_RECORDS:
-            raise _Malformed(f"records is not a list of at most {MAX_BATCH_RECORDS}")
-        return instance, seq, final, records, dropped, replaced
-
-    # -- housekeeping -------------------------------------------------------------------------
-    def _report_ended(self, current: Any) -> None:
-        """Workers gone without a final batch (killed): say so, once each."""
-        ended = []
-        with self._lock:
-            for state in self._instances.values():
-                if not state["final"] and not state["reported"] and state["worker"] not in current:
-                    state["reported"] = True
-                    self._counts["workers_ended_without_final"] += 1
-                    ended.append(state["worker"])
-        for address in ended:
-            self._put(_notice(logging.WARNING, f"Dask worker {address} ended without its final log batch "
-                                               f"(killed?): records it logged in its last "
-                                               f"{self.plugin.interval:g} s may be lost, uncounted", address))
-
-    def _truncate_history(self) -> None:
-        # The scheduler keeps the last events of every topic (distributed.admin.low-level-log-length,
-        # 1000): ours are delivered already, so they need not sit in its memory.
-        try:
-            self.client.run_on_scheduler(_truncate_topic_on_scheduler(self.topic))
-        except Exception:
-            pass
-
-    def _truncate_soon(self) -> None:
-        # In the client's event loop: do not wait for the answer here.
-        client = self.client
-        run = getattr(client, "_run_on_scheduler", None)
-        if run is None:
-            return
-
-        async def truncate() -> None:
-            try:
-                await run(_truncate_topic_on_scheduler(self.topic))
-            except Exception:
-                pass
-
-        try:
-            asyncio.get_running_loop().create_task(truncate())
-        except Exception:
-            pass
 
 
 def forward_dask_logs(client: Any, svc: Any, topic: str = "mplog", level: Union[int, str, None] = None,
