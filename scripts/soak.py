@@ -88,7 +88,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 # scripts/ is on sys.path when a script runs
 from _toolkit import kill, mb, mplog_source, ring_fds
-from soak_checks import MAIN_LOGGER, REPORT_EVERY, SMALL_BODY, WORKER_LOGGER, record_message, verify
+from soak_checks import MAIN_LOGGER, REPORT_EVERY, WORKER_LOGGER, record_message, record_size, verify
 from soak_group import GroupRound, group_child, verify_group
 
 import psutil
@@ -140,7 +140,7 @@ def worker_main(cfg: Any, wid: int, gen: int, rate: float, stop_path: str, repor
             continue
         if now - due > 1.0:  # more than 1 s behind (an overloaded machine): no catch-up burst
             t0 = now - seq * interval
-        size = big_size if big_every and seq % big_every == big_every - 1 else SMALL_BODY
+        size = record_size(seq, big_every, big_size)
         log.info(record_message(wid, gen, seq, size))
         seq += 1
         if seq % REPORT_EVERY == 0:
@@ -179,9 +179,9 @@ def listener_snapshot(health: Dict[str, Any]) -> Dict[str, Any]:
             "uptime": info.get("uptime_s")}
 
 
-
-
 class Soak:
+    """The chaos run: the service, the workers, the kills and rotations, and what was seen."""
+
     def __init__(self, args: argparse.Namespace, directory: str) -> None:
         self.args = args
         self.dir = directory

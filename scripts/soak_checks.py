@@ -33,6 +33,11 @@ def record_body(wid: int, gen: int, seq: int, size: int) -> str:
     return (unit * (size // len(unit) + 1))[:size]
 
 
+def record_size(seq: int, big_every: int, big_size: int) -> int:
+    """Every ``big_every``-th record is big (several frames in the ring), the rest small."""
+    return big_size if big_every and seq % big_every == big_every - 1 else SMALL_BODY
+
+
 def record_message(wid: int, gen: int, seq: int, size: int) -> str:
     head = f"w{wid}.{gen} seq {seq} len {size}"
     body = record_body(wid, gen, seq, size)

@@ -25,7 +25,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from _toolkit import Checks, cmdline, group_members, is_running, kill, mb
-from soak_checks import SMALL_BODY, Verification, record_message
+from soak_checks import Verification, record_message, record_size
 
 import mplog
 
@@ -70,7 +70,7 @@ def group_log_loop(log: logging.Logger, pid_id: int, rnd: int, progress_path: st
     words = progress.words
     seq = 0
     while True:
-        size = big_size if big_every and seq % big_every == big_every - 1 else SMALL_BODY
+        size = record_size(seq, big_every, big_size)
         log.info(record_message(pid_id, rnd, seq, size))
         seq += 1
         words[0] = seq  # after the call returned
