@@ -93,7 +93,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from _provenance import mplog_source  # scripts/ is on sys.path when a script runs
+from _toolkit import mplog_source  # scripts/ is on sys.path when a script runs
 
 SETUPS = ["floor", "filehandler", "stdlib-queue", "stdlib-cookbook", "mplog",
           "loguru", "concurrent-log-handler", "multiprocessing-logging"]
