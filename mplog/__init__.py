@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._worker_config import WorkerConfig
-from ._console import progress
-from ._worker import MPQueueHandler, ServiceQueue, SpoolHandler, context, current_config, pool_kwargs, worker_init
+from ._common.worker_config import WorkerConfig
+from ._supervisor.console import progress
+from ._app.handler import MPQueueHandler, ServiceQueue, SpoolHandler, context, current_config, pool_kwargs, worker_init
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._service import LogService, ServiceHandler
+    from ._supervisor.service import LogService, ServiceHandler
 
 __all__ = [
     "LogService",
@@ -38,6 +38,6 @@ def __getattr__(name: str) -> Any:
     # Workers import this package to run worker_init; they should not pay for the service side
     # (psutil, subprocess). The main process gets LogService on first use.
     if name in ("LogService", "ServiceHandler"):
-        from . import _service
+        from ._supervisor import service as _service
         return getattr(_service, name)
     raise AttributeError(f"module 'mplog' has no attribute {name!r}")

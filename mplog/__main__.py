@@ -15,7 +15,7 @@ EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_NO_SERVICE = 0, 1, 2
 
 def health_command(directory: str, name: str, max_age: float) -> int:
     """Print the service's health as JSON. 0 healthy; 1 degraded, down or stale; 2 none there."""
-    from ._supervisor import kernel_status, read_health_file, same_process
+    from ._supervisor.supervisor import kernel_status, read_health_file, same_process
 
     path = Path(directory) / f"{name}.health.json"
     try:
@@ -56,7 +56,7 @@ def health_command(directory: str, name: str, max_age: float) -> int:
 def spools_command(clean: bool, older_than_days: float, root: Optional[str]) -> int:
     """List this user's spools; ``clean`` removes those whose run is gone and that hold nothing,
     or that are older than ``older_than_days``. Exit 0."""
-    from ._spool import list_spools, remove_spool
+    from ._common.spool import list_spools, remove_spool
 
     rows = list_spools(root)
     print(f"{'state':<8} {'unwritten':>9} {'bytes':>10} {'age':>8}  {'owner':>7}  spool -> file set")

@@ -1,4 +1,4 @@
-# Stub of the optional C module mplog/_speedups.c (see mplog/_compiled.py).
+# Stub of the optional C module mplog/_speedups.c (see mplog/_common/compiled.py).
 from typing import Any, Callable, Dict, List, Tuple
 
 class RingCore:

@@ -8,7 +8,7 @@ How a record travels, with Dask's own mechanisms only (no socket of ours):
    root logger. The handler flattens each record, in the logging thread, into a dict of plain
    values (``str``/``int``/``float``/``bool``/``None``; the message already formatted, the
    traceback already text, each extra rendered to text, failures replaced by placeholders the
-   same way as ``mplog._record`` does) and appends it to a bounded buffer. A full buffer drops
+   same way as ``mplog._common.record`` does) and appends it to a bounded buffer. A full buffer drops
    the record and counts it: a task is never blocked and a logging call never raises.
 2. A periodic callback on the worker's event loop (and an early one when a batch is full)
    sends the buffer in batches with ``Worker.log_event(topic, batch)``: the worker's existing
@@ -67,9 +67,9 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import distributed  # type: ignore[import-not-found,unused-ignore]
 
-from ._record import _STANDARD, USER_MESSAGE_KEY, _describe, _message, safe_text
-from . import _capture
-from ._worker import _context
+from ._common.record import _STANDARD, USER_MESSAGE_KEY, _describe, _message, safe_text
+from ._app import capture as _capture
+from ._app.handler import _context
 
 __all__ = ["MplogWorkerPlugin", "DaskLogForwarder", "forward_dask_logs"]
 

@@ -35,7 +35,7 @@ def mplog_source() -> str:
             text += f" (git {head}" + (f", uncommitted changes in {', '.join(changed)})" if changed else ", clean)")
     except (OSError, subprocess.SubprocessError):
         pass
-    from mplog import _compiled
+    from mplog._common import compiled as _compiled
     text += "; compiled code (mplog._speedups)" if _compiled.enabled() else "; Python code only (no mplog._speedups)"
     return text + _bytecode_note(pkg)
 

@@ -1075,7 +1075,7 @@ def _remove_spools_under(tmp: str) -> List[str]:
     sets under ``tmp`` whose run is over (a coordinator killed at the timeout leaves one, with
     records in it, that no later run of that file set would ever recover)."""
     try:
-        from mplog._spool import list_spools, remove_spool
+        from mplog._common.spool import list_spools, remove_spool
     except Exception:
         return []
     real = os.path.realpath(tmp)

@@ -334,7 +334,7 @@ def _cycle_figures(root: str) -> Dict[str, int]:
 
 def cycles(tmp: Path, n: int) -> None:
     """n start/log/stop cycles in this process (a notebook's cells): what is left (issue 29)."""
-    from mplog._spool import spool_prefix, spool_root
+    from mplog._common.spool import spool_prefix, spool_root
     root = spool_root()
     # Only this file set's spools and this process's capture: others (same uid) share the root.
     mine = (spool_prefix(str(tmp / "cycles"), "run"), f"mplog-children-{os.getuid()}-{os.getpid()}-")

@@ -11,10 +11,10 @@ import subprocess
 
 import pytest
 
-from mplog._config import ListenerConfig, WorkerConfig
-from mplog._counters import Counters, settle_accounts
-from mplog._listener import Listener
-from mplog._worker import Channel
+from mplog._common.config import ListenerConfig, WorkerConfig
+from mplog._common.counters import Counters, settle_accounts
+from mplog._listener.loop import Listener
+from mplog._app.handler import Channel
 from conftest import app_blocks, read_blocks, wait_for
 
 

@@ -162,7 +162,7 @@ def test_nested_executors_without_the_initializer(service, outer, inner):
 
 # -- scope --------------------------------------------------------------------------------------
 def _capture_dirs() -> List[str]:
-    from mplog._spool import spool_root
+    from mplog._common.spool import spool_root
     return [e for e in os.listdir(spool_root()) if e.startswith(f"mplog-children-{os.getuid()}-{os.getpid()}-")]
 
 

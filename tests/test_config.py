@@ -46,7 +46,7 @@ def test_bad_values_and_combinations_are_named(tmp_path, kwargs, words):
 
 def test_the_signature_shows_every_option():
     import inspect
-    from mplog._config import ServiceConfig
+    from mplog._common.config import ServiceConfig
     params = inspect.signature(mplog.LogService).parameters
     options = {f for f in ServiceConfig._fields} - {"directory", "name"}
     assert options <= set(params) and all(params[o].kind is inspect.Parameter.KEYWORD_ONLY for o in options)

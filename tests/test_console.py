@@ -271,7 +271,7 @@ def test_tqdm_bar_and_console_lines_share_the_terminal(tmp_path):
 
 FORK_WHILE_ECHOING = """
 import fcntl, os, sys, threading, time, warnings
-import mplog._console as console
+import mplog._supervisor.console as console
 
 # 3.12+ warns, on that very stderr, about fork() in a process with threads: it would block here.
 warnings.simplefilter("ignore", DeprecationWarning)

@@ -21,8 +21,9 @@ import pytest
 
 import mplog
 from conftest import app_blocks, read_blocks, simplified_lines, wait_for
-from mplog import _deathword, _exits
-from mplog._counters import S_PID
+from mplog._common import deathword as _deathword
+from mplog._listener import exits as _exits
+from mplog._common.counters import S_PID
 
 import workers
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import mplog
-from mplog._files import rotated_files
+from mplog._listener.files import rotated_files
 from conftest import app_blocks, read_blocks, wait_for
 
 import workers

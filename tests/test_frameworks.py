@@ -20,8 +20,8 @@ import psutil
 import pytest
 
 import mplog
-from mplog._counters import STATE_RUNNING, STATE_STOPPED, Counters
-from mplog._transport import K_STOP, FifoWriter
+from mplog._common.counters import STATE_RUNNING, STATE_STOPPED, Counters
+from mplog._common.transport import K_STOP, FifoWriter
 
 from conftest import app_blocks, simplified_lines, wait_for
 

@@ -161,7 +161,7 @@ def test_a_common_record_arrives_as_the_flattened_record(levelno, msg, args, lea
     included; the listener renders the message. The result is the Record that flattening in
     the caller gives, placeholder (and its count) included; lean (the default formats) leaves
     out only what those formats never print."""
-    from mplog._record import _make, common_payload, decode, flatten
+    from mplog._common.record import _make, common_payload, decode, flatten
     record = logging.LogRecord("t.fast", levelno, "/srv/app/stage.py", 42, msg, args, None, "work")
     payload = common_payload(record, lean)
     assert payload is not None
@@ -188,7 +188,7 @@ def _with_traceback():
 def test_the_caller_leaves_the_unusual_to_flattening(case):
     """What marshal cannot carry as it is (objects, subclasses, tracebacks) or what the common
     shape has no place for (extras) is flattened in the caller, as before."""
-    from mplog._record import common_payload
+    from mplog._common.record import common_payload
     msg, args, exc = "m %s", ("x",), None
     if case == "object arg":
         args = (object(),)
@@ -206,7 +206,7 @@ def test_the_caller_leaves_the_unusual_to_flattening(case):
 
 def _batch(level=logging.INFO, loop="python"):
     import types
-    from mplog._listener import Batch
+    from mplog._listener.loop import Batch
 
     class Counts:
         def __init__(self):
@@ -232,7 +232,7 @@ def test_the_listeners_hot_loop_writes_what_the_general_path_writes(simplified_l
     """Batch.add_payloads formats common records in one loop (compiled, or its Python twin) and
     hands the rest to the general path (add_payload): they give the very same bytes, warnings
     tally and placeholders."""
-    from mplog._record import common_payload, serialize
+    from mplog._common.record import common_payload, serialize
     payloads = []
     for levelno in (10, 20, 30, 40):
         for msg, args in _COMMON_CASES:
@@ -324,7 +324,7 @@ import math  # noqa: E402
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from mplog import _record  # noqa: E402
+from mplog._common import record as _record# noqa: E402
 
 _compiled_dumps = _record._compiled_dumps
 needs_compiled = pytest.mark.skipif(_compiled_dumps is None, reason="mplog._speedups is not built here "
@@ -527,7 +527,7 @@ def test_a_time_out_of_range_is_never_stamped_with_the_last_seconds_text():
     """Timestamps caches one second's text. A created localtime() refuses must raise each time
     (the formatter then makes a placeholder), not be cached with the previous second's text:
     hypothesis found records stamped "[.000]" that way."""
-    from mplog._format import Timestamps
+    from mplog._common.format import Timestamps
     stamps = Timestamps()
     assert stamps.second(1.7e9) == time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1.7e9))
     for _ in range(2):
@@ -607,7 +607,7 @@ def test_a_header_read_from_its_bytes_is_not_reused_once_a_record_read_by_marsha
 def test_a_record_the_general_path_fails_on_costs_that_record_only(loop, monkeypatch):
     """Whatever goes wrong decoding one record (a bug of ours, as the bytes exc_text was) is a
     counted placeholder: the loop goes on, and the records around it are written."""
-    from mplog import _listener
+    from mplog._listener import loop as _listener
     good = [_record.common_payload(logging.LogRecord("app", logging.INFO, "/a/b.py", 1, f"ok {i}", None, None),
                                    lean=True) for i in range(2)]
     poison = _lean_payload([1.7e9, 20, "INFO", "app", "poison", None, "/a/b.py", 1, "MainProcess", 1, None, "x", None])

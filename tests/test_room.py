@@ -121,7 +121,7 @@ def test_a_64mib_tmpfs_and_32_stalled_workers_kill_no_worker(tmpfs, tmp_path, mo
 # -- the ring and the counters alone -------------------------------------------------------------
 def _fill_ring_on_a_full_tmpfs(path: str, conn) -> None:
     """In a child: a ring of 1 MiB on a 256 KiB tmpfs, written until it refuses."""
-    from mplog._spool import RingReader, open_ring_writer
+    from mplog._common.spool import RingReader, open_ring_writer
     writer = open_ring_writer(path, 1024 * 1024, 10**6)
     reader = RingReader(path, 0)
     accepted = refused = 0
@@ -139,7 +139,7 @@ def test_a_ring_on_a_full_tmpfs_refuses_and_nothing_dies(tmpfs, monkeypatch, imp
     """The writer returns False where the filesystem has no room for the next page; the process
     lives, and every record it accepted is read back."""
     import multiprocessing
-    from mplog import _spool
+    from mplog._common import spool as _spool
     if impl == "compiled" and _spool._RingCore is None:
         pytest.skip("mplog._speedups is not built here")
     monkeypatch.setenv("MPLOG_PURE_PYTHON", "1") if impl == "python" else monkeypatch.delenv("MPLOG_PURE_PYTHON",
@@ -159,7 +159,7 @@ def test_a_ring_on_a_full_tmpfs_refuses_and_nothing_dies(tmpfs, monkeypatch, imp
 
 def _claim_on_a_full_tmpfs(path: str, conn) -> None:
     """In a child: counters on a tmpfs, which is then filled; claims past the reserved slots."""
-    from mplog._counters import MAX_SLOTS, Counters
+    from mplog._common.counters import MAX_SLOTS, Counters
     counters = Counters.create(path)
     fd = os.open(os.path.join(os.path.dirname(path), "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
     try:
@@ -200,7 +200,7 @@ def test_counters_on_a_full_tmpfs_hand_out_reserved_slots_only(tmpfs):
 def test_a_tmpfs_without_room_for_the_rings_is_passed_over_with_a_notice(tmpfs, tmp_path, monkeypatch):
     """The first root whose free room holds a full ring per CPU (and the main process's) is
     chosen; the notice names the one passed over and the room it lacked."""
-    from mplog import _spool
+    from mplog._common import spool as _spool
     small = tmpfs("small", "8m")
     disk = tmp_path / "disk"
     disk.mkdir()

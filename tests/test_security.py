@@ -80,7 +80,7 @@ def _plant(path: str, marker: str) -> None:
 def _old_capture_names() -> List[str]:
     """Where mplog up to 3b35e68 put this process's capture directory: a name anyone can
     compute from /proc (the uid, the pid, its start time)."""
-    from mplog._spool import _process_start, spool_root
+    from mplog._common.spool import _process_start, spool_root
     roots = {spool_root(), "/dev/shm", "/tmp"}
     if os.environ.get("XDG_RUNTIME_DIR"):
         roots.add(os.environ["XDG_RUNTIME_DIR"])
@@ -165,7 +165,7 @@ def test_a_capture_name_retaken_by_another_user_between_services_is_not_used(tmp
                 pids = pool.map(workers.log_tagged, ["retaken"])
             assert svc.flush(30)
             assert [b["pid"] for b in app_blocks(svc.full_path)] == pids
-        from mplog import _capture
+        from mplog._app import capture as _capture
         assert _capture._read_config(first) is None  # what a worker that outlived a service would read
         assert not marker.exists()
     finally:
@@ -176,7 +176,7 @@ def test_a_capture_name_retaken_by_another_user_between_services_is_not_used(tmp
 def test_stale_capture_directories_of_another_user_are_not_removed(tmp_path):
     """Cleaning the capture directories of dead processes removes only this user's: another
     user's directory with a name of ours (a dead pid) is left alone."""
-    from mplog._spool import spool_root
+    from mplog._common.spool import spool_root
     fake = os.path.join(spool_root(), f"mplog-children-{os.getuid()}-999999999-1-abcdefgh")
     _plant(fake, str(tmp_path / "marker"))
     try:
@@ -339,7 +339,7 @@ def test_another_user_cannot_hold_the_lock_of_a_file_set(tmp_path, leftover):
     and locks everything it can there (with ``leftover``, what a SIGKILLed service left): the
     service still starts."""
     import tempfile
-    from mplog._spool import spool_prefix
+    from mplog._common.spool import spool_prefix
     public = tempfile.mkdtemp(prefix="mplog-test-thief-")  # /tmp: uid 65534 can reach it
     os.chmod(public, 0o755)
     logs = Path(public) / "logs"

@@ -29,8 +29,8 @@ import psutil
 import pytest
 
 import mplog
-from mplog import _compiled
-from mplog._spool import ring_capacity, spool_prefix, spool_root
+from mplog._common import compiled as _compiled
+from mplog._common.spool import ring_capacity, spool_prefix, spool_root
 from conftest import app_blocks, read_blocks, wait_for
 
 import workers
@@ -814,7 +814,7 @@ def test_threads_that_log_big_and_small_records_at_once_lose_tear_and_miscount_n
     order, and the accounts close (sent = written). Without the hold that keeps the C call off
     the ring while the Python path has it, records are torn or counted twice or not at all."""
     svc = service(overflow="block", queue_size=1000)
-    from mplog import _worker
+    from mplog._app import handler as _worker
     channel = svc._handler.channel
     log = logging.getLogger("mix")
     big_pad = "b" * 100_000  # above the 384 KB ring's inline limit (96 KB)
@@ -912,7 +912,7 @@ def test_a_ring_costs_memory_at_most_its_capacity(service):
 def ring_impl(request, monkeypatch):
     """Each ring test runs with the compiled loops (mplog._speedups) and with the Python ones,
     which an install without a compiler runs (MPLOG_PURE_PYTHON=1 chooses them per ring)."""
-    from mplog import _spool
+    from mplog._common import spool as _spool
     if request.param == "compiled":
         if _spool._RingCore is None:
             pytest.skip("mplog._speedups is not built here (test_the_compiled_ring_loops_are_built says why)")
@@ -923,7 +923,7 @@ def ring_impl(request, monkeypatch):
 
 
 def _ring_pair(tmp_path, capacity=64 * 1024, max_records=1000):
-    from mplog._spool import RingReader, open_ring_writer
+    from mplog._common.spool import RingReader, open_ring_writer
     path = str(tmp_path / "ring.0")
     return open_ring_writer(path, capacity, max_records), RingReader(path, 0)
 
@@ -979,7 +979,7 @@ def test_the_compiled_ring_loops_are_built_where_a_compiler_is():
     Where this machine has a C compiler and Python's headers, it must have been built."""
     import shutil
     import sysconfig
-    from mplog import _spool
+    from mplog._common import spool as _spool
     headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
     if not (shutil.which("cc") or shutil.which("gcc")) or not os.path.exists(headers):
         pytest.skip("no C compiler or no Python headers here: mplog runs its ring loops in Python")
@@ -989,7 +989,7 @@ def test_the_compiled_ring_loops_are_built_where_a_compiler_is():
 def test_the_compiled_adler32_is_zlibs():
     import random
     import zlib
-    from mplog import _spool
+    from mplog._common import spool as _spool
     if _spool._RingCore is None:
         pytest.skip("mplog._speedups is not built here")
     from mplog._speedups import adler32
@@ -1007,7 +1007,7 @@ def test_the_compiled_and_python_rings_write_the_same_bytes(tmp_path, monkeypatc
     rings, big records in files of their own), both leave the same ring file, and each side
     reads what the other wrote."""
     import random
-    from mplog import _spool
+    from mplog._common import spool as _spool
     if _spool._RingCore is None:
         pytest.skip("mplog._speedups is not built here")
     rings = {}
@@ -1052,7 +1052,9 @@ def test_publish_record_writes_what_marshal_writes_and_leaves_the_rest_to_the_py
     nothing, so the Python path meets it with marshal. It counts what it publishes, says when the
     listener sleeps, and does nothing while the service is stopped or the Python path holds it."""
     import marshal
-    from mplog import _counters, _record, _spool
+    from mplog._common import counters as _counters
+    from mplog._common import record as _record
+    from mplog._common import spool as _spool
     if _spool._RingCore is None:
         pytest.skip("mplog._speedups is not built here")
     writer = _spool.open_ring_writer(str(tmp_path / "ring.0"), 64 * 1024, 500)
@@ -1109,7 +1111,7 @@ def test_a_ring_of_the_previous_layout_is_still_read(tmp_path, monkeypatch):
     """Rings written by mplog before 0.2 check their entries with CRC-32: the next run still
     recovers them (layout 1); anything else is not taken for a ring."""
     import zlib
-    from mplog import _spool
+    from mplog._common import spool as _spool
     monkeypatch.setattr(_spool, "checksum", zlib.crc32)
     monkeypatch.setattr(_spool, "_WRAP_CHECK", zlib.crc32(b""))
     writer = _spool.RingWriter(str(tmp_path / "ring.0"), 64 * 1024, 1000)
@@ -1134,7 +1136,7 @@ def test_a_slow_ring_gives_its_pages_back_and_a_busy_one_keeps_them(ring_impl, t
     """A ring that laps in less than BUSY_LAP keeps its pages (giving them back would cost its
     writer a page fault per page per lap); once it laps slower, each batch's pages are given
     back as they are consumed, and the ring costs memory for its backlog only."""
-    from mplog import _spool
+    from mplog._common import spool as _spool
     clock = [1000.0]
     monkeypatch.setattr(_spool.time, "monotonic", lambda: clock[0])
     writer, reader = _ring_pair(tmp_path, capacity=256 * 1024, max_records=10**6)
@@ -1170,7 +1172,7 @@ def test_busy_rings_keep_pages_only_within_the_spools_budget(tmp_path):
     """However many processes log fast, the pages kept by busy rings stay within KeepBudget
     (32 MB a spool by default): the others give theirs back, so a 64 MB /dev/shm does not fill
     with empty pages. A share given up is taken by the next busy ring at its next lap."""
-    from mplog._spool import KeepBudget, RingReader, RingWriter
+    from mplog._common.spool import KeepBudget, RingReader, RingWriter
     cap = 64 * 1024
     budget = KeepBudget(2 * cap)
     readers = []
@@ -1211,7 +1213,7 @@ def test_a_running_service_keeps_heavy_modules_out_of_what_a_fork_inherits(tmp_p
     """A forked worker maps what its parent had: every module the main process's service
     imports is in every forked worker's RSS. dataclasses (with inspect, ast and dis) and the code
     it generated for the configs were 1.4 MB of it, uuid (libuuid) 0.1 MB, the listener's exit
-    watch (mplog._exits, which health needed only for its death word) 0.16 MB; the listener's
+    watch (mplog._listener.exits, which health needed only for its death word) 0.16 MB; the listener's
     other modules have no business there either, and psutil (1.0 MB) neither: the listener
     samples itself for health."""
     script = textwrap.dedent(f"""
@@ -1221,8 +1223,8 @@ def test_a_running_service_keeps_heavy_modules_out_of_what_a_fork_inherits(tmp_p
             logging.getLogger("t").info("one record")
             assert svc.flush(30)
             svc.health()
-            print(sorted({{"dataclasses", "inspect", "ast", "dis", "uuid", "mplog._exits", "mplog._listener",
-                          "mplog._files", "mplog._format", "gzip"}} & set(sys.modules)))
+            print(sorted({{"dataclasses", "inspect", "ast", "dis", "uuid", "mplog._listener.exits", "mplog._listener",
+                          "mplog._listener.files", "mplog._common.format", "gzip"}} & set(sys.modules)))
             print("psutil" in sys.modules)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

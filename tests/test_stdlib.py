@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import mplog
-from mplog._files import rotated_files
+from mplog._listener.files import rotated_files
 from conftest import app_blocks, wait_for
 
 import workers

@@ -20,7 +20,7 @@ import pytest
 from conftest import app_blocks, read_blocks, simplified_lines, wait_for
 
 import workers
-from mplog._supervisor import RestartPolicy
+from mplog._supervisor.supervisor import RestartPolicy
 
 FAST = dict(restart_backoff_initial=0.01, restart_backoff_max=0.05, degraded_restarts=1000)
 

@@ -26,9 +26,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import psutil
 import pytest
 
-import mplog._syslog as syslog_mod
-from mplog._record import Record, make_record
-from mplog._syslog import SD_ID, SyslogForwarder, format_rfc5424, severity
+import mplog._listener.syslog as syslog_mod
+from mplog._common.record import Record, make_record
+from mplog._listener.syslog import SD_ID, SyslogForwarder, format_rfc5424, severity
 
 from conftest import wait_for
 

@@ -12,7 +12,7 @@ import signal
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from mplog._transport import FRAME_MAX, K_RECORD, PAYLOAD_MAX, FrameParser, encode_frames
+from mplog._common.transport import FRAME_MAX, K_RECORD, PAYLOAD_MAX, FrameParser, encode_frames
 from conftest import app_blocks, read_blocks, wait_for
 
 
@@ -130,7 +130,7 @@ def test_fuzz_garbage_never_crashes_or_desynchronises(messages, garbage):
 @given(st.binary(max_size=20000))
 def test_fuzz_random_bytes(data):
     """Random bytes never crash the parser, and whatever it returns is a whole, known frame."""
-    from mplog._transport import _KINDS
+    from mplog._common.transport import _KINDS
     p = FrameParser()
     out = p.feed(data)
     p.close()
@@ -161,8 +161,8 @@ def test_buggy_writer_garbage_in_the_live_fifo(service):
 def _foreign_ring(svc):
     """A ring in the service's spool written by this test, as a buggy (same-user) process
     would: its records go through the listener's checks like anyone's."""
-    from mplog._counters import S_RING, Counters
-    from mplog._spool import RingWriter
+    from mplog._common.counters import S_RING, Counters
+    from mplog._common.spool import RingWriter
     spool = svc.health()["queue"]["spool"]
     counters = Counters.open(os.path.join(spool, "counters"))
     slot = counters.claim_slot(os.getpid())
@@ -177,7 +177,7 @@ def test_undecodable_and_malformed_records_become_placeholders(service):
     svc = service()
     ring = _foreign_ring(svc)
     assert ring.write(b"\x00garbled marshal")
-    from mplog._record import encode_formatted
+    from mplog._common.record import encode_formatted
     assert ring.write(encode_formatted(20, False, "no header\n[2026-01-01] fake\n", None, None))
     logging.getLogger("fifo").info("after")
     assert svc.flush(10)
@@ -193,8 +193,8 @@ def test_a_record_that_fails_its_check_is_counted_and_never_written(service):
     """A ring entry whose bytes changed after it was published (a stray store, or a store not
     yet visible on a weakly ordered CPU): the listener waits, then counts it and skips to the
     next record it can trust; the damaged text never reaches the file."""
-    from mplog._spool import ENTRY_SIZE, RING_HEADER
-    from mplog._record import common_payload
+    from mplog._common.spool import ENTRY_SIZE, RING_HEADER
+    from mplog._common.record import common_payload
 
     svc = service()
     ring = _foreign_ring(svc)
@@ -217,7 +217,7 @@ def test_a_record_that_fails_its_check_is_counted_and_never_written(service):
 def test_decoding_a_formatted_record_raises_only_value_error(tail):
     """Whatever bytes follow the formatted-record tag, decoding gives a record or ValueError
     (the listener turns the latter into a counted placeholder), never anything else."""
-    from mplog._record import Formatted, deserialize
+    from mplog._common.record import Formatted, deserialize
     try:
         rec = deserialize(b"\x02" + tail)
     except ValueError:
@@ -226,7 +226,7 @@ def test_decoding_a_formatted_record_raises_only_value_error(tail):
 
 
 def test_formatted_record_round_trip():
-    from mplog._record import decode_formatted, encode_formatted
+    from mplog._common.record import decode_formatted, encode_formatted
     payload = encode_formatted(30, True, "[x] full é\n" + "-" * 72 + "\n", "[x] simple\n", "careful")
     rec = decode_formatted(payload)
     assert (rec.levelno, rec.user, rec.full.decode(), rec.simple, rec.warning) == (

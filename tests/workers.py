@@ -155,8 +155,8 @@ def log_until_then_once_more(config: Any, tag: str, stop: Any, out_dir: str, std
     loop, and this process's own slot counters (sent, diverted) just before and after the last
     record. Its stderr goes to ``stderr_path`` (a forkserver child's stderr is not the test's)."""
     import json
-    from mplog import _worker
-    from mplog._counters import S_DIVERTED, S_DROPPED, S_SENT
+    from mplog._app import handler as _worker
+    from mplog._common.counters import S_DIVERTED, S_DROPPED, S_SENT
 
     fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 2)

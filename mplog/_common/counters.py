@@ -79,7 +79,7 @@ STATE_NAMES = ("starting", "running", "degraded", "stopping", "stopped")
 
 
 def _reserve(fd: int, offset: int, length: int) -> bool:
-    from ._spool import reserve  # the one way mplog reserves room (posix_fallocate)
+    from .room import reserve  # the one way mplog reserves room (posix_fallocate)
     return reserve(fd, offset, length)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import logging
 import mmap
 import os
 import shutil
@@ -41,16 +42,17 @@ import time
 from typing import TYPE_CHECKING, Any, Container, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 from zlib import adler32, crc32
 
-from . import _compiled
-from ._counters import S_PID, S_RING
+from . import compiled as _compiled
+from .counters import S_PID, S_RING
+from .room import reserve
 
-# The ring's two hot loops in C (mplog/_compiled.py says when): the same bytes as the Python
+# The ring's two hot loops in C (mplog/_common/compiled.py says when): the same bytes as the Python
 # below, which stays the reference.
 _RingCore: Any = None if _compiled.speedups is None else _compiled.speedups.RingCore
 _take_entries: Any = None if _compiled.speedups is None else _compiled.speedups.take_entries
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._counters import Counters
+    from .counters import Counters
 
 __all__ = ["RingWriter", "RingReader", "SpoolReader", "ring_capacity", "RING_HEADER", "spool_key", "spool_root",
            "SpoolInfo", "list_spools", "remove_spool", "BYTES_PER_RECORD", "spool_roots", "place_spool",
@@ -60,6 +62,12 @@ PAGE = mmap.PAGESIZE
 RING_HEADER = 4096 if PAGE <= 4096 else PAGE
 _MAGIC = 0x6D706C6F67520002  # "mplogR" + layout 2: entries checked with Adler-32
 _MAGIC_CRC32 = 0x6D706C6F67520001  # layout 1 (mplog before 0.2): CRC-32; still read, for recovery
+
+# The captured-output FIFOs of a process (``capture_output``): (fd, FIFO name ``<name>.<slot>``,
+# logger, level). The worker's thread (``_app.output``) and the listener (``_listener.exits``,
+# which drains them after a death) both read them.
+STREAMS: Tuple[Tuple[int, str, str, int], ...] = ((1, "out", "stdout", logging.INFO), (2, "err", "stderr", logging.WARNING))
+MAX_LINE = 64 * 1024  # a longer line is logged in pieces of this many bytes
 
 # Header words (int64 each).
 W_MAGIC, W_CAP, W_PID, W_START, W_HEAD, W_PUBLISHED = 0, 1, 2, 3, 4, 5
@@ -166,24 +174,6 @@ _WRAP_CHECK = checksum(b"")
 RESERVE_CHUNK = 256 * 1024
 RESERVE_RETRY_S = 0.001  # a refused reservation is tried again after this: drops stay cheap
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def reserve(fd: int, offset: int, length: int) -> bool:
-    """Make the filesystem back bytes [offset, offset + length) of ``fd`` now (posix_fallocate:
-    ENOSPC here, not a SIGBUS at the store). False if it cannot."""
-    if length <= 0:
-        return True
-    fallocate = getattr(os, "posix_fallocate", None)
-    if fallocate is None:  # macOS: no way to reserve; its disks do not fill page by page
-        return True
-    start = offset // PAGE * PAGE
-    try:
-        fallocate(fd, start, offset + length - start)
-    except OSError as exc:
-        if exc.errno == errno.EINTR:
-            return reserve(fd, offset, length)
-        return False  # ENOSPC, EDQUOT, or a filesystem that cannot: no room, never a guess
-    return True
 
 
 class RingWriter:
@@ -759,7 +749,7 @@ def unwritten_records(runtime: str) -> int:
 
 def _listener_alive(runtime: str) -> bool:
     """A listener may outlive its application while it drains: its spool is not an orphan."""
-    from ._counters import Counters
+    from .counters import Counters
     try:
         counters = Counters.open(os.path.join(runtime, "counters"))
     except (OSError, ValueError):

@@ -22,12 +22,12 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-from ._worker_config import WorkerConfig, coerce as _coerce
-from ._counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
-from . import _process
-from ._record import _STANDARD_LEN, COMMON_KEYS, LEAN_KEYS, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, common_fields, common_payload, lean_fields, deserialize, record_dumps, serialize
-from ._spool import _NO_ROOM, W_DONE, RingWriter, _process_start, open_ring_writer, ring_capacity
-from ._transport import K_WAKE, FifoWriter
+from .._common.worker_config import WorkerConfig, coerce as _coerce
+from .._common.counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
+from . import process as _process
+from .._common.record import _STANDARD_LEN, COMMON_KEYS, LEAN_KEYS, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, common_fields, common_payload, lean_fields, deserialize, record_dumps, serialize
+from .._common.spool import _NO_ROOM, W_DONE, RingWriter, _process_start, open_ring_writer, ring_capacity
+from .._common.transport import K_WAKE, FifoWriter
 
 __all__ = ["SpoolHandler", "MPQueueHandler", "ServiceQueue", "Channel", "worker_init", "install", "uninstall", "context",
            "current_config", "pool_kwargs"]
@@ -440,7 +440,7 @@ class Channel:
 
     def _to_stderr(self, payload: bytes, prefix: str) -> None:
         try:
-            from ._format import SimplifiedFormatter
+            from .._common.format import SimplifiedFormatter
             rec = deserialize(payload)
             if rec[0] == TEXT_VERSION:  # formatted here already: its simplified line, or its block
                 data = prefix.encode() + (rec.simple or rec.full)

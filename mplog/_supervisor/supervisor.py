@@ -34,10 +34,10 @@ import time
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional
 
-from ._config import ListenerConfig, ServiceConfig
-from ._capture import clean_environ
-from ._console import emit
-from ._counters import STATE_DEGRADED, STATE_RUNNING, STATE_STOPPED, Counters
+from .._common.config import ListenerConfig, ServiceConfig
+from .._app.capture import clean_environ
+from .console import emit
+from .._common.counters import STATE_DEGRADED, STATE_RUNNING, STATE_STOPPED, Counters
 
 __all__ = ["RestartPolicy", "Supervisor", "exit_name", "read_health_file"]
 
@@ -185,7 +185,7 @@ class Supervisor:
         written = self.counters.get("written")
         env = clean_environ(dict(os.environ))  # the listener is no pool worker to capture
         # The listener must import this very copy of mplog, installed or not.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
             # A session of its own. The scheduler shares the CPU between sessions first (Linux's

@@ -22,11 +22,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Iterable, Optional, Tuple
 
-from ._counters import S_SEEN, Counters
+from .._common.counters import S_SEEN, Counters
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._files import FileSet, LogFile
-    from ._spool import RingReader, Taken
+    from .files import FileSet, LogFile
+    from .._common.spool import RingReader, Taken
 
 __all__ = ["Journal"]
 

@@ -13,7 +13,7 @@ import re
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-from ._record import Record, text_of
+from .record import Record, text_of
 
 __all__ = ["clean", "clean_inline", "colour", "Timestamps", "SimplifiedFormatter", "FullFormatter", "SEPARATOR"]
 

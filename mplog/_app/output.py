@@ -30,11 +30,10 @@ import sys
 import threading
 from typing import List, Optional, Tuple
 
+from .._common.spool import MAX_LINE, STREAMS
+
 __all__ = ["Capture", "MAX_LINE", "STREAMS"]
 
-# (fd, FIFO name, logger, level)
-STREAMS: Tuple[Tuple[int, str, str, int], ...] = ((1, "out", "stdout", logging.INFO), (2, "err", "stderr", logging.WARNING))
-MAX_LINE = 64 * 1024  # a longer line is logged in pieces of this many bytes
 _PARTIAL_WAIT_MS = 500  # a line still without its newline after this is logged as it is
 
 

@@ -45,12 +45,11 @@ import struct
 import time
 from typing import Deque, Dict, List, Optional, Tuple
 
-from ._output import MAX_LINE, STREAMS
-from ._counters import (S_DEATH, S_DEATH_NS, S_LAST_NS, S_PID, S_PPID, S_START, S_WATCHED, S_WSTATE, W_CAPTURE,
+from .._common.counters import (S_DEATH, S_DEATH_NS, S_LAST_NS, S_PID, S_PPID, S_START, S_WATCHED, S_WSTATE, W_CAPTURE,
                         W_FAULTS, X_CLEAN, X_CODE_KNOWN, X_CODE_SHIFT, X_UNCAUGHT, Counters)
-from ._record import TAG_TEXT, Record, deserialize, make_record
-from ._spool import process_alive
-from ._deathword import K_EXIT, K_SIGNAL, K_UNKNOWN, exit_cause, pack, start_wall
+from .._common.record import TAG_TEXT, Record, deserialize, make_record
+from .._common.spool import MAX_LINE, STREAMS, process_alive
+from .._common.deathword import K_EXIT, K_SIGNAL, K_UNKNOWN, exit_cause, pack, start_wall
 
 __all__ = ["Exit", "ExitWatch", "Watched", "describe", "fault_signal", "OomCounter"]
 
@@ -629,7 +628,8 @@ class ExitWatch:
         and let go of what was opened for the process."""
         slot = self.counters.slot(w.slot)
         slot.set(S_DEATH_NS, int(e.ended * 1e9))
-        slot.set(S_DEATH, pack(e))
+        slot.set(S_DEATH, pack(e.kind, e.value, normal=e.normal, oom=e.oom[0], stacks=bool(e.fault),
+                                uncaught=bool(e.wstate & X_UNCAUGHT), pool_shutdown=e.pool_shutdown))
         self.forget(w)
         names = (["fault"] if e.wstate & W_FAULTS else []) + (["out", "err"] if e.wstate & W_CAPTURE else [])
         for name in names:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
-from ._worker_config import WorkerConfig
+from .worker_config import WorkerConfig
 
 __all__ = ["OVERFLOW_POLICIES", "ListenerConfig", "ServiceConfig", "WorkerConfig", "parse_level"]
 

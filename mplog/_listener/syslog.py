@@ -66,8 +66,8 @@ import threading
 import time
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from ._format import clean, clean_inline
-from ._record import Record, make_record
+from .._common.format import clean, clean_inline
+from .._common.record import Record, make_record
 
 __all__ = ["format_rfc5424", "SyslogForwarder", "severity", "SD_ID", "FACILITY_LOCAL0"]
 

@@ -27,18 +27,18 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from ._capture import ENV as CAPTURE_ENV
-from ._capture import capture_dir, disabled_by_env, publish, withdraw
-from ._config import ListenerConfig, ServiceConfig, WorkerConfig
-from ._counters import STATE_STOPPED, Counters
-from ._health import Health, down_report
-from ._process import ExceptionHooks
-from ._spool import (RING_HEADER, SPOOL_MAX_AGE_S, _process_start, clean_spools, list_spools, place_spool,
+from .._app.capture import ENV as CAPTURE_ENV
+from .._app.capture import capture_dir, disabled_by_env, publish, withdraw
+from .._common.config import ListenerConfig, ServiceConfig, WorkerConfig
+from .._common.counters import STATE_STOPPED, Counters
+from .health import Health, down_report
+from .._app.process import ExceptionHooks
+from .._common.spool import (RING_HEADER, SPOOL_MAX_AGE_S, _process_start, clean_spools, list_spools, place_spool,
                      remove_spool, ring_capacity, spool_prefix, spool_roots, unwritten_records,
                      write_owner)
-from ._supervisor import Supervisor, write_health_file
-from ._transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FifoWriter
-from ._worker import ServiceQueue, SpoolHandler, _service_read_fds, close_channel, uninstall, with_levels, worker_init
+from .supervisor import Supervisor, write_health_file
+from .._common.transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FifoWriter
+from .._app.handler import ServiceQueue, SpoolHandler, _service_read_fds, close_channel, uninstall, with_levels, worker_init
 
 __all__ = ["LogService", "ServiceHandler"]
 

@@ -32,7 +32,7 @@ import sys
 import threading
 from typing import Any, Callable, List, Optional
 
-from ._counters import (S_WATCHED, S_WSTATE, STATE_STOPPED, STATE_STOPPING, W_CAPTURE, W_FAULTS, X_CLEAN, X_CODE_KNOWN, X_CODE_SHIFT,
+from .._common.counters import (S_WATCHED, S_WSTATE, STATE_STOPPED, STATE_STOPPING, W_CAPTURE, W_FAULTS, X_CLEAN, X_CODE_KNOWN, X_CODE_SHIFT,
                         X_UNCAUGHT, Counters, Slot)
 
 __all__ = ["ExceptionHooks", "after_fork_in_child", "err_fd", "process_name", "watch"]
@@ -93,7 +93,7 @@ class _Watch:
         except (OSError, ValueError, RuntimeError):
             pass
         if capture:
-            from ._output import Capture
+            from .output import Capture
             try:
                 self.capture = Capture(runtime, slot.index)
                 state |= W_CAPTURE

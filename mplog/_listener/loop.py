@@ -37,17 +37,17 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import _compiled
-from ._config import ListenerConfig
-from ._counters import STATE_STOPPED, Counters, settle_accounts
-from ._exits import ExitWatch, Watched, describe
-from ._files import FileSet
-from ._format import (NOT_TALLIED, SEPARATOR, FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour,
+from .._common import compiled as _compiled
+from .._common.config import ListenerConfig
+from .._common.counters import STATE_STOPPED, Counters, settle_accounts
+from .exits import ExitWatch, Watched, describe
+from .files import FileSet
+from .._common.format import (NOT_TALLIED, SEPARATOR, FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour,
                       format_both)
-from ._journal import Journal
-from ._record import TAG_COMMON, TEXT_VERSION, Formatted, Record, decode, decode_formatted, make_record
-from ._spool import W_HEAD, RingReader, SpoolReader, Taken, remove_spool
-from ._transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FrameParser
+from .journal import Journal
+from .._common.record import TAG_COMMON, TEXT_VERSION, Formatted, Record, decode, decode_formatted, make_record
+from .._common.spool import W_HEAD, RingReader, SpoolReader, Taken, remove_spool
+from .._common.transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FrameParser
 
 __all__ = ["Listener", "main"]
 
@@ -322,7 +322,7 @@ class Listener:
         self.housekeeping_every = min(1.0, cfg.rotate_interval / 2) if cfg.rotate_interval else 1.0
         self.forwarder: Any = None
         if cfg.syslog:
-            from ._syslog import SyslogForwarder
+            from .syslog import SyslogForwarder
             host, port = cfg.syslog
             self.forwarder = SyslogForwarder(host, int(port), level=cfg.syslog_level or logging.DEBUG)
             # Counters are cumulative over listener restarts; a killed listener's buffered
@@ -602,7 +602,7 @@ class Listener:
 
     def recover(self, path: str) -> int:
         """Write what a previous run of this file set left in its spool, then remove it."""
-        from ._spool import read_owner
+        from .._common.spool import read_owner
         try:
             old = Counters.open(os.path.join(path, "counters"))
         except OSError:
@@ -721,8 +721,8 @@ class Listener:
                 self.finish("stopped (application gone)", time.monotonic() + 1.0)
                 self.remove_if_empty()
                 if cfg.capture_dir:  # its children's capture: nobody else is left to withdraw it
-                    from ._capture import remove_dir
-                    remove_dir(cfg.capture_dir)  # only if it is ours
+                    from .._common.room import remove_own_dir
+                    remove_own_dir(cfg.capture_dir)  # only if it is ours
                 return 0
             if self.terminated and now - self.terminated >= 1.0:
                 # SIGTERM to this process alone (the application lives on and did not stop us):
@@ -774,8 +774,8 @@ class Listener:
         and diverted, read once. This also settles a writer killed between publishing and
         counting (in doubt).
         """
-        from ._counters import S_DIVERTED, S_DROPPED, S_SEEN
-        from ._spool import W_PUBLISHED
+        from .._common.counters import S_DIVERTED, S_DROPPED, S_SEEN
+        from .._common.spool import W_PUBLISHED
         c = self.counters
         rings = self.intake.rings
         sent = dropped = diverted = 0

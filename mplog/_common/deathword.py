@@ -1,6 +1,6 @@
 """The death word: how a process ended, in one int64 of its slot in the shared counters.
 
-The listener's exit watch (``_exits``) packs it; health, in the main process, unpacks it. It
+The listener's exit watch (``_listener.exits``) packs it; health, in the main process, unpacks it. It
 lives apart from the watch so that the main process, which only reads it, does not import the
 watch: every module the main process imports is in every forked worker's RSS (0.16 MB here).
 """
@@ -10,12 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Dict, Optional
-
-from ._counters import X_UNCAUGHT
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ._exits import Exit
+from typing import Dict, Optional
 
 __all__ = ["K_EXIT", "K_SIGNAL", "K_UNKNOWN", "exit_cause", "pack", "start_wall", "unpack"]
 
@@ -56,19 +51,22 @@ def exit_cause(kind: int, value: int) -> str:
     return "UNKNOWN"
 
 
-def pack(e: Exit) -> int:
-    word = _D_SET | (e.kind << 8) | (e.value & 0xFF)
-    if not e.normal:
+def pack(kind: int, value: int, *, normal: bool, oom: str, stacks: bool, uncaught: bool, pool_shutdown: bool) -> int:
+    """The death word of an ending (``_listener.exits.Exit`` gives these): its kind and value,
+    whether it was normal, the OOM verdict ("confirmed", "ruled out" or other), and whether it
+    left crash stacks, an uncaught exception or ended in a pool's shutdown."""
+    word = _D_SET | (kind << 8) | (value & 0xFF)
+    if not normal:
         word |= _D_ABNORMAL
-    if e.oom[0] == "confirmed":
+    if oom == "confirmed":
         word |= _D_OOM_YES
-    elif e.oom[0] == "ruled out":
+    elif oom == "ruled out":
         word |= _D_OOM_NO
-    if e.fault:
+    if stacks:
         word |= _D_STACKS
-    if e.wstate & X_UNCAUGHT:
+    if uncaught:
         word |= _D_UNCAUGHT
-    if e.pool_shutdown:
+    if pool_shutdown:
         word |= _D_POOL
     return word
 

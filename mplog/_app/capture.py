@@ -42,9 +42,9 @@ import stat
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._worker_config import WorkerConfig
-from ._worker import SpoolHandler, install, uninstall
-from . import _worker
+from .._common.worker_config import WorkerConfig
+from .handler import SpoolHandler, install, uninstall
+from . import handler as _worker
 
 __all__ = ["ENV", "OFF_ENV", "CapturedHandler", "adopt", "boot", "capture_dir", "clean_environ", "disabled_by_env",
            "is_captured", "publish", "release", "resume", "withdraw"]
@@ -52,7 +52,7 @@ __all__ = ["ENV", "OFF_ENV", "CapturedHandler", "adopt", "boot", "capture_dir", 
 ENV = "MPLOG_CAPTURE"  # "<pid of the process whose children are captured>:<capture directory>"
 OFF_ENV = "MPLOG_CAPTURE_CHILDREN"  # "0" (or false/no/off) turns capture off
 _PREP_KEY = "mplog_capture"
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mplog/, above _app/
 
 
 def disabled_by_env(environ: Any = None) -> bool:
@@ -77,7 +77,7 @@ def _mplog_import(package):
         except BaseException:
             del sys.modules["mplog"]
             raise
-    from mplog import _capture
+    from mplog._app import capture as _capture
     return _capture
 
 
@@ -92,7 +92,7 @@ def _mplog_say(exc):
 
 _SITECUSTOMIZE = '''\
 # Written by mplog for the pool workers of process {pid} while its LogService runs, and removed
-# when the service stops (see mplog/_capture.py). Chains to the sitecustomize that would have
+# when the service stops (see mplog/_app/capture.py). Chains to the sitecustomize that would have
 # run without this directory on PYTHONPATH. Every interpreter that inherits the environment
 # imports this file (Python 2.7 and 3.6 too): it is Python 2 syntax, and it does nothing but
 # the chain outside a pool worker of a Python mplog runs on.
@@ -189,7 +189,7 @@ def capture_dir() -> str:
     existing directory): another user who made a directory at a name of ours first, in a
     world-writable root, is never used. Raises OSError."""
     import tempfile
-    from ._spool import _process_start, spool_root
+    from .._common.spool import _process_start, spool_root
     pid = os.getpid()
     made = _state.made
     if made is not None and made[0] == pid:
@@ -358,7 +358,7 @@ def withdraw(service_id: str) -> None:
 def _clean_stale(root: str) -> None:
     # A main process killed while capturing leaves its directory: remove those of dead
     # processes, if this user made them (another user's directory at such a name is theirs).
-    from ._spool import process_alive
+    from .._common.spool import process_alive
     import shutil
     prefix = f"mplog-children-{os.getuid()}-"
     try:
@@ -372,17 +372,6 @@ def _clean_stale(root: str) -> None:
             continue
         if not process_alive(pid, start) and _is_ours(entry.path):
             shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def remove_dir(path: str) -> None:
-    """Remove a capture directory, if it is this user's (the listener's, after its application died)."""
-    import shutil
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return
-    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def clean_environ(env: Dict[str, str]) -> Dict[str, str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 speedups: Any = None
 try:
-    from . import _speedups as speedups
+    from .. import _speedups as speedups
 except ImportError:  # pragma: no cover - depends on the install
     pass
 

@@ -19,7 +19,7 @@ import struct
 import traceback
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
-from . import _compiled
+from . import compiled as _compiled
 
 __all__ = ["USER_MESSAGE_KEY", "TAG_COMMON", "TAG_FIELDS", "TAG_TEXT", "COMMON_KEYS", "LEAN_KEYS", "common_fields", "lean_fields", "common_payload", "common_record", "decode", "TEXT_VERSION", "decode_formatted", "encode_formatted", "Formatted", "Record", "deserialize", "exception_summary",
            "flatten", "json_value", "make_record", "safe_text", "text_of", "sanitize", "serialize"]
@@ -208,7 +208,7 @@ lean_fields = operator.itemgetter(*LEAN_KEYS)
 # Version 2: no back-references (a record has few repeated objects, and building the table of
 # them cost more than it saved); loads reads any version.
 MARSHAL_VERSION = 2
-# marshal.dumps, compiled where the install built mplog._speedups (mplog/_compiled.py): the same
+# marshal.dumps, compiled where the install built mplog._speedups (mplog/_common/compiled.py): the same
 # bytes and the same errors (tests/test_records.py), about a third of the time for a record's
 # plain fields, because CPython's marshal makes a bytes object and looks up a codec for every
 # str it writes.

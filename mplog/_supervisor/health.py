@@ -12,13 +12,13 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from ._config import ServiceConfig
-from ._counters import S_DEATH, S_DEATH_NS, S_PID, S_START, Counters, settle_accounts
-from ._spool import RING_HEADER, filesystem, free_bytes
-from ._deathword import start_wall, unpack  # not _exits: the listener's, see _deathword
+from .._common.config import ServiceConfig
+from .._common.counters import S_DEATH, S_DEATH_NS, S_PID, S_START, Counters, settle_accounts
+from .._common.spool import RING_HEADER, filesystem, free_bytes
+from .._common.deathword import start_wall, unpack  # not _exits: the listener's, see _deathword
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._supervisor import Supervisor
+    from .supervisor import Supervisor
 
 __all__ = ["Health", "down_report", "workers_report"]
 
