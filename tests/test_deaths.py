@@ -434,7 +434,7 @@ def test_exit_classification(status, wstate, fault, cause, words):
     assert message.endswith("its last record was logged 0.25 s before (%s)" % _exits._clock(103.25))
     assert level == (logging.WARNING if status == 15 else logging.ERROR) and context["exit"] == cause
     assert body == (fault or None)
-    assert _deathword.unpack(_deathword.pack(e))["cause"] == cause
+    assert _deathword.unpack(e.death_word())["cause"] == cause
 
 
 def test_normal_ends_are_not_records():
@@ -446,4 +446,4 @@ def test_normal_ends_are_not_records():
         assert e.normal
         level = _exits.describe(e)[0]
         assert level is None or level < logging.INFO
-        assert not _deathword.unpack(_deathword.pack(e))["abnormal"]
+        assert not _deathword.unpack(e.death_word())["abnormal"]

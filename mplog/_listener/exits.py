@@ -306,6 +306,11 @@ class Exit(_Plain):
         self.value = 0
         self.core = False
 
+    def death_word(self) -> int:
+        """This end as the slot's death word, which health() reads (``_common.deathword``)."""
+        return pack(self.kind, self.value, normal=self.normal, oom=self.oom[0], stacks=bool(self.fault),
+                    uncaught=bool(self.wstate & X_UNCAUGHT), pool_shutdown=self.pool_shutdown)
+
     def classify(self) -> "Exit":
         st = self.status
         if st is not None:
@@ -628,8 +633,7 @@ class ExitWatch:
         and let go of what was opened for the process."""
         slot = self.counters.slot(w.slot)
         slot.set(S_DEATH_NS, int(e.ended * 1e9))
-        slot.set(S_DEATH, pack(e.kind, e.value, normal=e.normal, oom=e.oom[0], stacks=bool(e.fault),
-                                uncaught=bool(e.wstate & X_UNCAUGHT), pool_shutdown=e.pool_shutdown))
+        slot.set(S_DEATH, e.death_word())
         self.forget(w)
         names = (["fault"] if e.wstate & W_FAULTS else []) + (["out", "err"] if e.wstate & W_CAPTURE else [])
         for name in names:
