@@ -191,8 +191,11 @@ def capture_dir() -> str:
     import tempfile
     from .._common.spool import _process_start, spool_root
     pid = os.getpid()
+    root = os.path.abspath(spool_root())
     made = _state.made
-    if made is not None and made[0] == pid:
+    # The same name only in the same root: a process whose spool root changed (another
+    # XDG_RUNTIME_DIR) captures, and cleans the stale captures of dead runs, in the new one.
+    if made is not None and made[0] == pid and os.path.dirname(made[1]) == root:
         path = made[1]
         try:
             os.mkdir(path, 0o700)
@@ -200,7 +203,6 @@ def capture_dir() -> str:
             pass
         if _is_ours(path):
             return path
-    root = os.path.abspath(spool_root())
     path = tempfile.mkdtemp(prefix=f"mplog-children-{os.getuid()}-{pid}-{_process_start(pid)}-", dir=root)
     if not _is_ours(path):
         raise PermissionError(errno.EPERM, "the capture directory was changed by someone else", path)
