@@ -1,78 +1,43 @@
 """``LogService``: what the application holds; ``ServiceHandler``: the same service declared in
 a logging configuration.
 
-``LogService`` is the façade: ``start()`` and ``stop()`` run, in order, the pieces that each
-do one job, in modules of their own:
+``LogService`` is the façade: its options, its state (new, running, stopped; in the process
+that started it or in a forked copy, which only detaches), and its public methods. The jobs
+it runs are classes of their own, each in a module of this room:
 
 * ``fileset``: the log directory checked, and ``FileSetLock``, one writer per file set;
 * ``spooldir``: ``SpoolDirectory``, the spool made, its leftovers found, removed or kept;
+* ``run``: ``ServiceRun``, what one start() builds and its stop() takes down, in order, and
+  the flush barrier;
 * ``supervisor`` and ``health``: the listener started, watched, restarted, reported on;
 * ``mainlog``: ``RootLogging``, the main process's own records through the service;
 * ``children``: ``ChildCapture``, pool workers made without mplog's initializer;
 * ``ending``: ``ExitHook`` (a stop at interpreter exit, last) and ``StopSignals``.
-
-``flush()``, ``health()``, ``pool_kwargs()`` and ``queue`` are the service's questions and
-barriers. A forked copy of the service (in a child of the main process) only detaches.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import itertools
 import logging
 import os
-import struct
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from .._app.handler import ServiceQueue, SpoolHandler, close_channel, with_levels, worker_init
-from .._common.config import ListenerConfig, ServiceConfig, WorkerConfig
-from .._common.counters import STATE_STOPPED, Counters
+from .._app.handler import ServiceQueue, SpoolHandler, with_levels, worker_init
+from .._common.config import ServiceConfig, WorkerConfig
 from .._common.spool import RING_HEADER, _process_start, list_spools, place_spool, ring_capacity
-from .._common.transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP
-from .children import ChildCapture
+from .._common.transport import K_REOPEN
 from .ending import ExitHook, StopSignals
 from .fileset import FileSetLock, check_directory, file_set_key, lock_path, private_directory
-from .health import Health, down_report
-from .mainlog import RootLogging
+from .health import down_report
+from .run import ServiceRun
 from .spooldir import SpoolDirectory
-from .supervisor import Supervisor, write_health_file
 
 __all__ = ["LogService", "ServiceHandler", "lock_path", "private_directory"]
 
 _running: Dict[str, "LogService"] = {}  # file set -> the service this process runs for it
-
-
-def _worker_config(cfg: ServiceConfig, spool: SpoolDirectory, ring_bytes: int) -> WorkerConfig:
-    """What every process of the application needs to log to this service."""
-    return WorkerConfig(
-        fifo_path=spool.fifo, counters_path=spool.counters_path, level=cfg.level, overflow=cfg.overflow,
-        overflow_timeout=cfg.overflow_timeout, capture_warnings=cfg.capture_warnings,
-        service_id=os.urandom(16).hex(),  # uuid4's randomness without uuid's libuuid in every fork
-        simplified_level=cfg.simplified_level, queue_size=cfg.queue_size, ring_bytes=ring_bytes,
-        owner_pid=os.getpid(), capture_output=cfg.capture_output,
-        lean=cfg.simplified_format is None and cfg.full_format is None)
-
-
-def _listener_config(cfg: ServiceConfig, spool: SpoolDirectory, capture_dir: Optional[str]) -> ListenerConfig:
-    """What the listener process is started with (a fresh interpreter reads it back)."""
-    colour = (cfg.console is not None and sys.stderr is not None and sys.stderr.isatty()
-              and not os.environ.get("NO_COLOR"))
-    return ListenerConfig(
-        fifo_path=spool.fifo, counters_path=spool.counters_path, runtime_dir=spool.path,
-        simplified_path=str(cfg.simplified_path), full_path=str(cfg.full_path),
-        level=cfg.level, simplified_level=cfg.simplified_level,
-        flush_count=cfg.flush_count, flush_interval=cfg.flush_interval, shutdown_timeout=cfg.shutdown_timeout,
-        console=cfg.console, console_colour=bool(colour),
-        simplified_format=cfg.simplified_format, full_format=cfg.full_format, datefmt=cfg.datefmt,
-        file_mode=cfg.file_mode, rotate_bytes=cfg.rotate_bytes, rotate_interval=cfg.rotate_interval,
-        backup_count=cfg.backup_count, compress=cfg.compress, syslog=cfg.syslog, syslog_level=cfg.syslog_level,
-        recover=spool.leftovers, follow_symlinks=private_directory(cfg.directory),
-        capture_dir=capture_dir)
 
 
 class LogService:
@@ -160,18 +125,10 @@ class LogService:
         self._stopped = False
         self._ring_bytes = ring_capacity(self.config.queue_size)
         self._file_lock = FileSetLock(self.config)
-        self._spool: Optional[SpoolDirectory] = None
-        self._supervisor: Optional[Supervisor] = None
-        self._health: Optional[Health] = None
-        self._worker_config: Optional[WorkerConfig] = None
+        self._run: Optional[ServiceRun] = None
         self._final: Optional[Dict[str, Any]] = None
-        self._root = RootLogging()
-        self._capture = ChildCapture(self.config)
         self._signals = StopSignals()
         self._exit = ExitHook(self._stop_at_exit, self._foreign, self.config.exit_timeout)
-        self._tokens = itertools.count(1)
-        self._flush_lock = threading.Lock()
-        self._diverted_flushed = 0  # records sent to stderr that an earlier flush() reported
         # The process that started it: the only one that stops it. In any other (a forked
         # child holds a copy of this object) stop() and close() detach that process only.
         self._owner_pid = 0
@@ -210,19 +167,15 @@ class LogService:
             raise RuntimeError("the service is not started")
         return ServiceQueue(self._worker_config)
 
+    # The parts of the run that a ServiceHandler and this façade read.
+    @property
+    def _worker_config(self) -> Optional[WorkerConfig]:
+        return self._run.worker if self._run is not None else None
+
     @property
     def _handler(self) -> Optional[SpoolHandler]:
-        """The main process's handler (a ServiceHandler of this file set wraps it)."""
-        return self._root.handler
+        return self._run.root.handler if self._run is not None else None
 
-    @property
-    def _counters(self) -> Optional[Counters]:
-        return self._spool.counters if self._spool is not None else None
-
-    @property
-    def _runtime(self) -> Optional[str]:
-        """The spool's path while it runs."""
-        return self._spool.path if self._spool is not None else None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "LogService":
@@ -247,38 +200,20 @@ class LogService:
                                            "these log files; stop it, or use mplog.ServiceHandler to share it",
                               str(cfg.simplified_path))
             self._file_lock.acquire()  # one writer per file set
-            self._spool = SpoolDirectory.make(cfg, placement)
+            self._run = run = ServiceRun(cfg, SpoolDirectory.make(cfg, placement), self._ring_bytes)
             try:
-                self._start_in(self._spool)
+                run.start(self._flush_for_handler)
             except BaseException:
-                self._cleanup()
+                run.close(None)
                 self._file_lock.release()
                 raise
             self._started = True
             self._owner_pid = os.getpid()
             if placement.notice:
-                self._notice(placement.notice)
+                run.notice(placement.notice)
             _running[file_set_key(cfg)] = self
             self._exit.register()
             return self
-
-    def _start_in(self, spool: SpoolDirectory) -> None:
-        cfg = self.config
-        # Pool workers started before the service are children already; asked before the
-        # listener, our own child, is one.
-        self._capture.look_for_strays()
-        counters = spool.open()
-        self._worker_config = _worker_config(cfg, spool, self._ring_bytes)
-        listener = _listener_config(cfg, spool, self._capture.path())
-        self._health = Health(cfg, counters, spool.path, self._ring_bytes)
-        self._supervisor = Supervisor(cfg, counters, listener, self._health)
-        self._supervisor.start()
-        spool.open_writer()
-        spool.publish(self._worker_config)
-        self._root.attach(self._worker_config, cfg.capture_warnings, self._flush_for_handler)
-        self._supervisor.write_health_file()
-        if self._capture.enabled():
-            self._capture.publish(self._worker_config, self._notice)
 
     def _owned(self) -> bool:
         """True in the process that started this service (not in a forked copy of it)."""
@@ -289,26 +224,9 @@ class LogService:
         return self._started and not self._owned()
 
     def _joinable(self) -> Optional[WorkerConfig]:
-        """In a forked child of the service's process: the service's WorkerConfig while it runs
-        (its counters say so), for a ServiceHandler of the same file set to join it."""
-        cfg = self._worker_config
-        if cfg is None or not self._started or self._owned():
-            return None
-        try:
-            counters = Counters.open(cfg.counters_path)
-        except OSError:
-            return None  # the spool is gone: the service has stopped
-        try:
-            return cfg if counters.get("state") != STATE_STOPPED else None
-        finally:
-            counters.close()
-
-    def _notice(self, text: str) -> None:
-        self._send_control(K_NOTICE, text.encode("utf-8", "backslashreplace"), time.monotonic() + 1.0)
-
-    def _send_control(self, kind: int, payload: bytes, deadline: Optional[float]) -> bool:
-        spool = self._spool
-        return spool is not None and spool.send(kind, payload, deadline)
+        """In a forked child of the service's process: the service's WorkerConfig while it runs,
+        for a ServiceHandler of the same file set to join it."""
+        return self._run.live_worker() if self._foreign() and self._run is not None else None
 
     # -- barriers and requests ---------------------------------------------------------------
     def flush(self, timeout: float = 5.0) -> bool:
@@ -319,32 +237,10 @@ class LogService:
             if self._foreign():
                 # A forked copy: this process's own records only (its ring's tail).
                 return self._handler is None or self._handler.channel.wait_written(timeout)
-            if not self._started or self._stopped or self._supervisor is None:
+            run = self._run
+            if not self._started or self._stopped or run is None or run.supervisor is None:
                 return self._stopped
-            supervisor = self._supervisor
-        deadline = time.monotonic() + timeout
-        token = next(self._tokens)
-        frame = struct.pack("<q", token)
-
-        def send() -> None:
-            self._send_control(K_FLUSH, frame, deadline)
-
-        with self._flush_lock:
-            if not self._send_control(K_FLUSH, frame, deadline):
-                return False
-            flushed = supervisor.wait_flushed(token, deadline, send)
-            return self._nothing_diverted() and flushed
-
-    def _nothing_diverted(self) -> bool:
-        """False if records went to stderr instead of the files since the last call (a stopped
-        or missing spool, a listener that could not write): flush() must not say "written"."""
-        if self._health is None:
-            return True
-        diverted = self._health.diverted()
-        if diverted > self._diverted_flushed:
-            self._diverted_flushed = diverted
-            return False
-        return True
+        return run.flush(timeout)
 
     def _flush_for_handler(self, timeout: float) -> None:
         if self._started and not self._stopped:
@@ -359,7 +255,8 @@ class LogService:
 
     def reopen(self) -> None:
         """Ask the listener to reopen the log files (after an external logrotate)."""
-        self._send_control(K_REOPEN, b"", time.monotonic() + 1.0)
+        if self._run is not None:
+            self._run.send(K_REOPEN, b"", time.monotonic() + 1.0)
 
     # -- stopping ----------------------------------------------------------------------------
     def stop(self) -> Dict[str, Any]:
@@ -375,74 +272,33 @@ class LogService:
         with self._lock:
             if self._foreign():
                 return self._detach()
-            if self._stopped or not self._started:
+            run = self._run
+            if self._stopped or not self._started or run is None:
                 return self.health()
             self._stopped = True
             deadline = time.monotonic() + self.config.shutdown_timeout
-            self._capture.withdraw()  # first: no new child joins a service that is stopping
-            if restore:
-                self._root.restore()
-            else:
-                # At exit, our handler stays on the root: a record logged later (a handler's
-                # close, an atexit function registered before logging was imported) finds the
-                # service stopped and goes to stderr as one simplified line.
-                self._root.unhook()
+            run.stop_taking(restore)  # first: no new child joins a service that is stopping
             self._signals.restore()
             self._exit.unregister()
-            self._stop_listener(deadline)
-            self._final = self._final_report()
-            self._cleanup()
+            run.stop_listener(deadline)
+            self._final = run.final_report()
+            run.close(self._final)
             self._file_lock.release()
             _running.pop(file_set_key(self.config), None)
             return self._final
-
-    def _stop_listener(self, deadline: float) -> None:
-        supervisor = self._supervisor
-        if supervisor is None:
-            return
-        channel = self._handler.channel if self._handler is not None else None
-        # No record of this process in flight while the listener takes its last look: then it
-        # need not wait for any (``quiet``), unless other processes log.
-        with channel.quiesced(0.5) if channel is not None else contextlib.nullcontext(True) as quiet:
-
-            def send_stop(budget: float, dl: float) -> bool:
-                return self._send_control(K_STOP, struct.pack("<dB", budget, bool(quiet)), dl)
-
-            supervisor.stop(deadline, send_stop)
-
-    def _final_report(self) -> Dict[str, Any]:
-        if self._health is not None and self._supervisor is not None:
-            final = self._health.report(self._supervisor, final=True)
-        else:
-            final = down_report(self.config)
-        try:
-            # A probe must read "down" now, not the last running report.
-            write_health_file(self.health_path, final)
-        except OSError:
-            pass
-        return final
 
     def _detach(self) -> Dict[str, Any]:
         """This process stops logging through the service's main-process handler; the owner's
         listener, spool, files, capture and lock are not this process's to touch. Records this
         process logs go where its configuration now sends them."""
-        self._root.detach()
+        if self._run is not None:
+            self._run.root.detach()
         self._exit.unregister()
         return {"status": "detached", "service": {"pid": self._owner_pid, "name": self.config.name,
                                                   "directory": str(self.config.directory)}}
 
-    def _cleanup(self) -> None:
-        self._capture.withdraw()
-        if self._worker_config is not None:
-            close_channel(self._worker_config)  # this process's ring, its counters, its doorbell
-        if self._spool is not None:
-            kept = self._spool.close()
-            if kept is not None and self._final is not None:
-                self._final["spool_kept"] = kept
-            self._spool = None
-
     def _stop_at_exit(self) -> None:
-        """The stop of ExitHook: the root logger keeps our handler (see _stop)."""
+        """The stop of ExitHook: the root logger keeps our handler (see ServiceRun.stop_taking)."""
         self._stop(restore=False)
 
     # -- health ------------------------------------------------------------------------------
@@ -450,9 +306,10 @@ class LogService:
         """A JSON-serialisable report: status, listener, restarts, queue, records, files."""
         if self._final is not None:
             return dict(self._final)
-        if self._supervisor is None or self._health is None:
+        run = self._run
+        if run is None or run.supervisor is None or run.health is None:
             return down_report(self.config)
-        return self._health.report(self._supervisor)
+        return run.health.report(run.supervisor)
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else ("running" if self._started else "new")
