@@ -143,7 +143,7 @@ def test_listener_killed_inside_its_write_loses_nothing(service, ctx, tmp_path):
         wait_for(lambda: "TracerPid:\t0\n" not in open(f"/proc/{pid}/status").read(), what="strace attached")
         for i in range(300):
             log.info("inside %d", i)
-        wait_for(lambda: svc._counters.get("pending") > 0, what="a batch announced and held in write()")
+        wait_for(lambda: svc._run.spool.counters.get("pending") > 0, what="a batch announced and held in write()")
         os.kill(pid, 9)
     finally:
         tracer.kill()

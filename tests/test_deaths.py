@@ -218,7 +218,7 @@ def test_normal_exits_log_nothing(service, ctx):
         # starting). Here both have claimed their slots, and a flush makes the listener watch
         # them (it looks at the slots before it replies), so the terminate() is what is tested.
         pids = {p.pid for p in pool._pool}
-        wait_for(lambda: pids <= set(svc._counters.slot_column(S_PID)), what="both workers' slots claimed")
+        wait_for(lambda: pids <= set(svc._run.spool.counters.slot_column(S_PID)), what="both workers' slots claimed")
         assert svc.flush(30)
     with ProcessPoolExecutor(2, mp_context=ctx, **svc.pool_kwargs()) as ex:
         list(ex.map(workers.short_task, range(4)))

@@ -128,7 +128,7 @@ def test_a_capture_directory_planted_by_another_user_is_not_used(planted, tmp_pa
         importable = [n for n in os.listdir(here) if os.path.isdir(os.path.join(here, n)) and n.isidentifier()
                       or os.path.isfile(os.path.join(here, n)) and n.endswith((".py", ".pyc", ".so"))]
         assert importable == ["sitecustomize.py"], os.listdir(here)
-        spool = svc._runtime
+        spool = svc._run.spool.path
         st = os.lstat(spool)
         assert st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
         tags = [f"planted-{ctx.get_start_method()}-{i}" for i in range(4)]

@@ -435,7 +435,7 @@ def test_health_cli_after_main_sigkill_says_gone(tmp_path):
     import logging, sys
     import mplog
     svc = mplog.LogService(sys.argv[1]).start()
-    svc._supervisor.write_health_file()
+    svc._run.supervisor.write_health_file()
     print("READY", flush=True)
     sys.stdin.read()
     """

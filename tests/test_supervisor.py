@@ -393,7 +393,7 @@ def test_an_unresponsive_listener_is_named_in_health_and_by_the_cli(service):
                      timeout=30, what="a stale sample")
         assert h["listener"]["alive"] and h["listener"]["sample_age_s"] >= 5
         assert h["status"] == "degraded" and "not answered" in h["reason"], h
-        svc._supervisor.write_health_file()
+        svc._run.supervisor.write_health_file()
         res = _cli(svc.config.directory)
         assert res.returncode == 1
         assert json.loads(res.stdout)["listener"]["status"] == "unresponsive (stopped)", res.stdout

@@ -1,209 +1,43 @@
-"""``LogService``: what the application holds. Owns the spool, the supervisor, the main
-process's handler, and the exit hook.
+"""``LogService``: what the application holds; ``ServiceHandler``: the same service declared in
+a logging configuration.
 
-The spool is a directory ``mplog-<uid>-<key>-<random>`` on tmpfs (``XDG_RUNTIME_DIR`` or
-``/dev/shm``), 0700, where ``key`` names the file set (directory and name): the counters, the
-control FIFO, one ring per process, and an ``owner`` file (pid and start time of the main
-process). A normal stop removes it; so does the listener when the application dies without
-stopping. A spool that still holds unwritten records (everything was SIGKILLed) is kept, and
-the next ``LogService`` on the same file set writes those records first.
+``LogService`` is the façade: its options, its state (new, running, stopped; in the process
+that started it or in a forked copy, which only detaches), and its public methods. The jobs
+it runs are classes of their own, each in a module of this room:
+
+* ``fileset``: the log directory checked, and ``FileSetLock``, one writer per file set;
+* ``spooldir``: ``SpoolDirectory``, the spool made, its leftovers found, removed or kept;
+* ``run``: ``ServiceRun``, what one start() builds and its stop() takes down, in order, and
+  the flush barrier;
+* ``supervisor`` and ``health``: the listener started, watched, restarted, reported on;
+* ``mainlog``: ``RootLogging``, the main process's own records through the service;
+* ``children``: ``ChildCapture``, pool workers made without mplog's initializer;
+* ``ending``: ``ExitHook`` (a stop at interpreter exit, last) and ``StopSignals``.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import errno
-import fcntl
-import itertools
 import logging
 import os
-import stat
-import struct
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from .._app.capture import ENV as CAPTURE_ENV
-from .._app.capture import capture_dir, disabled_by_env, publish, withdraw
-from .._common.config import ListenerConfig, ServiceConfig, WorkerConfig
-from .._common.counters import STATE_STOPPED, Counters
-from .health import Health, down_report
-from .._app.process import ExceptionHooks
-from .._common.spool import (RING_HEADER, SPOOL_MAX_AGE_S, _process_start, clean_spools, list_spools, place_spool,
-                     remove_spool, ring_capacity, spool_prefix, spool_roots, unwritten_records,
-                     write_owner)
-from .supervisor import Supervisor, write_health_file
-from .._common.transport import K_FLUSH, K_NOTICE, K_REOPEN, K_STOP, FifoWriter
-from .._app.handler import ServiceQueue, SpoolHandler, _service_read_fds, close_channel, uninstall, with_levels, worker_init
+from .._app.handler import ServiceQueue, SpoolHandler, with_levels, worker_init
+from .._common.config import ServiceConfig, WorkerConfig
+from .._common.spool import RING_HEADER, _process_start, list_spools, place_spool, ring_capacity
+from .._common.transport import K_REOPEN
+from .ending import ExitHook, StopSignals
+from .fileset import FileSetLock, check_directory, file_set_key, lock_path, private_directory
+from .health import down_report
+from .run import ServiceRun
+from .spooldir import SpoolDirectory
 
-__all__ = ["LogService", "ServiceHandler"]
-
-
-def private_directory(directory: Path) -> bool:
-    """True if only its owner (this user, or root) can create or rename files in it: then a
-    symbolic link at a log path was put there by this user, and is followed like a FileHandler
-    would. In a directory others can write (group or world, like /tmp), a link may be planted
-    to make the listener write somewhere else, so links are refused there."""
-    try:
-        st = os.stat(directory)
-    except OSError:
-        return False
-    return st.st_uid in (os.getuid(), 0) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-
-
-def _check_directory(directory: Path, files: Any) -> None:
-    """Raise OSError naming the path if the logs cannot live there. Opens nothing."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(exc.errno or errno.EACCES, f"cannot create the log directory: {exc.strerror}",
-                      str(directory)) from None
-    if not directory.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "the log directory is not a directory", str(directory))
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, "the log directory is not writable", str(directory))
-    for path in files:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            if not private_directory(directory):
-                raise OSError(errno.ELOOP, "the log file is a symbolic link in a directory that others can write; "
-                                           "refusing to follow it (it could have been planted)", str(path))
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue  # a dangling link: the listener creates its target, as open() would
-        if not stat.S_ISREG(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "the log file exists and is not a regular file", str(path))
-        if not os.access(path, os.W_OK):
-            raise PermissionError(errno.EACCES, "the log file is not writable", str(path))
-
+__all__ = ["LogService", "ServiceHandler", "lock_path", "private_directory"]
 
 _running: Dict[str, "LogService"] = {}  # file set -> the service this process runs for it
-
-
-def _file_set_key(cfg: ServiceConfig) -> str:
-    return spool_prefix(str(cfg.directory), cfg.name)
-
-
-def lock_path(cfg: ServiceConfig) -> Path:
-    """The file set's lock file: ``<directory>/.<name>.lock``."""
-    return cfg.directory / f".{cfg.name}.lock"
-
-
-def _lock_file_set(cfg: ServiceConfig) -> int:
-    """Take the file set's lock, or raise OSError naming the files and the holder.
-
-    The lock is a ``flock`` on ``.<name>.lock`` in the log directory, 0600, this user's: a file
-    set is known by what it is (the same files through a symbolic link or a bind mount share
-    one lock file; two filesystems mounted at one path in two mount namespaces have two), the
-    kernel drops it when the holder dies, and no other user can open it to hold it. ``flock``
-    belongs to the open file, not the process: a second service of this process on the same
-    files is refused too. A forked child closes its copy (see _worker), so an orphaned worker
-    never keeps the next run out. The file holds the holder's pid; stop() removes it.
-    """
-    path = lock_path(cfg)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            st = os.fstat(fd)
-            if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
-                raise PermissionError(errno.EPERM, f"the lock file of these log files belongs to uid {st.st_uid}, who "
-                                                   "could hold it: remove it, or log to a directory only you can write",
-                                      str(path))
-            if stat.S_IMODE(st.st_mode) != 0o600:
-                os.fchmod(fd, 0o600)  # nobody else may open it, even to read: flock needs no more
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder(fd)
-                here = " (this process)" if holder == str(os.getpid()) else ""
-                raise OSError(errno.EBUSY, f"another mplog service (pid {holder}{here}) is writing these log files; "
-                                           "stop it, choose another name, or use mplog.ServiceHandler to join it",
-                              str(cfg.simplified_path)) from None
-            try:
-                now = os.lstat(path)
-            except FileNotFoundError:
-                now = None
-            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                os.close(fd)  # its holder removed it as we opened it: take the new one
-                continue
-        except BaseException:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _service_read_fds[fd] = os.getpid()  # a forked child closes it
-        return fd
-
-
-def _holder(fd: int) -> str:
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").split()
-    except OSError:
-        return "?"
-    return text[0] if text and text[0].isdigit() else "?"
-
-
-def _join_children(deadline: float) -> None:
-    import multiprocessing
-    for child in multiprocessing.active_children():
-        if not child.daemon:
-            child.join(max(0.0, deadline - time.monotonic()))
-
-
-def _pool_worker_kind(cmdline: List[str]) -> Optional[str]:
-    for flag, value in zip(cmdline, cmdline[1:]):
-        if flag == "-c" and value.lstrip().startswith("from multiprocessing.spawn import spawn_main"):
-            return "multiprocessing spawn worker"
-        if flag == "-m" and value.endswith("loky.backend.popen_loky_posix"):
-            return "loky worker"
-    return None
-
-
-def _has_children() -> bool:
-    """Whether this process has a child, without reaping one: the cheap question that spares
-    psutil (1.0 MB in the main process, and so in every forked worker) when it has none."""
-    try:
-        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return False
-    except (AttributeError, OSError):  # no waitid here: ask psutil
-        pass
-    return True
-
-
-def _uncaptured_workers(capture_dir: str) -> List[Tuple[int, str]]:
-    """This process's pool workers (spawn children, loky workers, at any depth) that were not
-    started under a capture of this process: nothing routes their records to a service."""
-    try:
-        import psutil
-        children = psutil.Process().children(recursive=True)
-    except Exception:
-        return []
-    found = []
-    for child in children:
-        try:
-            kind = _pool_worker_kind(child.cmdline())
-            if kind is None:
-                continue
-            # The environment it was started with: a worker captured by an earlier service of
-            # this process follows this one.
-            if child.environ().get(CAPTURE_ENV, "").partition(":")[2] == capture_dir:
-                continue
-        except Exception:  # gone, or not ours to read
-            continue
-        found.append((child.pid, kind))
-    return found
 
 
 class LogService:
@@ -289,29 +123,15 @@ class LogService:
         self._lock = threading.RLock()
         self._started = False
         self._stopped = False
-        self._runtime: Optional[str] = None
-        self._counters: Optional[Counters] = None
-        self._supervisor: Optional[Supervisor] = None
-        self._health: Optional[Health] = None
-        self._handler: Optional[SpoolHandler] = None
-        self._lock_fd = -1
-        self._writer: Optional[FifoWriter] = None
-        self._read_fd = -1
         self._ring_bytes = ring_capacity(self.config.queue_size)
-        self._worker_config: Optional[WorkerConfig] = None
+        self._file_lock = FileSetLock(self.config)
+        self._run: Optional[ServiceRun] = None
         self._final: Optional[Dict[str, Any]] = None
-        self._saved_root: Optional[tuple] = None
-        self._tokens = itertools.count(1)
-        self._flush_lock = threading.Lock()
-        self._saved_signals: list = []
-        self._capture_dir: Optional[str] = None
-        self._strays_possible = False
-        self._hooks: Optional[ExceptionHooks] = None
+        self._signals = StopSignals()
+        self._exit = ExitHook(self._stop_at_exit, self._foreign, self.config.exit_timeout)
         # The process that started it: the only one that stops it. In any other (a forked
         # child holds a copy of this object) stop() and close() detach that process only.
         self._owner_pid = 0
-        self._diverted_flushed = 0  # records sent to stderr that an earlier flush() reported
-        self._exit_marker: Optional[logging.Handler] = None  # see _stop_with_logging_shutdown
 
     # -- paths and configs -----------------------------------------------------------------
     @property
@@ -347,6 +167,16 @@ class LogService:
             raise RuntimeError("the service is not started")
         return ServiceQueue(self._worker_config)
 
+    # The parts of the run that a ServiceHandler and this façade read.
+    @property
+    def _worker_config(self) -> Optional[WorkerConfig]:
+        return self._run.worker if self._run is not None else None
+
+    @property
+    def _handler(self) -> Optional[SpoolHandler]:
+        return self._run.root.handler if self._run is not None else None
+
+
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "LogService":
         self.start()
@@ -362,241 +192,73 @@ class LogService:
                     raise RuntimeError("a stopped LogService cannot be started again; create a new one")
                 return self
             cfg = self.config
-            _check_directory(cfg.directory, (cfg.simplified_path, cfg.full_path))
-            prefix = spool_prefix(str(cfg.directory), cfg.name)
+            check_directory(cfg.directory, (cfg.simplified_path, cfg.full_path))
             placement = place_spool(RING_HEADER + self._ring_bytes)
-            mine = _running.get(prefix)
+            mine = _running.get(file_set_key(cfg))
             if mine is not None and mine._owned() and not mine._stopped:  # the same path in this process: say so
                 raise OSError(errno.EBUSY, f"another mplog service (pid {os.getpid()}, this process) is writing "
                                            "these log files; stop it, or use mplog.ServiceHandler to share it",
                               str(cfg.simplified_path))
-            self._lock_fd = _lock_file_set(cfg)  # one writer per file set
-            for place in spool_roots():
-                clean_spools(SPOOL_MAX_AGE_S, place)  # abandoned spools of any run of this user
-            # Spools of earlier runs of this file set that died with records unwritten (in any
-            # root: an earlier run may have found other room).
-            leftovers = tuple(s.path for s in list_spools(None, prefix) if not s.alive and s.unwritten)
-            root = placement.root
-            # Made under a name no other service looks at, then renamed once it has its owner
-            # file: a concurrent start's cleaning must never take it for an orphan.
-            staging = tempfile.mkdtemp(prefix="." + prefix, dir=root)
-            write_owner(staging, str(cfg.directory), cfg.name)
-            self._runtime = os.path.join(root, os.path.basename(staging)[1:])
-            os.rename(staging, self._runtime)
+            self._file_lock.acquire()  # one writer per file set
+            self._run = run = ServiceRun(cfg, SpoolDirectory.make(cfg, placement), self._ring_bytes)
             try:
-                self._start_in(self._runtime, leftovers)
+                run.start(self._flush_for_handler)
             except BaseException:
-                self._cleanup()
-                self._unlock()
+                run.close(None)
+                self._file_lock.release()
                 raise
             self._started = True
             self._owner_pid = os.getpid()
             if placement.notice:
-                self._notice(placement.notice)
-            _running[_file_set_key(cfg)] = self
-            atexit.register(self._at_exit)
+                run.notice(placement.notice)
+            _running[file_set_key(cfg)] = self
+            self._exit.register()
             return self
 
     def _owned(self) -> bool:
         """True in the process that started this service (not in a forked copy of it)."""
         return self._owner_pid == os.getpid()
 
+    def _foreign(self) -> bool:
+        """True in a forked copy of a started service: nothing of it is this process's to stop."""
+        return self._started and not self._owned()
+
     def _joinable(self) -> Optional[WorkerConfig]:
-        """In a forked child of the service's process: the service's WorkerConfig while it runs
-        (its counters say so), for a ServiceHandler of the same file set to join it."""
-        cfg = self._worker_config
-        if cfg is None or not self._started or self._owned():
-            return None
-        try:
-            counters = Counters.open(cfg.counters_path)
-        except OSError:
-            return None  # the spool is gone: the service has stopped
-        try:
-            return cfg if counters.get("state") != STATE_STOPPED else None
-        finally:
-            counters.close()
+        """In a forked child of the service's process: the service's WorkerConfig while it runs,
+        for a ServiceHandler of the same file set to join it."""
+        return self._run.live_worker() if self._foreign() and self._run is not None else None
 
-    def _start_in(self, runtime: str, leftovers: Tuple[str, ...]) -> None:
-        cfg = self.config
-        # Pool workers started before the service are children already; asked before the
-        # listener, our own child, is one.
-        self._strays_possible = self._will_capture() and _has_children()
-        fifo = os.path.join(runtime, "fifo")
-        counters_path = os.path.join(runtime, "counters")
-        os.mkfifo(fifo, 0o600)
-        self._counters = Counters.create(counters_path)
-        # The main process holds a read end for the service's whole life, so writers can always
-        # open the FIFO (control frames, the doorbell) while a killed listener is replaced.
-        self._read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        _service_read_fds[self._read_fd] = os.getpid()
-        self._worker_config = WorkerConfig(
-            fifo_path=fifo, counters_path=counters_path, level=cfg.level, overflow=cfg.overflow,
-            overflow_timeout=cfg.overflow_timeout, capture_warnings=cfg.capture_warnings,
-            service_id=os.urandom(16).hex(),  # uuid4's randomness without uuid's libuuid in every fork
-            simplified_level=cfg.simplified_level, queue_size=cfg.queue_size, ring_bytes=self._ring_bytes,
-            owner_pid=os.getpid(), capture_output=cfg.capture_output,
-            lean=cfg.simplified_format is None and cfg.full_format is None)
-        colour = (cfg.console is not None and sys.stderr is not None and sys.stderr.isatty()
-                  and not os.environ.get("NO_COLOR"))
-        listener = ListenerConfig(
-            fifo_path=fifo, counters_path=counters_path, runtime_dir=runtime,
-            simplified_path=str(cfg.simplified_path), full_path=str(cfg.full_path),
-            level=cfg.level, simplified_level=cfg.simplified_level,
-            flush_count=cfg.flush_count, flush_interval=cfg.flush_interval, shutdown_timeout=cfg.shutdown_timeout,
-            console=cfg.console, console_colour=bool(colour),
-            simplified_format=cfg.simplified_format, full_format=cfg.full_format, datefmt=cfg.datefmt,
-            file_mode=cfg.file_mode, rotate_bytes=cfg.rotate_bytes, rotate_interval=cfg.rotate_interval,
-            backup_count=cfg.backup_count, compress=cfg.compress, syslog=cfg.syslog, syslog_level=cfg.syslog_level,
-            recover=leftovers, follow_symlinks=private_directory(cfg.directory),
-            capture_dir=self._capture_path())
-        self._health = Health(cfg, self._counters, runtime, self._ring_bytes)
-        self._supervisor = Supervisor(cfg, self._counters, listener, self._health)
-        self._supervisor.start()
-        self._writer = FifoWriter(fifo)
-        # A ServiceHandler in another process of the application (dictConfig at module level
-        # under spawn) joins this service through this file.
-        with open(os.path.join(runtime, "worker.json"), "w") as f:
-            f.write(self._worker_config.to_json())
-        # The main process logs through the service too, at ``level``. The user's own root
-        # handlers keep printing what they printed: one that had no level of its own relied on
-        # the root's, and gets it as its own until stop() gives everything back.
-        root = logging.getLogger()
-        pinned = []
-        for h in root.handlers:
-            if h.level == logging.NOTSET and root.level > cfg.level:
-                h.setLevel(root.level)
-                pinned.append(h)
-        already_captured = getattr(logging, "_warnings_showwarning", None) is not None
-        self._saved_root = (pinned, root.level, cfg.capture_warnings and not already_captured)
-        self._handler = SpoolHandler(self._worker_config)
-        self._handler.flush_hook = self._flush_for_handler
-        self._handler.channel._attach()
-        root.addHandler(self._handler)
-        root.setLevel(min(cfg.level, root.level) if root.level else cfg.level)
-        if cfg.capture_warnings:
-            logging.captureWarnings(True)
-        # Uncaught exceptions of the main process and its threads are logged, then printed.
-        self._hooks = ExceptionHooks(bootstrap=False)
-        self._supervisor.write_health_file()
-        if self._will_capture():
-            self._capture_children()
-
-    # -- pool workers made without the initializer (issue 13; see _capture.py) ----------------
-    def _capture_path(self) -> Optional[str]:
-        if not self._will_capture():
-            return None
-        try:
-            return capture_dir()
-        except OSError:
-            return None  # publish() says why, as a notice
-
-    def _will_capture(self) -> bool:
-        return self.config.capture_children and not disabled_by_env()
-
-    def _capture_children(self) -> None:
-        assert self._worker_config is not None
-        try:
-            self._capture_dir = publish(self._worker_config)
-        except OSError as exc:
-            self._notice(f"pool workers made without mplog's initializer will not log here: the capture "
-                         f"directory cannot be written ({exc})")
-            return
-        strays = _uncaptured_workers(self._capture_dir) if self._strays_possible else []
-        if strays:
-            shown = ", ".join(f"{pid} ({kind})" for pid, kind in strays[:10])
-            more = f" and {len(strays) - 10} more" if len(strays) > 10 else ""
-            self._notice(f"{len(strays)} pool worker process(es) started before this service cannot log to it: "
-                         f"{shown}{more}. Their records go where logging sends them without mplog. Start the "
-                         f"pool after the service, or pass svc.pool_kwargs() (joblib: call "
-                         f"get_reusable_executor().shutdown() from joblib.externals.loky first)")
-
-    def _notice(self, text: str) -> None:
-        self._send_control(K_NOTICE, text.encode("utf-8", "backslashreplace"), time.monotonic() + 1.0)
-
-    def _withdraw_capture(self) -> None:
-        if self._capture_dir is not None and self._worker_config is not None:
-            withdraw(self._worker_config.service_id)
-            self._capture_dir = None
-
-    def _send_control(self, kind: int, payload: bytes, deadline: Optional[float]) -> bool:
-        writer = self._writer
-        if writer is None:
-            return False
-        try:
-            return writer.write_frames(kind, payload, deadline)
-        except OSError:
-            return False
-
+    # -- barriers and requests ---------------------------------------------------------------
     def flush(self, timeout: float = 5.0) -> bool:
         """Return True once every record logged before this call is in the files; False if that
         did not happen within ``timeout`` seconds, or if records went to stderr instead of the
         files since the previous flush() (each such episode is reported once)."""
         with self._lock:
-            if self._started and not self._owned():
+            if self._foreign():
                 # A forked copy: this process's own records only (its ring's tail).
                 return self._handler is None or self._handler.channel.wait_written(timeout)
-            if not self._started or self._stopped or self._supervisor is None:
+            run = self._run
+            if not self._started or self._stopped or run is None or run.supervisor is None:
                 return self._stopped
-            supervisor = self._supervisor
-        deadline = time.monotonic() + timeout
-        token = next(self._tokens)
-        frame = struct.pack("<q", token)
+        return run.flush(timeout)
 
-        def send() -> None:
-            self._send_control(K_FLUSH, frame, deadline)
-
-        with self._flush_lock:
-            if not self._send_control(K_FLUSH, frame, deadline):
-                return False
-            flushed = supervisor.wait_flushed(token, deadline, send)
-            return self._nothing_diverted() and flushed
-
-    def _nothing_diverted(self) -> bool:
-        """False if records went to stderr instead of the files since the last call (a stopped
-        or missing spool, a listener that could not write): flush() must not say "written"."""
-        if self._health is None:
-            return True
-        diverted = self._health.diverted()
-        if diverted > self._diverted_flushed:
-            self._diverted_flushed = diverted
-            return False
-        return True
+    def _flush_for_handler(self, timeout: float) -> None:
+        if self._started and not self._stopped:
+            self.flush(timeout)  # in a forked copy, this process's own records (see flush)
 
     def install_signal_handlers(self, signals: Any = None) -> None:
         """Opt in: on SIGTERM or SIGINT, stop the service (every record logged before the signal
         is written), then let the signal do what it did before: SIGINT raises KeyboardInterrupt,
         SIGTERM ends the process with the usual status. A library takes no signal by default;
         call this from the main thread. ``stop()`` puts the previous handlers back."""
-        import signal as _signal
-        chosen = signals if signals is not None else (_signal.SIGTERM, _signal.SIGINT)
-        for signum in chosen:
-            previous = _signal.getsignal(signum)
-
-            def handler(num: int, frame: Any, previous: Any = previous) -> None:
-                self.stop()
-                if callable(previous):
-                    previous(num, frame)  # default_int_handler raises KeyboardInterrupt
-                elif previous != _signal.SIG_IGN:
-                    _signal.signal(num, _signal.SIG_DFL)
-                    os.kill(os.getpid(), num)
-
-            _signal.signal(signum, handler)
-            self._saved_signals.append((signum, previous))
-
-    def _restore_signals(self) -> None:
-        import signal as _signal
-        while self._saved_signals:
-            signum, previous = self._saved_signals.pop()
-            try:
-                if _signal.getsignal(signum) is not previous:
-                    _signal.signal(signum, previous if previous is not None else _signal.SIG_DFL)
-            except (ValueError, OSError):  # not the main thread: leave it
-                pass
+        self._signals.install(self.stop, signals)
 
     def reopen(self) -> None:
         """Ask the listener to reopen the log files (after an external logrotate)."""
-        self._send_control(K_REOPEN, b"", time.monotonic() + 1.0)
+        if self._run is not None:
+            self._run.send(K_REOPEN, b"", time.monotonic() + 1.0)
 
+    # -- stopping ----------------------------------------------------------------------------
     def stop(self) -> Dict[str, Any]:
         """Write every record logged before this call, stop the listener, restore the root
         logger. Idempotent. Returns within ``shutdown_timeout`` (+0.5 s) whatever the listener's
@@ -608,201 +270,50 @@ class LogService:
 
     def _stop(self, restore: bool) -> Dict[str, Any]:
         with self._lock:
-            if self._started and not self._owned():
+            if self._foreign():
                 return self._detach()
-            if self._stopped or not self._started:
+            run = self._run
+            if self._stopped or not self._started or run is None:
                 return self.health()
             self._stopped = True
             deadline = time.monotonic() + self.config.shutdown_timeout
-            self._withdraw_capture()  # first: no new child joins a service that is stopping
-            if restore:
-                self._restore_root()
-            elif self._hooks is not None:
-                # At exit, our handler stays on the root: a record logged later (a handler's
-                # close, an atexit function registered before logging was imported) finds the
-                # service stopped and goes to stderr as one simplified line.
-                self._hooks.uninstall()
-                self._hooks = None
-            self._restore_signals()
-            atexit.unregister(self._at_exit)
-
-            supervisor = self._supervisor
-            if supervisor is not None:
-                channel = self._handler.channel if self._handler is not None else None
-                # No record of this process in flight while the listener takes its last look:
-                # then it need not wait for any (``quiet``), unless other processes log.
-                with channel.quiesced(0.5) if channel is not None else contextlib.nullcontext(True) as quiet:
-
-                    def send_stop(budget: float, dl: float) -> bool:
-                        return self._send_control(K_STOP, struct.pack("<dB", budget, bool(quiet)), dl)
-
-                    supervisor.stop(deadline, send_stop)
-            if self._health is not None and supervisor is not None:
-                self._final = self._health.report(supervisor, final=True)
-            else:
-                self._final = down_report(self.config)
-            try:
-                # A probe must read "down" now, not the last running report.
-                write_health_file(self.health_path, self._final)
-            except OSError:
-                pass
-            self._cleanup()
-            self._unlock()
-            _running.pop(_file_set_key(self.config), None)
+            run.stop_taking(restore)  # first: no new child joins a service that is stopping
+            self._signals.restore()
+            self._exit.unregister()
+            run.stop_listener(deadline)
+            self._final = run.final_report()
+            run.close(self._final)
+            self._file_lock.release()
+            _running.pop(file_set_key(self.config), None)
             return self._final
 
     def _detach(self) -> Dict[str, Any]:
         """This process stops logging through the service's main-process handler; the owner's
         listener, spool, files, capture and lock are not this process's to touch. Records this
         process logs go where its configuration now sends them."""
-        if self._handler is not None:
-            logging.getLogger().removeHandler(self._handler)
-        atexit.unregister(self._at_exit)
+        if self._run is not None:
+            self._run.root.detach()
+        self._exit.unregister()
         return {"status": "detached", "service": {"pid": self._owner_pid, "name": self.config.name,
                                                   "directory": str(self.config.directory)}}
 
-    def _restore_root(self) -> None:
-        if self._hooks is not None:
-            self._hooks.uninstall()
-            self._hooks = None
-        root = logging.getLogger()
-        if self._handler is not None:
-            uninstall(self._handler)
-            root.removeHandler(self._handler)
-        if self._saved_root is not None:
-            pinned, level, captured = self._saved_root
-            root.setLevel(level)
-            for h in pinned:
-                h.setLevel(logging.NOTSET)
-            if captured:  # only if we turned it on: the user's own captureWarnings(True) stays
-                logging.captureWarnings(False)
-            self._saved_root = None
-
-    def _flush_for_handler(self, timeout: float) -> None:
-        if self._started and not self._stopped:
-            self.flush(timeout)  # in a forked copy, this process's own records (see flush)
-
-    def _unlock(self) -> None:
-        if self._lock_fd >= 0:
-            _service_read_fds.pop(self._lock_fd, None)
-            try:
-                # Removed while held (a service waiting for it sees another inode and retries).
-                path = lock_path(self.config)
-                if (os.lstat(path).st_ino, os.lstat(path).st_dev) == (os.fstat(self._lock_fd).st_ino,
-                                                                      os.fstat(self._lock_fd).st_dev):
-                    os.unlink(path)
-            except OSError:
-                pass
-            try:
-                os.close(self._lock_fd)  # releases the lock
-            except OSError:
-                pass
-            self._lock_fd = -1
-
-    def _cleanup(self) -> None:
-        self._withdraw_capture()
-        if self._worker_config is not None:
-            close_channel(self._worker_config)  # this process's ring, its counters, its doorbell
-        if self._counters is not None:
-            # The supervisor and health read them no more: the final report is taken.
-            self._counters.close()
-            self._counters = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._read_fd >= 0:
-            _service_read_fds.pop(self._read_fd, None)
-            try:
-                os.close(self._read_fd)
-            except OSError:
-                pass
-            self._read_fd = -1
-        if self._runtime is not None:
-            # A spool that still holds records (a listener that could not drain in time) is
-            # kept for the next run on this file set; anything else goes.
-            if not unwritten_records(self._runtime):
-                remove_spool(self._runtime)
-            elif self._final is not None:
-                self._final["spool_kept"] = self._runtime
-            self._runtime = None
-
-    def _at_exit(self) -> None:
-        # atexit runs last-registered-first, and logging registered its shutdown() when it was
-        # imported, before any service: the standard library's handlers still write what every
-        # atexit function logs. Stopping here would lose what the functions registered before
-        # start() log. So here (before multiprocessing's exit function, registered earlier,
-        # terminates daemonic children) wait for non-daemon children, bounded, as Python would
-        # after us; then leave the stop to logging.shutdown(), through a handler it closes last.
-        if self._started and not self._owned():
-            return  # a forked child's exit (3.13+ runs atexit there): not this process's service
-        try:
-            _join_children(time.monotonic() + self.config.exit_timeout)
-        except Exception:
-            pass
-        if not _stop_with_logging_shutdown(self):
-            self._stop_at_exit()
-
     def _stop_at_exit(self) -> None:
-        try:
-            self._stop(restore=False)
-        except Exception as exc:
-            try:
-                os.write(2, f"mplog: stopping at exit failed: {exc}\n".encode())
-            except OSError:
-                pass
+        """The stop of ExitHook: the root logger keeps our handler (see ServiceRun.stop_taking)."""
+        self._stop(restore=False)
 
     # -- health ------------------------------------------------------------------------------
     def health(self) -> Dict[str, Any]:
         """A JSON-serialisable report: status, listener, restarts, queue, records, files."""
         if self._final is not None:
             return dict(self._final)
-        if self._supervisor is None or self._health is None:
+        run = self._run
+        if run is None or run.supervisor is None or run.health is None:
             return down_report(self.config)
-        return self._health.report(self._supervisor)
+        return run.health.report(run.supervisor)
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else ("running" if self._started else "new")
         return f"<LogService {self.config.directory}/{self.config.name} {state}>"
-
-
-
-
-class _StopAtShutdown(logging.Handler):
-    """Not a handler of any logger: a place in ``logging._handlerList``, first, so that the
-    ``logging.shutdown()`` that runs at exit closes it after every other handler, once every
-    atexit function has run. Closing it stops the service."""
-
-    def __init__(self, service: LogService) -> None:
-        super().__init__()
-        self.service: Optional[LogService] = service
-
-    def emit(self, record: logging.LogRecord) -> None:  # pragma: no cover - on no logger
-        pass
-
-    def close(self) -> None:
-        service, self.service = self.service, None
-        if service is not None:
-            service._stop_at_exit()
-        super().close()
-
-
-def _stop_with_logging_shutdown(service: LogService) -> bool:
-    """Have logging's own exit-time shutdown stop ``service`` last (see LogService._at_exit).
-    False where logging keeps no such list (then the caller stops now)."""
-    import weakref
-    handlers = getattr(logging, "_handlerList", None)
-    if not isinstance(handlers, list):
-        return False
-    marker = _StopAtShutdown(service)  # appends a weak reference to itself: move it to the front
-    service._exit_marker = marker  # logging's list holds a weak reference only
-    lock = getattr(logging, "_lock", None)  # logging's module lock (3.6+), around its list
-    with lock if lock is not None else contextlib.nullcontext():
-        for i, ref in enumerate(handlers):
-            if ref() is marker:
-                del handlers[i]
-                break
-        handlers.insert(0, weakref.ref(marker))
-    return True
 
 
 _shares: Dict[str, int] = {}  # file set -> ServiceHandlers of this process sharing its service
@@ -840,7 +351,7 @@ class ServiceHandler(logging.Handler):
         self.joined = False
         self._closed = False
         config = ServiceConfig.build(directory, name, **options)
-        self._key = _file_set_key(config)
+        self._key = file_set_key(config)
         running = _running.get(self._key)
         # A forked child holds a copy of its parent's service: it joins the original.
         worker = running._joinable() if running is not None else None
