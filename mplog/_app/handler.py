@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from .._common.worker_config import WorkerConfig, coerce as _coerce
 from . import process as _process
 from .._common.record import _STANDARD_LEN, MARSHAL_VERSION, TAG_COMMON, common_fields, lean_fields, record_dumps
-from .channel import Channel, context, current_context as _context_get
+from .channel import _context, Channel, context, current_context as _context_get  # noqa: F401 - dask.py reads _context here
 
 __all__ = ["SpoolHandler", "MPQueueHandler", "ServiceQueue", "Channel", "worker_init", "install", "uninstall", "context",
            "current_config", "pool_kwargs"]
