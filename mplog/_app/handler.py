@@ -3,483 +3,38 @@
 Every process that logs (workers, the main process, plain ``Process`` children, nested pools)
 runs only this module's code per record: flatten (and, with the default formats, format) the
 record in the calling thread, then copy it into the process's own ring in the service's spool
-(``_spool.RingWriter``): a memory copy, no system call, no lock shared with another process.
-The record is in the spool, which outlives this process and the listener, when the logging call
-returns; memory is bounded by the ring. When the listener sleeps (every ring was empty), one
-byte-sized frame on the FIFO wakes it. Logging never raises into the caller: failures become
-placeholders, drops and stderr lines, each counted in this process's slot of the shared counters.
+(``_common.spool.RingWriter``): a memory copy, no system call, no lock shared with another
+process. The record is in the spool, which outlives this process and the listener, when the
+logging call returns; memory is bounded by the ring. When the listener sleeps (every ring was
+empty), one byte-sized frame on the FIFO wakes it. Logging never raises into the caller:
+failures become placeholders, drops and stderr lines, each counted in this process's slot of
+the shared counters.
+
+Who does what:
+
+- ``SpoolHandler``: the ``logging.Handler``; its ``handle`` is the hot path (one C call).
+- ``Channel`` (``channel``): the record path from a payload to the ring, the overflow policy,
+  the divert to stderr, the doorbell, the slot and the ring of this process.
+- ``ServiceQueue``: the queue-shaped door for the standard library's ``QueueHandler``.
+- ``install``/``worker_init``: this process's root logger routed to the service.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import errno
 import logging
 import os
 import sys
-import threading
-import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .._common.worker_config import WorkerConfig, coerce as _coerce
-from .._common.counters import FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED, Counters, Slot
 from . import process as _process
-from .._common.record import _STANDARD_LEN, COMMON_KEYS, LEAN_KEYS, MARSHAL_VERSION, TAG_COMMON, TEXT_VERSION, common_fields, common_payload, lean_fields, deserialize, record_dumps, serialize
-from .._common.spool import _NO_ROOM, W_DONE, RingWriter, _process_start, open_ring_writer, ring_capacity
-from .._common.transport import K_WAKE, FifoWriter
+from .._common.record import _STANDARD_LEN, MARSHAL_VERSION, TAG_COMMON, common_fields, lean_fields, record_dumps
+from .channel import _context, Channel, context, current_context as _context_get  # noqa: F401 - dask.py reads _context here
 
 __all__ = ["SpoolHandler", "MPQueueHandler", "ServiceQueue", "Channel", "worker_init", "install", "uninstall", "context",
            "current_config", "pool_kwargs"]
 
-_SLEEPING = FIELDS.index("sleeping")
-# publish() needs the GIL (see put_payload); a free-threaded build takes the Python path.
-_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
-
-_context: contextvars.ContextVar[Optional[Dict[str, Any]]] = contextvars.ContextVar("mplog_context", default=None)
-_context_get = _context.get
 _LogRecord = logging.LogRecord
-
-
-@contextlib.contextmanager
-def context(**fields: Any) -> Iterator[Dict[str, Any]]:
-    """Add ``fields`` to the Context of every record logged inside the block (this thread or
-    task; nested blocks merge, inner keys win)."""
-    merged = dict(_context.get() or {})
-    merged.update(fields)
-    token = _context.set(merged)
-    try:
-        yield merged
-    finally:
-        _context.reset(token)
-
-
-class Channel:
-    """This process's connection to one service: its ring in the spool, its counter slot, the
-    overflow policy.
-
-    Quacks like a queue for the standard library: ``QueueHandler(svc.queue)`` works, because
-    ``put_nowait`` accepts a LogRecord.
-    """
-
-    def __init__(self, config: WorkerConfig) -> None:
-        self.config = config
-        # The slot's lock is re-entrant: a signal handler that logs while this thread is inside
-        # put_payload must not deadlock; it finds ``_busy`` set and defers its record.
-        self._busy = False
-        self._deferred: List[Tuple[bytes, int]] = []
-        self._pid = -1
-        self._counters: Optional[Counters] = None
-        self._slot: Optional[Slot] = None
-        self._ring: Optional[RingWriter] = None
-        self._no_room = False  # the ring could not be made for want of room: a full ring
-        # The compiled ring's publish(), which does the hot path in one call without the lock
-        # (see put_payload), or None: Python's path only.
-        self._publish: Optional[Callable[[bytes], int]] = None
-        self._publish_record: Optional[Callable[[Dict[str, Any]], int]] = None  # the same, from the record's dict
-        self._doorbell: Optional[FifoWriter] = None
-        self._overflowing = False  # overflow="timeout": the one wait of this episode is spent
-        self._drops_unreported = 0
-        self._last_notice = 0.0
-        # Set once ``svc.queue`` is used in this process: from then on a record that reaches
-        # both mplog's handler and a QueueHandler on that queue is sent once (see seen_before).
-        self.dedupe = False
-        self._last_key: Dict[int, Tuple[float, int, str]] = {}
-        self._closed = False  # the service stopped and close() let its spool go (see close)
-
-    def seen_before(self, record: logging.LogRecord) -> bool:
-        """True if this thread's previous record sent here was this same record (the original
-        and a QueueHandler's copy of it share their creation time, line and logger)."""
-        key = (record.created, record.lineno, record.name)
-        ident = threading.get_ident()
-        if self._last_key.get(ident) == key:
-            return True
-        if len(self._last_key) > 1024:
-            self._last_key.clear()
-        self._last_key[ident] = key
-        return False
-
-    def wait_written(self, timeout: float) -> bool:
-        """Wait until every record this process published is in the files (its ring's tail has
-        passed them), at most ``timeout`` seconds. What ``handler.flush()`` means here."""
-        ring = self._ring
-        counters = self._counters
-        if ring is None or counters is None or self._pid != os.getpid():
-            return True
-        target = ring._seq
-        deadline = time.monotonic() + timeout
-        pause = 0.0005
-        while ring.words[W_DONE] < target:
-            if counters.words[1] == STATE_STOPPED or time.monotonic() >= deadline:
-                return ring.words[W_DONE] >= target
-            time.sleep(pause)  # a deadline loop on the listener's commit
-            pause = min(pause * 2, 0.01)
-        return True
-
-    def backlog(self) -> int:
-        """Records of the whole service published and not yet written."""
-        counters = self._attach()
-        t = counters.slot_totals()
-        published = t["sent"] - t["dropped"] - t["diverted"]
-        return max(0, published - counters.get("written") - counters.get("stderr_records") - counters.get("torn"))
-
-    def full(self) -> bool:
-        ring = self._ring
-        return ring is not None and not ring.room()
-
-    def prepare(self, record: logging.LogRecord, message: Optional[str] = None) -> Tuple[bytes, int]:
-        """The record as a payload of plain fields, for the listener to format."""
-        context = _context.get()
-        if message is None and context is None:
-            payload = common_payload(record, self.config.lean)
-            if payload is not None:
-                return payload, 0
-        return serialize(record, context, message)
-
-    # -- per-process state --------------------------------------------------------------
-    def _attach(self) -> Counters:
-        # Lazily, and again after a fork: a child must not share its parent's slot or ring.
-        if self._closed:
-            raise OSError(errno.ESHUTDOWN, "the log service has stopped", self.config.counters_path)
-        pid = os.getpid()
-        if self._pid != pid or self._counters is None:
-            if self._counters is None:
-                self._counters = Counters.open(self.config.counters_path)
-            slot = self._slot = self._counters.claim_slot(pid, _process_start(pid), _process.process_name(),
-                                                          os.getppid())
-            self._ring = None  # a forked child's copy of the parent's ring is not its own
-            self._publish = self._publish_record = None
-            self._pid = pid
-            if pid != self.config.owner_pid:
-                # Once per process: leave what tells the listener how it ends (see _process),
-                # and ring, so that the listener watches it from now, not from its next look.
-                _process.watch(slot, os.path.dirname(self.config.counters_path), self.config.capture_output)
-                self._ring_bell()
-        return self._counters
-
-    def after_fork(self) -> None:
-        # A thread of the parent may have held the slot's lock at fork(): the child claims a
-        # slot (and a lock) of its own on first use.
-        self._slot = None
-        self._busy = False
-        self._deferred = []
-        self._pid = -1
-        self._ring = None
-        self._publish = self._publish_record = None
-        if self._doorbell is not None:
-            self._doorbell.pid = os.getpid()
-
-    def _open_ring(self, slot: Slot) -> Optional[RingWriter]:
-        cfg = self.config
-        path = os.path.join(os.path.dirname(cfg.counters_path), f"ring.{slot.index}")
-        try:
-            ring = open_ring_writer(path, cfg.ring_bytes or ring_capacity(cfg.queue_size), cfg.queue_size)
-        except OSError as exc:
-            # No room for even its header (ENOSPC): a full ring, the overflow policy's; the
-            # spool gone (the service stopped): the caller diverts.
-            self._no_room = exc.errno in _NO_ROOM
-            return None
-        slot.set(S_RING, 1)
-        self._ring = ring
-        if ring._compiled and _GIL:
-            # publish() holds the counters' words; _attach_words sets _hold, and the Python
-            # path that opens the ring clears it when it lets the ring go.
-            keys = LEAN_KEYS if self.config.lean else COMMON_KEYS  # the handler's _fields
-            ring._attach_words(slot.words, 1, slot.base + S_SENT, _SLEEPING, STATE_STOPPED,  # type: ignore[attr-defined]
-                               keys, TAG_COMMON)
-            self._publish = ring.publish  # type: ignore[attr-defined]
-            self._publish_record = ring.publish_record  # type: ignore[attr-defined]
-        self._ring_bell()  # a new ring: the listener learns of it now, not at its next scan
-        return ring
-
-    def _ring_bell(self) -> None:
-        bell = self._doorbell
-        if bell is None:
-            try:
-                bell = self._doorbell = FifoWriter(self.config.fifo_path)
-            except OSError:
-                return  # no listener to wake; it scans the rings when it starts
-        try:
-            bell.write_record(K_WAKE, b"", 0.0)
-        except OSError:
-            pass
-
-    def stopped(self) -> bool:
-        """True once the service has stopped (its listener wrote the stop summary)."""
-        counters = self._counters
-        return self._closed or (counters is not None and counters.words[1] == STATE_STOPPED)
-
-    @contextlib.contextmanager
-    def quiesced(self, timeout: float) -> Iterator[bool]:
-        """While the block runs, no thread of this process is between reading the service's
-        state and publishing: the Python path waits for the slot's lock, publish() is held off
-        (it then takes the Python path). The service holds this while its listener stops, so
-        the listener need not wait for this process's records in flight. Yields False if the
-        lock could not be had within ``timeout`` (a thread waits for room in a full ring)."""
-        slot = self._slot
-        if slot is None or self._pid != os.getpid():
-            yield True
-            return
-        if not slot.lock.acquire(timeout=max(0.0, timeout)):
-            yield False
-            return
-        try:
-            self._hold()
-            yield True
-        finally:
-            self._unhold()
-            slot.lock.release()
-
-    def close(self) -> None:
-        """Let go of the doorbell, the ring and the counters (the service has stopped): each
-        mapping holds a descriptor, and a notebook that runs a service per cell ran out of them
-        (issue 29). A record put after this goes to stderr (``_put_locked``)."""
-        slot = self._slot
-        # No thread of this process may be inside the Python path's ring write when the ring is
-        # unmapped. One that will not let go (it cannot, the service has stopped: a bound
-        # anyway) keeps the mappings: a leak, not a crash.
-        held = slot is None or slot.lock.acquire(timeout=1.0)
-        try:
-            self._closed = True
-            self._publish = self._publish_record = None
-            ring, self._ring = self._ring, None
-            counters, self._counters = self._counters, None
-            self._slot = None
-            if ring is not None and held:
-                ring.close()  # first: the compiled ring holds a view of the counters' words
-            if counters is not None and held:
-                counters.close()
-            if self._doorbell is not None:
-                self._doorbell.close()
-                self._doorbell = None
-        finally:
-            if slot is not None and held:
-                slot.lock.release()
-
-    # -- the record path ------------------------------------------------------------------
-    def put_nowait(self, record: logging.LogRecord) -> None:
-        """Standard-library ``QueueHandler`` entry point."""
-        payload, failures = self.prepare(record)
-        self.put_payload(payload, failures)
-
-    put = put_nowait
-
-    def put_payload(self, payload: bytes, failures: int = 0) -> None:
-        publish = self._publish
-        if publish is not None and not failures:
-            # The hot path in one C call, without the lock: check the service's state, copy the
-            # entry into the ring, count it sent, read the listener's sleeping flag. With the GIL
-            # it runs whole between two bytecodes of any other thread or signal handler, so it
-            # needs no lock as long as it stays off the ring while the Python path below has it
-            # (_hold). 0: not done (stopped, full, big, held): the Python path does it all.
-            done = publish(payload)
-            if done:
-                if done == 2:
-                    self._wake_locked()
-                return
-        self._put_locked(payload, failures)
-
-    def _wake_locked(self) -> None:
-        slot = self._slot
-        assert slot is not None
-        with slot.lock:
-            self._wake()
-
-    def _put_locked(self, payload: bytes, failures: int) -> None:
-        """put_payload's Python path, under the slot's lock: anything publish() does not do."""
-        slot = self._slot
-        if slot is None:  # first use, or first use after a fork (after_fork forgets the slot)
-            if self._closed:  # the service has stopped: as _put says it, a plain line
-                self._to_stderr(payload, "")
-                return
-            try:
-                self._attach()
-            except OSError:
-                self._to_stderr(payload, "[UNDELIVERED] ")
-                return
-            slot = self._slot
-            assert slot is not None
-        with slot.lock:
-            if self._closed:  # close() ran while this thread waited for the lock
-                self._to_stderr(payload, "")
-                return
-            if self._busy:  # a signal handler, inside this thread's own put: publish it after
-                self._deferred.append((payload, failures))
-                return
-            self._busy = True
-            self._hold()
-            try:
-                ring = self._ring
-                words = slot.words
-                # publish()'s case, where it is not there (pure Python, a free-threaded build)
-                # or was held: the service runs, the ring has room, the listener is awake.
-                # Anything else (full, a big record's file not written, no ring yet, stopped)
-                # is _put's, which tries the ring once more.
-                ok = False
-                if ring is not None and not failures and words[1] != STATE_STOPPED and not self._overflowing:
-                    try:
-                        ok = ring.write(payload)
-                    except OSError:
-                        pass
-                if ok:
-                    words[slot.base + S_SENT] += 1
-                    if words[_SLEEPING]:
-                        self._wake()
-                else:
-                    self._put(slot, payload, failures)
-                while self._deferred:
-                    self._put(slot, *self._deferred.pop(0))
-            finally:
-                self._busy = False
-                self._unhold()
-
-    def _hold(self, on: int = 1) -> None:
-        """Keep publish() off the ring and the counters (``on``), or let it back. The caller
-        holds the slot's lock."""
-        if self._publish is not None:
-            self._ring._hold = on  # type: ignore[union-attr]
-
-    def _unhold(self) -> None:
-        # Still held inside an outer put (a signal handler's record), and through an overflow
-        # episode (overflow="timeout"), which ends on the Python path.
-        self._hold(1 if self._busy or self._overflowing else 0)
-
-    def _put(self, slot: Slot, payload: bytes, failures: int) -> None:
-        words, base = slot.words, slot.base
-        if failures:
-            words[base + S_REPLACED] += failures
-        if words[1] == STATE_STOPPED:  # the service is gone: tell the user rather than lose it
-            self._divert(slot, payload)
-            return
-        ring = self._ring
-        if ring is None:
-            ring = self._open_ring(slot)
-            if ring is None:
-                if not self._no_room:
-                    self._divert(slot, payload)
-                    return
-                ok: Optional[bool] = self._overflow(lambda: self._write_new_ring(slot, payload))
-                if ok is None:
-                    self._divert(slot, payload)
-                    return
-                self._count_put(slot, ok, payload)
-                return
-        try:
-            ok = ring.write(payload)
-        except OSError:  # a big record's own file could not be written (not for room: EACCES...)
-            self._divert(slot, payload)
-            return
-        if not ok:
-            ok = self._overflow(lambda: ring.write(payload))
-            if ok is None:
-                self._divert(slot, payload)
-                return
-        self._count_put(slot, ok, payload)
-
-    def _write_new_ring(self, slot: Slot, payload: bytes) -> bool:
-        """A record for a ring that had no room to be made: make it now, if there is room."""
-        ring = self._ring or self._open_ring(slot)
-        return ring is not None and ring.write(payload)
-
-    def _count_put(self, slot: Slot, ok: bool, payload: bytes) -> None:
-        words, base = slot.words, slot.base
-        if ok:
-            words[base + S_SENT] += 1
-            self._overflowing = False  # room again: the next overflow may wait once more
-            if words[_SLEEPING]:
-                self._wake()
-            return
-        words[base + S_DROPPED] += 1
-        words[base + S_SENT] += 1
-        if self.config.overflow == "stderr":
-            self._to_stderr(payload, "[DROPPED] ")
-        else:
-            self._note_drop()
-
-    def _wake(self) -> None:
-        # The listener sleeps only when every ring was empty. One bell wakes it; the flag is a
-        # hint that any process may clear, so a stalled listener gets one bell, not one per record.
-        counters = self._counters
-        assert counters is not None
-        counters.words[_SLEEPING] = 0
-        self._ring_bell()
-
-    def _overflow(self, write: Callable[[], bool]) -> Optional[bool]:
-        """The ring is full (or has no room to be made). ``write`` tries again. True: written
-        after a wait; False: drop; None: the service is gone."""
-        policy = self.config.overflow
-        if policy == "drop" or policy == "stderr":
-            return False
-        if policy == "timeout":
-            if self._overflowing:  # one wait per overflow episode, then drops without waiting
-                return False
-            deadline: Optional[float] = time.monotonic() + self.config.overflow_timeout
-        else:
-            deadline = None
-        self._ring_bell()
-        pause = 0.0002
-        counters = self._counters
-        assert counters is not None
-        while True:
-            if write():
-                return True
-            if counters.words[1] == STATE_STOPPED:
-                return None
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                self._overflowing = True
-                return False
-            # Waiting is for the listener to commit a batch: poll with a growing pause.
-            left = 0.01 if deadline is None else max(0.0, deadline - now)
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, 0.01)
-
-    def _divert(self, slot: Slot, payload: bytes) -> None:
-        slot.count(S_SENT, S_DIVERTED)
-        self._to_stderr(payload, "")
-
-    def _to_stderr(self, payload: bytes, prefix: str) -> None:
-        try:
-            from .._common.format import SimplifiedFormatter
-            rec = deserialize(payload)
-            if rec[0] == TEXT_VERSION:  # formatted here already: its simplified line, or its block
-                data = prefix.encode() + (rec.simple or rec.full)
-            else:
-                data = (prefix + SimplifiedFormatter().format(rec)).encode("utf-8", "backslashreplace")
-            os.write(_process.err_fd(), data)
-        except Exception:
-            pass  # stderr itself is gone; the record is already counted
-
-    def count_error(self, exc: BaseException) -> None:
-        """An unexpected failure in mplog's own code: counted as an error and a drop, said once
-        a second on stderr."""
-        try:
-            self._attach()
-            slot = self._slot
-            assert slot is not None
-            with slot.lock:
-                self._hold()  # the sent counter is publish()'s too
-                try:
-                    slot.count(S_SENT, S_DROPPED, S_ERRORS)
-                finally:
-                    self._unhold()
-            self._note_drop(f"internal error {type(exc).__name__}: {exc}")
-        except Exception:
-            pass
-
-    def _note_drop(self, why: str = "") -> None:
-        # One summary a second per process, never a traceback per record.
-        self._drops_unreported += 1
-        now = time.monotonic()
-        if now - self._last_notice >= 1.0 or why:
-            n, self._drops_unreported = self._drops_unreported, 0
-            self._last_notice = now
-            reason = why or f"the log spool is full (overflow={self.config.overflow!r})"
-            msg = f"mplog: {n} record(s) dropped by process {os.getpid()}: {reason}\n"
-            try:
-                os.write(_process.err_fd(), msg.encode("utf-8", "backslashreplace"))
-            except OSError:
-                pass
 
 
 class SpoolHandler(logging.Handler):
@@ -553,7 +108,7 @@ class SpoolHandler(logging.Handler):
                 pass
             else:
                 try:
-                    channel.put_payload(payload)
+                    channel.put_payload(payload, record)
                 except Exception:
                     self.handleError(record)
                 return record
@@ -574,9 +129,11 @@ class SpoolHandler(logging.Handler):
             return
         if self.formatter is None:
             payload, failures = channel.prepare(record)
+            channel.put_payload(payload, record, failures)
         else:
-            payload, failures = channel.prepare(record, self._render(record))
-        channel.put_payload(payload, failures)
+            message = self._render(record)
+            payload, failures = channel.prepare(record, message)
+            channel.put_payload(payload, record, failures, message)
 
     def emit(self, record: logging.LogRecord) -> None:
         """``QueueHandler.emit``: ``enqueue(prepare(record))``; a failure is counted, never raised."""
@@ -655,8 +212,9 @@ class ServiceQueue:
         try:
             if channel.seen_before(item):
                 return
-            payload, failures = channel.prepare(_split_traceback(item))
-            channel.put_payload(payload, failures)
+            record = _split_traceback(item)
+            payload, failures = channel.prepare(record)
+            channel.put_payload(payload, record, failures)
         except Exception as exc:
             channel.count_error(exc)
 
