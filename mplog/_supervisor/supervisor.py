@@ -54,6 +54,14 @@ _STOP_MARGIN = 0.3  # of a stop's time, kept for the escalation after the listen
 _JOIN_THREAD = 1.0  # at most, for the thread to see the stop
 
 
+def _say(text: str) -> None:
+    """A notice on stderr: never through the queue the supervisor serves."""
+    try:
+        os.write(2, f"mplog: {text}\n".encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
 class _Wakeup:
     """The pipe that wakes the supervisor's thread from its select (``stop()``)."""
 
@@ -171,7 +179,7 @@ class Supervisor:
         try:
             self.write_health_file()
         except Exception as exc:  # never let a full disk kill the supervisor
-            self._say(f"cannot write the health file: {exc}")
+            _say(f"cannot write the health file: {exc}")
 
     def _on_exit(self, proc: ListenerProcess) -> None:
         rc = proc.reap()
@@ -189,17 +197,10 @@ class Supervisor:
         self._restart_at = time.monotonic() + delay
         why = f" ({cause})" if cause else ""
         if delay:
-            self._say(f"listener exited with {self.last_exit['name']}{why}; restarting in {delay:.1f} s")
+            _say(f"listener exited with {self.last_exit['name']}{why}; restarting in {delay:.1f} s")
         else:
-            self._say(f"listener exited with {self.last_exit['name']}{why}; restarting now")
+            _say(f"listener exited with {self.last_exit['name']}{why}; restarting now")
             self._restart()
-
-    @staticmethod
-    def _say(text: str) -> None:
-        try:
-            os.write(2, f"mplog: {text}\n".encode("utf-8", "backslashreplace"))
-        except OSError:
-            pass
 
     def _restart(self) -> None:
         self._restart_at = None
@@ -207,7 +208,7 @@ class Supervisor:
         try:
             proc = self._spawn(restart_reason=reason)
         except OSError as exc:
-            self._say(f"cannot restart the listener: {exc}")
+            _say(f"cannot restart the listener: {exc}")
             self._restart_at = time.monotonic() + self.config.restart_backoff_max
             return
         self.proc = proc
