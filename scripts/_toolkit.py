@@ -58,8 +58,9 @@ def _bytecode_note(pkg: str) -> str:
 # further), then SEP. The simplified log is one "[time] message" line per record.
 SEP = b"-" * 72
 # "[time] [LEVEL] [logger] [process:pid] [file:line]".
-HEADER = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\] \[(?P<level>[A-Z]+|Level \d+)\] \[(?P<logger>[^\]]*)\] "
-                    rb"\[(?P<process>[^\]]*):(?P<pid>\d+)\] \[(?P<file>[^\]]*):(?P<line>\d+)\]$")
+HEADER = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\] \[(?P<level>[A-Z]+|Level \d+)\] "
+                    rb"\[(?P<logger>[^\]]*)\] \[(?P<process>[^\]]*):(?P<pid>\d+)\] "
+                    rb"\[(?P<file>[^\]]*):(?P<line>\d+)\]$")
 MESSAGE = b"  Message: "
 SIMPLE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] (.*)$", re.S)
 # mplog's own notices (logger "mplog"). A listener killed before it wrote its restart notice

@@ -42,20 +42,17 @@ def reset_peak_rss(pid: Any = "self") -> None:
         pass
 
 
-def _status_mb(field: str, pid: Any = "self") -> Optional[float]:
-    """One ``kB`` line of /proc/PID/status, in MB (None where there is none)."""
-    value = proc_status(pid, (field,)).get(field)
-    return None if value is None else value / 1048576.0
 def peak_rss_mb(pid: Any = "self") -> Optional[float]:
-    peak = _status_mb("VmHWM", pid)
+    peak = proc_status(pid, ("VmHWM",)).get("VmHWM")
     if peak is None and pid == "self":
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return peak
+    return None if peak is None else peak / 1048576.0
 
 
 def shmem_mb(pid: Any = "self") -> Optional[float]:
     """RssShmem: shared memory pages mapped now (for mplog, the ring pages of the spool)."""
-    return _status_mb("RssShmem", pid)
+    shm = proc_status(pid, ("RssShmem",)).get("RssShmem")
+    return None if shm is None else shm / 1048576.0
 
 
 def self_cpu_s() -> float:
