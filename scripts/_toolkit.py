@@ -45,7 +45,7 @@ def _bytecode_note(pkg: str) -> str:
     and no install step that compiled them) every import compiles, and the compiler's leftovers
     stay in the main process's heap: every forked worker's RSS carries them (~1.2 MB)."""
     import importlib.util
-    sources = [os.path.join(pkg, f) for f in os.listdir(pkg) if f.endswith(".py")]
+    sources = [os.path.join(d, f) for d, _dirs, files in os.walk(pkg) for f in files if f.endswith(".py")]
     missing = [f for f in sources if not os.path.exists(importlib.util.cache_from_source(f))]
     if not missing:
         return "; its .pyc files"
