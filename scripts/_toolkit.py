@@ -10,7 +10,7 @@ import os
 import re
 import signal
 import subprocess
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 # -- which mplog ---------------------------------------------------------------------------------
 
@@ -45,7 +45,7 @@ def _bytecode_note(pkg: str) -> str:
     and no install step that compiled them) every import compiles, and the compiler's leftovers
     stay in the main process's heap: every forked worker's RSS carries them (~1.2 MB)."""
     import importlib.util
-    sources = [os.path.join(pkg, f) for f in os.listdir(pkg) if f.endswith(".py")]
+    sources = [os.path.join(d, f) for d, _dirs, files in os.walk(pkg) for f in files if f.endswith(".py")]
     missing = [f for f in sources if not os.path.exists(importlib.util.cache_from_source(f))]
     if not missing:
         return "; its .pyc files"
@@ -57,9 +57,10 @@ def _bytecode_note(pkg: str) -> str:
 # The full log is blocks: a header line, indented "  Message: ..." lines (continuations indented
 # further), then SEP. The simplified log is one "[time] message" line per record.
 SEP = b"-" * 72
-# Groups: 1 the logger, 2 the pid.
-HEADER = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\] \[(?:[A-Z]+|Level \d+)\] \[([^\]]*)\] "
-                    rb"\[[^\]]*:(\d+)\] \[[^\]]*:\d+\]$")
+# "[time] [LEVEL] [logger] [process:pid] [file:line]".
+HEADER = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\] \[(?P<level>[A-Z]+|Level \d+)\] "
+                    rb"\[(?P<logger>[^\]]*)\] \[(?P<process>[^\]]*):(?P<pid>\d+)\] "
+                    rb"\[(?P<file>[^\]]*):(?P<line>\d+)\]$")
 MESSAGE = b"  Message: "
 SIMPLE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] (.*)$", re.S)
 # mplog's own notices (logger "mplog"). A listener killed before it wrote its restart notice
@@ -73,6 +74,58 @@ DEATH = re.compile(rb"^(?:(?:ERROR|WARNING|CRITICAL): )?\S+ \(pid (\d+)\) (?:was
 # A worker killed while no listener ran (a killed listener being replaced): nobody could take its
 # exit status (README, "Why did my worker die?").
 UNSEEN = re.compile(rb"^(?:(?:ERROR|WARNING|CRITICAL): )?\S+ \(pid (\d+)\) ended before the listener could watch it")
+
+
+def read_lines(path: str) -> Iterator[Tuple[int, bytes, bool]]:
+    """(line number, line without its newline, whether it had one) of every line of ``path``,
+    as raw bytes: no decoding, no newline translation, so nothing torn can pass for intact."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.endswith(b"\n"):
+                yield lineno, raw[:-1], True
+            else:
+                yield lineno, raw, False
+
+
+# What read_blocks yields: a well-formed block (its header, its indented lines, the line number
+# of its header) or a stretch that is not one (why, line number, the line).
+Block = Tuple["re.Match[bytes]", List[bytes], int]
+Garbled = Tuple[str, int, bytes]
+
+
+def read_blocks(path: str) -> Iterator[Union[Block, Garbled]]:
+    """The blocks of a full log, each a ``Block``, and every stretch that is not part of one as
+    a ``Garbled`` (tell them apart with ``isinstance(item[0], str)``). One garbled region counts
+    once: after it the reader skips to the next line that is a header."""
+    header: Optional["re.Match[bytes]"] = None
+    body: List[bytes] = []
+    start_line = 0
+    resync = False
+    for lineno, line, complete in read_lines(path):
+        if not complete:
+            yield "unterminated last line", lineno, line
+            header = None
+            break
+        if header is None:
+            m = HEADER.match(line)
+            if m is None:
+                if not resync:
+                    yield "not a block header", lineno, line
+                    resync = True
+                continue
+            resync = False
+            header, body, start_line = m, [], lineno
+        elif line == SEP:
+            yield header, body, start_line
+            header = None
+        elif line.startswith(b"  "):
+            body.append(line)
+        else:
+            yield "unindented line inside a block", lineno, line
+            header = None
+            resync = True
+    if header is not None:
+        yield "unterminated block", start_line, header.group(0)
 
 
 class Tally:
@@ -144,7 +197,7 @@ class Checks:
         return passed
 
 
-def mb(n: Optional[int]) -> str:
+def mb(n: Optional[float]) -> str:
     return "?" if n is None else f"{n / 1048576:.1f} MB"
 
 
@@ -180,6 +233,22 @@ def proc_stat(pid: int) -> Optional[Tuple[str, int]]:
         return fields[0].decode(), int(fields[2])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def proc_status(pid: object = "self", fields: Tuple[str, ...] = ("VmHWM", "RssAnon", "RssFile", "RssShmem")
+                ) -> Dict[str, int]:
+    """The ``kB`` lines ``fields`` of /proc/PID/status, in bytes; those it lacks (or all, if the
+    process is gone) are missing."""
+    out: Dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in fields:
+                    out[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
 
 
 def is_running(pid: int) -> bool:

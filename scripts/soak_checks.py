@@ -15,8 +15,8 @@ import time
 import zlib
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-from _toolkit import (APP_GONE, DEATH, HEADER, MESSAGE, RESTART, SEP, SIMPLE_LINE, SUMMARY, UNSEEN, Checks,
-                      Tally, mb)
+from _toolkit import (APP_GONE, DEATH, MESSAGE, RESTART, SIMPLE_LINE, SUMMARY, UNSEEN, Checks, Tally, mb,
+                      read_blocks, read_lines)
 
 if TYPE_CHECKING:
     from soak import Soak
@@ -95,51 +95,21 @@ class Verification:
     # -- full logs: blocks -------------------------------------------------------------------------
     def full_log(self, path: str) -> None:
         self.files.append((path, os.path.getsize(path)))
-        header: Optional["re.Match[bytes]"] = None
-        body: List[bytes] = []
-        start_line = 0
-        lineno = 0
-        resync = False
-        with open(path, "rb") as f:
-            for raw in f:
-                lineno += 1
-                if not raw.endswith(b"\n"):
-                    self.garbled += 1
-                    self.bad("unterminated last line", path, lineno, raw)
-                    header = None
-                    break
-                line = raw[:-1]
-                if header is None:
-                    m = HEADER.match(line)
-                    if m is None:
-                        if not resync:  # one garbled region counts once
-                            self.garbled += 1
-                            self.bad("not a block header", path, lineno, line)
-                            resync = True
-                        continue
-                    resync = False
-                    header, body, start_line = m, [], lineno
-                elif line == SEP:
-                    self.block(header, body, path, start_line)
-                    header = None
-                elif line.startswith(b"  "):
-                    body.append(line)
-                else:
-                    self.garbled += 1
-                    self.bad("unindented line inside a block", path, lineno, line)
-                    header = None
-                    resync = True
-        if header is not None:
-            self.garbled += 1
-            self.bad("unterminated block", path, start_line, header.group(0))
+        for item in read_blocks(path):
+            if isinstance(item[0], str):
+                why, lineno, line = item
+                self.garbled += 1
+                self.bad(why, path, lineno, line)
+            else:
+                self.block(*item, path)
 
-    def block(self, header: "re.Match[bytes]", body: List[bytes], path: str, lineno: int) -> None:
+    def block(self, header: "re.Match[bytes]", body: List[bytes], lineno: int, path: str) -> None:
         self.blocks += 1
         if not body or not body[0].startswith(MESSAGE):
             self.garbled += 1
             self.bad("block without a message", path, lineno, header.group(0))
             return
-        logger = header.group(1)
+        logger = header["logger"]
         msg = body[0][len(MESSAGE):]
         if logger == b"mplog":
             text = b"\n".join([msg] + [b[len(MESSAGE):] for b in body[1:] if b.startswith(b" " * len(MESSAGE))])
@@ -172,7 +142,7 @@ class Verification:
                 self.bad("malformed worker record", path, lineno, msg)
                 return
             key = (int(m.group(1)), int(m.group(2)))
-            if not check_worker_message(m) or self.pids.get(key) != int(header.group(2)):
+            if not check_worker_message(m) or self.pids.get(key) != int(header["pid"]):
                 self.bad_records += 1
                 self.bad("corrupt or misattributed worker record", path, lineno, header.group(0) + b" " + msg)
                 return
@@ -193,42 +163,38 @@ class Verification:
     # -- simplified logs: lines --------------------------------------------------------------------
     def simplified_log(self, path: str) -> None:
         self.files.append((path, os.path.getsize(path)))
-        lineno = 0
-        with open(path, "rb") as f:
-            for raw in f:
-                lineno += 1
-                if not raw.endswith(b"\n"):
+        for lineno, line, complete in read_lines(path):
+            if not complete:
+                self.simple_garbled += 1
+                self.bad("unterminated last line", path, lineno, line)
+                break
+            if line.startswith(b"    "):  # a continuation (the stop summary's warnings)
+                continue
+            m = SIMPLE_LINE.match(line)
+            if m is None:
+                self.simple_garbled += 1
+                self.bad("not a simplified line", path, lineno, line)
+                continue
+            self.simple_lines += 1
+            text = m.group(1)
+            if text.startswith(b"w"):
+                wm = WORKER_MSG.match(text)
+                if wm is None or not check_worker_message(wm):
                     self.simple_garbled += 1
-                    self.bad("unterminated last line", path, lineno, raw)
-                    break
-                line = raw[:-1]
-                if line.startswith(b"    "):  # a continuation (the stop summary's warnings)
+                    self.bad("corrupt worker line", path, lineno, line)
                     continue
-                m = SIMPLE_LINE.match(line)
-                if m is None:
-                    self.simple_garbled += 1
-                    self.bad("not a simplified line", path, lineno, line)
-                    continue
-                self.simple_lines += 1
-                text = m.group(1)
-                if text.startswith(b"w"):
-                    wm = WORKER_MSG.match(text)
-                    if wm is None or not check_worker_message(wm):
-                        self.simple_garbled += 1
-                        self.bad("corrupt worker line", path, lineno, line)
-                        continue
-                    self.simple.add((int(wm.group(1)), int(wm.group(2))), int(wm.group(3)))
-                elif MAIN_MSG.match(text):
-                    self.simple_main += 1
-                elif text.startswith(b"WARNING: listener restarted after "):
-                    self.simple_restart_notices += 1
-                elif text.startswith((b"mplog stopped: ", b"mplog stopped (")) or text == b"WARNING: " + APP_GONE:
-                    pass
-                elif DEATH.match(text) or UNSEEN.match(text):
-                    self.simple_deaths += 1
-                else:
-                    self.simple_garbled += 1
-                    self.bad("unexpected simplified line", path, lineno, line)
+                self.simple.add((int(wm.group(1)), int(wm.group(2))), int(wm.group(3)))
+            elif MAIN_MSG.match(text):
+                self.simple_main += 1
+            elif text.startswith(b"WARNING: listener restarted after "):
+                self.simple_restart_notices += 1
+            elif text.startswith((b"mplog stopped: ", b"mplog stopped (")) or text == b"WARNING: " + APP_GONE:
+                pass
+            elif DEATH.match(text) or UNSEEN.match(text):
+                self.simple_deaths += 1
+            else:
+                self.simple_garbled += 1
+                self.bad("unexpected simplified line", path, lineno, line)
 
 
 def verify(soak: "Soak") -> bool:
