@@ -1,7 +1,7 @@
 /* mplog._speedups: the hot loops of the spool ring, the record's marshal and the listener's
  * formatting of the common record, compiled.
  *
- * Optional (mplog/_compiled.py). mplog/_spool.py has the ring's code in Python and is the
+ * Optional (mplog/_common/compiled.py). mplog/_common/spool.py has the ring's code in Python and is the
  * reference: the layout of a ring is defined there (the entry is "<IIQ": length | flags, Adler-32 of the payload, seq),
  * this file only does the common case faster and hands everything else back to Python:
  *
@@ -9,7 +9,7 @@
  *                            known from the last read of the listener's words suffices; else it
  *                            calls the Python method _write_slow(payload, length_word).
  *   RingCore.publish(payload), RingCore.publish_record(d)
- *                            the worker's whole hot path (mplog/_worker.py, put_payload and
+ *                            the worker's whole hot path (mplog/_app/channel.py, put_payload and
  *                            SpoolHandler.handle): the state word, the copy, the sent counter,
  *                            the sleeping flag, without the process's lock (the GIL makes the
  *                            call whole; the Python path holds it off with _hold); the second
@@ -21,7 +21,7 @@
  *                            record holds (version 2; tuples, str, int, float, bytes, None,
  *                            bools); anything else is CPython's own marshal's.
  *   format_common(...)       the listener's loop over common records in the default formats
- *                            (mplog/_listener.py, Batch._format_common is its twin); it reads
+ *                            (mplog/_listener/loop.py, Batch._format_common is its twin); it reads
  *                            a common record from its marshal bytes in place where it can, and
  *                            a record it does not fully know goes whole to the general path.
  *
@@ -286,7 +286,7 @@ may_publish(RingCore *self)
 #endif
 }
 
-/* publish(payload) -> 0, 1 or 2: the worker's whole hot path in one call (mplog/_worker.py,
+/* publish(payload) -> 0, 1 or 2: the worker's whole hot path in one call (mplog/_app/channel.py,
  * put_payload, is its twin and does everything else). 1: published and counted as sent; 2: the
  * same, and the listener sleeps (the caller rings). 0: nothing done: the service stopped, the
  * ring has no room known, the payload is big, or the Python path holds the ring (_hold): the
@@ -659,7 +659,7 @@ py_dumps(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
-/* publish_record(d): the common record's whole hot path in the caller (mplog/_worker.py,
+/* publish_record(d): the common record's whole hot path in the caller (mplog/_app/channel.py,
  * SpoolHandler.handle): publish(dumps((tag, (d[k] for k in keys)), 2)), with the same bytes,
  * written into a buffer on the stack and copied into the ring, without the fields' tuple, the
  * record's tuple and the payload's bytes object. 0: nothing done (a key missing, a value the
@@ -700,7 +700,7 @@ RingCore_publish_record(RingCore *self, PyObject *d)
  * format_common(payloads, full, simp, simplified_level, stamps, heads, head_rest, tally,
  *               fallback, origin, millis, not_tallied, pieces, tag_common)
  *
- * The twin of the Python loop in mplog/_listener.py (Batch._format_common), which is the
+ * The twin of the Python loop in mplog/_listener/loop.py (Batch._format_common), which is the
  * reference: for each payload, the record's texts in the default formats are appended to the
  * lists ``full`` and ``simp`` (in pieces: the batch joins them once); a record this loop does
  * not fully understand, or one that fails anywhere, goes whole to ``fallback(payload, origin)``
