@@ -421,3 +421,23 @@ def hold_until(config: Any, ready: Any, stay: Any) -> None:
     logging.getLogger("t.hold").info("holding")
     ready.set()
     stay.wait(120)
+
+
+def big_sender(config: Any, n: int, size: int, go: Any, sent: Any) -> None:
+    """Log ``n`` records of ``size`` bytes once ``go`` is set, set ``sent``, then wait to be
+    killed (the fairness tests SIGKILL it with its records still in its ring)."""
+    import time
+    mplog.worker_init(config)
+    go.wait(60)
+    log = logging.getLogger("t.big")
+    for i in range(n):
+        log.info("big %d %s", i, "x" * size)
+    sent.set()
+    time.sleep(120)
+
+
+def small_sender(config: Any, tag: str, n: int, go: Any) -> None:
+    """Log ``n`` numbered small records once ``go`` is set, then return."""
+    mplog.worker_init(config)
+    go.wait(60)
+    log_n((tag, n))

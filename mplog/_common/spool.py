@@ -365,6 +365,13 @@ def open_ring_writer(path: str, capacity: int, max_records: int) -> RingWriter:
     return RingWriter(path, capacity, max_records)
 
 
+# What one ring may hand the listener per pass, in bytes (ring bytes of its entries, and the
+# size of each big record's file), always at least one record: a process logging 4 MB records
+# fills no whole batch (flush_count of them, gigabytes formatted in memory), and the other
+# rings get their turn after each megabyte (issue 30, item 5).
+TAKE_BUDGET = 1024 * 1024
+
+
 class Taken(NamedTuple):
     """What one pass over a ring took: payloads, and where the ring's tail goes once written."""
 
@@ -412,6 +419,7 @@ class RingReader:
         self._lap_started = 0.0
         self.last: Optional[bytes] = None  # the latest payload taken (for the record of its end)
         self.stamped: Optional[bytes] = None  # the one whose time is in the slot (S_LAST_NS)
+        self.cut = False  # the last take stopped at the byte budget with more waiting
 
     def close(self) -> None:
         if self.budget is not None:
@@ -429,11 +437,15 @@ class RingReader:
     def empty(self) -> bool:
         return self.words[W_HEAD] == self.words[W_TAIL]
 
-    def take(self, limit: int, producer_gone: bool = False) -> Taken:
-        """Read up to ``limit`` records after ``pos`` (not committing them)."""
+    def take(self, limit: int, producer_gone: bool = False, budget: int = TAKE_BUDGET) -> Taken:
+        """Read up to ``limit`` records after ``pos`` (not committing them), and no more than
+        about ``budget`` bytes of them (always at least one record): ``cut`` says the budget,
+        not the ring, ended this pass."""
         words = self.words
         head = words[W_HEAD]
         pos, done = self.pos, self.done
+        start = pos
+        self.cut = False
         cap = self.capacity
         mm = self._mm
         out: List[bytes] = []
@@ -442,13 +454,16 @@ class RingReader:
         # The hot loop: whole entries in order, each checked. Anything else (the end of the data
         # area, a WRAP, a big record's reference, an entry that fails its check) is left to the
         # general loop below, from where this one stopped.
+        # The byte budget bounds where an entry may start (``stop``): what is taken is at most the
+        # budget plus one entry, and the compiled loop needs no byte count of its own.
+        stop = min(head, pos + budget)
         if self._take_entries is not None:
-            pos, done = self._take_entries(mm, RING_HEADER, cap, pos, done, head, limit, out)
+            pos, done = self._take_entries(mm, RING_HEADER, cap, pos, done, stop, limit, out)
         else:
             data_end = RING_HEADER + cap
             append = out.append
             check = self.check
-            while pos < head and len(out) < limit:
+            while pos < stop and len(out) < limit:
                 at = RING_HEADER + pos % cap
                 if at + ENTRY_SIZE > data_end:
                     break
@@ -464,7 +479,11 @@ class RingReader:
                 done = seq
         if out:
             self.bad_since = 0.0
+        used = pos - start  # ring bytes, and a big record's file size (below)
         while pos < head and len(out) < limit:
+            if out and used >= budget:
+                self.cut = True  # more is waiting: the next pass, after the other rings' turn
+                break
             off = pos % cap
             left = cap - off
             if left < ENTRY_SIZE:
@@ -494,10 +513,13 @@ class RingReader:
                 else:
                     payload, path = ext
                     externals.append(path)
+                    used += len(payload)
             self.bad_since = 0.0
             if payload:
                 out.append(payload)
-            pos += (ENTRY_SIZE + n + 7) & ~7
+            step = (ENTRY_SIZE + n + 7) & ~7
+            pos += step
+            used += step
             done = seq
         self.pos, self.done = pos, done
         return Taken(out, pos, done, externals)
@@ -853,6 +875,7 @@ class SpoolReader:
         self.retired = 0
         self.open_errors = 0
         self.gone: Set[int] = set()  # slots whose process ended: a bad entry will never mend
+        self.cut = False  # the last take left records behind for the byte budget: a backlog
         # Which busy rings keep their pages: at most a quarter of the spool's filesystem, so
         # that on a small tmpfs the pages go back to the rings that need room.
         try:
@@ -886,8 +909,10 @@ class SpoolReader:
 
     def take(self, limit: int, only: Optional[RingReader] = None) -> List[Tuple[RingReader, Taken]]:
         """Up to ``limit`` records, from the rings in turn, or from ``only`` (not committed:
-        see _journal)."""
+        see _journal); from each ring no more than its byte budget (``RingReader.take``), so
+        that one process's big records do not make the others wait."""
         out: List[Tuple[RingReader, Taken]] = []
+        self.cut = False
         if only is not None:
             rings = [only]
         else:
@@ -902,6 +927,7 @@ class SpoolReader:
                 continue
             before = ring.corrupt
             t = ring.take(left, ring.slot in self.gone)
+            self.cut = self.cut or ring.cut
             if ring.corrupt != before:
                 self.corrupt += ring.corrupt - before
             if t.pos != ring.words[W_TAIL]:

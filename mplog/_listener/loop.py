@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from .._common import compiled as _compiled
 from .._common.config import ListenerConfig
 from .._common.counters import STATE_STOPPED, Counters, settle_accounts
-from .exits import ExitWatch, Watched, describe
+from .exits import Exit, ExitWatch, Watched, describe, payload_summary
 from .files import FileSet
 from .._common.format import (NOT_TALLIED, SEPARATOR, FullFormatter, JsonFormatter, SimplifiedFormatter, StdlibFormatter, Timestamps, colour,
                       format_both)
@@ -346,6 +346,8 @@ class Listener:
         self.stop_deadline = 0.0
         self.terminated = 0.0  # when SIGTERM came (0: it did not)
         self.vitals: Optional[Vitals] = None
+        # Ended processes whose ring is still being written: slot -> (who, how, its ring).
+        self.parked: Dict[int, Tuple[Watched, Exit, Optional[RingReader]]] = {}
 
     # -- errors and notices --------------------------------------------------------------
     def _error(self, text: str) -> None:
@@ -419,8 +421,12 @@ class Listener:
             self.on_exit(w, status)
 
     def on_exit(self, w: Watched, status: Optional[int] = None) -> None:
-        """A process of the service ended: write what it left (its ring, its captured output),
-        then one record saying how it ended, attributed to it; then mark its slot."""
+        """A process of the service ended: read how at once, then park it until the loop has
+        written what its ring still holds (in turn with every other ring: its backlog delays
+        no one), and only then write its captured output and one record saying how it ended,
+        attributed to it, and mark its slot (``end_parked``)."""
+        if w.slot in self.parked:
+            return  # seen already (finish() polls every pidfd again): its end is on its way
         if status is None:
             status = self.watch.status(w)
         for fd in ([w.fd] if w.fd >= 0 else []):
@@ -432,20 +438,32 @@ class Listener:
         self.intake.gone.add(w.slot)  # a torn last entry is skipped, not waited for
         self.intake.refresh()  # a ring it opened just before it died: its records come first
         ring = self.intake.rings.get(w.slot)
-        deadline = time.monotonic() + 2.0
-        while ring is not None and ring.pos < ring.words[W_HEAD] and time.monotonic() < deadline:
-            if not self.pump(ring):  # its records, and no one else's, before the record of its end
-                break
-        for rec in self.watch.leftovers(w):
-            self.batch.add_record(rec)
+        # The details now: its fault file, its cgroup's OOM count and its siblings' ends are
+        # evidence of this moment, not of when its ring is drained.
         e = self.watch.collect(w, status, ring.last if ring is not None else None)
-        level, message, context, body = describe(e)
-        if level is not None and level >= self.cfg.level:
-            self.batch.add_record(make_record(
-                e.ended, level, "mplog", message, pathname="<exit>", funcName="exit", processName=e.name,
-                process=e.pid, threadName="-", exc_text=body, extras=context))
-        self.write([], 0)
-        self.watch.mark(w, e)  # after the record is in the files: health never runs ahead of the logs
+        self.parked[w.slot] = (w, e, ring)
+        self.end_parked()
+
+    def end_parked(self, force: bool = False) -> None:
+        """Write the end of each parked process whose ring is written (all of them if
+        ``force``: the listener is stopping), in the order they ended: a pool's stop of its
+        other workers comes after the death that caused it."""
+        for slot, (w, e, ring) in list(self.parked.items()):
+            if not force and ring is not None and ring.pos < ring.words[W_HEAD]:
+                break  # its records first; the ends after it wait with it
+            del self.parked[slot]
+            last = payload_summary(ring.last) if ring is not None and ring.last is not None else None
+            if last is not None:
+                e.last = last  # its last record, now that it is written
+            for rec in self.watch.leftovers(w):
+                self.batch.add_record(rec)
+            level, message, context, body = describe(e)
+            if level is not None and level >= self.cfg.level:
+                self.batch.add_record(make_record(
+                    e.ended, level, "mplog", message, pathname="<exit>", funcName="exit", processName=e.name,
+                    process=e.pid, threadName="-", exc_text=body, extras=context))
+            self.write([], 0)
+            self.watch.mark(w, e)  # after the record is in the files: health never runs ahead of the logs
 
     def publish_syslog(self) -> None:
         if self.forwarder is None:
@@ -474,6 +492,8 @@ class Listener:
             n += len(payloads)
         self._sync_corrupt()
         self.write(taken, n)
+        if self.parked:
+            self.end_parked()
         return n
 
     def _sync_corrupt(self) -> None:
@@ -687,8 +707,9 @@ class Listener:
                 if not n:
                     break
                 busy = True
-                # A full batch: more is waiting. Anything less: the rings are drained for now.
-                backlog = n >= self.flush_count
+                # A full batch, or a ring cut by its byte budget: more is waiting. Anything
+                # less: the rings are drained for now.
+                backlog = n >= self.flush_count or self.intake.cut
                 if not backlog:
                     break
             if backlog:  # behind: no pause (writers may be waiting for room), events only
@@ -807,6 +828,7 @@ class Listener:
             while time.monotonic() < grace:
                 time.sleep(0.005)  # a short bounded wait for in-flight writers, then a last look
         self.drain(max(deadline, time.monotonic() + 0.5))
+        self.end_parked(force=True)  # a ring not written by the deadline stays in the spool
         sent, dropped, diverted = self.final_counts()
         written = c.get("written")
         diverted += c.get("stderr_records")
