@@ -1,0 +1,158 @@
+"""Read a full log (``<name>.debug.log``) and its rotated copies as a stream of blocks.
+
+The full format (mplog/_common/format.py, FullFormatter) writes one block per record: a header
+line in column 0, indented body lines, then a separator of 72 dashes. Nothing a message brings
+can start a line with ``[`` in column 0, so a header is unambiguous. The files are read oldest
+first, one line at a time: memory does not grow with the log.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import time
+import zlib
+from dataclasses import dataclass
+from typing import IO, Dict, Iterator, List, Optional
+
+__all__ = ["Block", "LogReader", "ReportError", "log_files"]
+
+SEPARATOR = "-" * 72
+# [time] [LEVEL] [logger] [processName:pid] [file:line]; logger and process names may hold
+# brackets, so the fields are found from the ends (the greedy groups backtrack).
+HEADER = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3})\] \[([^\]]*)\] \[(.*)\] \[(.*):(-?\d+)\] \[(.*)\]$")
+_NUMBERED = re.compile(r"\.(\d+)(\.gz)?$")
+
+
+class ReportError(Exception):
+    """Input the report cannot read at all (no log, a line that is not mplog's full format)."""
+
+
+@dataclass
+class Block:
+    """One record of the full log."""
+
+    created: float
+    level: str
+    logger: str
+    process: str
+    pid: int
+    where: str
+    message: str  # the message's first line
+    lines: List[str]  # the whole block, header first, without the separator
+    source: str  # file:line of the header
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def body(self) -> List[str]:
+        return self.lines[1:]
+
+
+def log_files(directory: str, name: str) -> List[str]:
+    """The full log and its rotated copies, oldest first: mplog's timestamped copies
+    (``name.debug.log.YYYYmmdd-HHMMSS[-N][.gz]``), then numbered ones (``.N[.gz]``, the highest
+    the oldest, as logging.handlers writes them), then the live file."""
+    from .._listener.files import rotated_files
+
+    live = os.path.join(directory, f"{name}.debug.log")
+    numbered: Dict[int, str] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError as exc:
+        raise ReportError(f"cannot read the directory {directory}: {exc.strerror or exc}") from None
+    prefix = f"{name}.debug.log."
+    for entry in names:
+        if entry.startswith(prefix):
+            m = _NUMBERED.match(entry[len(prefix) - 1:])
+            if m and (int(m.group(1)) not in numbered or entry.endswith(".gz")):
+                numbered[int(m.group(1))] = os.path.join(directory, entry)
+    files = list(rotated_files(live))
+    files += [numbered[n] for n in sorted(numbered, reverse=True)]
+    if os.path.exists(live):
+        files.append(live)
+    return files
+
+
+class _Clock:
+    """Header times are local wall-clock text; converting costs microseconds, so cache the second."""
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._sec = 0.0
+
+    def seconds(self, text: str) -> float:
+        if text != self._text:
+            self._sec = time.mktime(time.strptime(text, "%Y-%m-%d %H:%M:%S"))
+            self._text = text
+        return self._sec
+
+
+class LogReader:
+    """Blocks of the full log of ``name`` in ``directory``, oldest first.
+
+    Problems that leave the rest readable (a corrupt compressed copy, a truncated last block)
+    are collected in ``problems``; a line that is not the full format raises ReportError naming
+    the file and line, since then nothing after it can be trusted to be parsed right.
+    """
+
+    def __init__(self, directory: str, name: str = "run") -> None:
+        self.directory = directory
+        self.name = name
+        self.files = log_files(directory, name)
+        if not self.files:
+            raise ReportError(f"no full log in {directory}: expected {name}.debug.log "
+                              f"(or its rotated copies); is --name right?")
+        self.problems: List[str] = []
+        self.bytes_read = 0
+
+    def __iter__(self) -> Iterator[Block]:
+        for path in self.files:
+            yield from self._read_file(path)
+
+    def _open(self, path: str) -> IO[str]:
+        if path.endswith(".gz"):
+            return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="\n")
+        return open(path, "r", encoding="utf-8", errors="replace", newline="\n")
+
+    def _read_file(self, path: str) -> Iterator[Block]:
+        clock = _Clock()
+        short = os.path.basename(path)
+        current: Optional[Block] = None
+        lineno = 0
+        header = HEADER.match
+        try:
+            with self._open(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    self.bytes_read += len(line)
+                    line = line.rstrip("\n")
+                    if current is None:
+                        if not line:
+                            continue
+                        m = header(line)
+                        if m is None:
+                            raise ReportError(
+                                f"{path}:{lineno}: not a record header of mplog's full format: {line[:120]!r} "
+                                f"(a log written with a custom full_format cannot be reported)")
+                        current = Block(clock.seconds(m.group(1)) + int(m.group(2)) / 1000.0, m.group(3),
+                                        m.group(4), m.group(5), int(m.group(6)), m.group(7), "", [line],
+                                        f"{short}:{lineno}")
+                    elif line == SEPARATOR:
+                        yield current
+                        current = None
+                    elif line.startswith("  "):
+                        if len(current.lines) == 1 and line.startswith("  Message: "):
+                            current.message = line[11:]
+                        current.lines.append(line)
+                    else:
+                        raise ReportError(f"{path}:{lineno}: a line inside the block of {current.source} "
+                                          f"is not indented: {line[:120]!r}")
+        except (OSError, EOFError, zlib.error) as exc:
+            self.problems.append(f"{path}: unreadable after line {lineno} ({exc}); the rest of the "
+                                 f"file is skipped, the other files are read")
+            current = None
+        if current is not None:
+            self.problems.append(f"{path}:{current.source.rsplit(':', 1)[1]}: the last block has no "
+                                 f"separator (truncated; a run still writing, or killed): used as it is")
+            yield current
