@@ -133,7 +133,7 @@ class Summary:
         else:
             self.loggers["(other)"] += 1
         row = self._row(b)
-        if level in MARKED or row is None:
+        if level in MARKED:
             self._group(b)
         if b.logger == "mplog":
             self._notice(b, row)
