@@ -180,5 +180,6 @@ class LogReader:
                     raise ReportError(f"{path}:{lineno + j}: a line inside the block of {short}:{lineno} "
                                       f"is not indented: {line[:120]!r}")
         message = lines[1][11:] if len(lines) > 1 and lines[1].startswith("  Message: ") else ""
-        return Block(clock.seconds(m.group(1)) + int(m.group(2)) / 1000.0, m.group(3), m.group(4), m.group(5),
-                     int(m.group(6)), m.group(7), message, lines, f"{short}:{lineno}")
+        stamp, ms, level, logger, process, pid, where = m.groups()
+        return Block(clock.seconds(stamp) + int(ms) / 1000.0, level, logger, process, int(pid), where, message,
+                     lines, f"{short}:{lineno}")
