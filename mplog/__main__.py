@@ -1,5 +1,6 @@
 """``python -m mplog``: ``demo`` runs a small pipeline; ``health`` is a liveness probe;
-``spools`` lists (and with ``--clean`` removes) the spools that runs of this user left behind."""
+``spools`` lists (and with ``--clean`` removes) the spools that runs of this user left behind;
+``report`` writes one self-contained HTML page of what a run did, from its full log."""
 
 from __future__ import annotations
 
@@ -92,7 +93,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="with --clean, also remove orphaned spools with unwritten records this old "
                              "(default 7 days; 0 removes them all)")
     spools.add_argument("--root", default=None, help="where to look (default: XDG_RUNTIME_DIR or /dev/shm)")
+    report = sub.add_parser("report", help="write one self-contained HTML page of a run from its full log")
+    report.add_argument("directory")
+    report.add_argument("--name", default="run")
+    report.add_argument("-o", "--output", default=None, help="the page (default DIRECTORY/NAME.report.html)")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        from ._report import report_command
+        return report_command(args.directory, args.name, args.output)
     if args.command == "health":
         return health_command(args.directory, args.name, args.max_age)
     if args.command == "spools":
