@@ -7,6 +7,7 @@ Four rooms, each named for the process its code runs in::
            ├─ _app       every process that logs: the handler, its ring writer, the captures
            ├─ _listener  the listener process: the loop, the files, the journal, exits, syslog
            └─ _common    what they all share: config, counters, spool layout, wire format
+      └─ _report       ``python -m mplog report``: reads the listener's files after the run
 
 An import may only go down this picture, never up, and never sideways between ``_app`` and
 ``_listener`` (the worker must not pay for the listener's code, nor the listener depend on the
@@ -23,7 +24,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # A room may import the rooms listed for it (and itself).
 ALLOWED = {
-    "mplog": {"mplog", "_supervisor", "_app", "_listener", "_common"},
+    "mplog": {"mplog", "_supervisor", "_app", "_listener", "_common", "_report"},
+    "_report": {"_report", "_listener", "_common"},
     "_supervisor": {"_supervisor", "_app", "_common"},
     "_app": {"_app", "_common"},
     "_listener": {"_listener", "_common"},

@@ -133,7 +133,7 @@ def test_rotated_copies_are_read_oldest_first(tmp_path):
         f.write(_block(1.7e9 - 5, "INFO", "a", "P", 1, "zero"))
     (tmp_path / "run.debug.log").write_text(_block(1.7e9 + 2, "ERROR", "a", "P", 1, "live"))
     sys.path.insert(0, str(ROOT))
-    from mplog._report_reader import LogReader
+    from mplog._report.reader import LogReader
     assert [b.message for b in LogReader(str(tmp_path))] == ["zero", "two", "one", "live"]
 
 

@@ -1,11 +1,12 @@
 """``python -m mplog report``: one self-contained HTML page of what a run did, from its full log.
 
-_report_reader   streams the full log and its rotated copies into blocks (a header and its lines);
-_report_summary  folds the blocks into bounded aggregates (time bins, processes, groups, deaths);
-_report_page     writes those aggregates as one HTML file (inline CSS, SVG and JS; nothing fetched).
+reader   streams the full log and its rotated copies into blocks (a header and its lines);
+summary  folds the blocks into bounded aggregates (time bins, processes, groups, deaths);
+page     writes those aggregates as one HTML file (inline CSS, SVG and JS; nothing fetched).
 
-Flat modules of the public face (tests/test_layers.py): the report runs in no process of the
-pipeline, it reads files after the run.
+A room of its own (tests/test_layers.py): the report runs in no process of the pipeline, it
+reads the listener's files after the run, so it may import ``_listener`` (their names and
+rotation order) and ``_common``, and nothing of the pipeline imports it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ def report_command(directory: str, name: str = "run", output: Optional[str] = No
     """Write the report of ``directory``'s full log ``name``. 0 on success; 2 (with a message on
     stderr) when the input is bad: no log, an unparseable line (no page), or a corrupt
     compressed copy or truncated last block (the page is written from the rest)."""
-    from ._report_page import render
-    from ._report_reader import LogReader, ReportError
-    from ._report_summary import Summary
+    from .page import render
+    from .reader import LogReader, ReportError
+    from .summary import Summary
 
     err = err or sys.stderr
     out = output or os.path.join(directory, f"{name}.report.html")

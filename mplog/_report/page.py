@@ -12,7 +12,7 @@ import json
 import time
 from typing import Dict, List, Optional, Sequence
 
-from ._report_summary import LEVELS, Mark, ProcessRow, Summary
+from .summary import LEVELS, Mark, ProcessRow, Summary
 
 __all__ = ["render"]
 

@@ -57,7 +57,7 @@ def log_files(directory: str, name: str) -> List[str]:
     """The full log and its rotated copies, oldest first: mplog's timestamped copies
     (``name.debug.log.YYYYmmdd-HHMMSS[-N][.gz]``), then numbered ones (``.N[.gz]``, the highest
     the oldest, as logging.handlers writes them), then the live file."""
-    from ._listener.files import rotated_files
+    from .._listener.files import rotated_files
 
     live = os.path.join(directory, f"{name}.debug.log")
     numbered: Dict[int, str] = {}

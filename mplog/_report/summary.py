@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from ._report_reader import Block
+from .reader import Block
 
 __all__ = ["Summary", "ProcessRow", "Group", "Death", "Mark", "template_of"]
 
