@@ -8,7 +8,7 @@ hooks that log uncaught exceptions. ``restore()`` gives every piece back as it w
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from .._app.handler import SpoolHandler, uninstall
 from .._app.process import ExceptionHooks
@@ -25,7 +25,7 @@ class RootLogging:
         self._saved: Optional[Tuple[List[logging.Handler], int, bool]] = None  # pinned, level, captured
         self._hooks: Optional[ExceptionHooks] = None
 
-    def attach(self, worker: WorkerConfig, capture_warnings: bool, flush_hook: Callable[[float], None]) -> None:
+    def attach(self, worker: WorkerConfig, capture_warnings: bool, flush_hook: Callable[[float], Any]) -> None:
         """Route the root logger to the service at ``worker.level``. The user's own root
         handlers keep printing what they printed: one that had no level of its own relied on
         the root's, and gets it as its own until restore() gives everything back."""

@@ -21,9 +21,10 @@ from typing import Any, Callable, Dict, Optional
 from .._app.handler import close_channel
 from .._common.config import ListenerConfig, ServiceConfig, WorkerConfig
 from .._common.counters import STATE_STOPPED, Counters
+from .._common.spool import RING_HEADER, place_spool, ring_capacity
 from .._common.transport import K_FLUSH, K_NOTICE, K_STOP
 from .children import ChildCapture
-from .fileset import private_directory
+from .fileset import FileSetLock, check_directory, private_directory
 from .health import Health, down_report
 from .mainlog import RootLogging
 from .spooldir import SpoolDirectory
@@ -49,7 +50,29 @@ class ServiceRun:
         self._diverted_flushed = 0  # records sent to stderr that an earlier flush() reported
 
     # -- up ----------------------------------------------------------------------------------
-    def start(self, flush_hook: Callable[[float], None]) -> None:
+    @classmethod
+    def launch(cls, cfg: ServiceConfig, file_lock: FileSetLock, flush_hook: Callable[[float], Any]) -> "ServiceRun":
+        """The whole of a start: the log directory checked, the spool placed where there is room
+        for a ring, the file set's lock taken, then every piece started. If any step fails, what
+        was made is taken down and the lock released before the error reaches the caller."""
+        check_directory(cfg.directory, (cfg.simplified_path, cfg.full_path))
+        ring_bytes = ring_capacity(cfg.queue_size)
+        placement = place_spool(RING_HEADER + ring_bytes)
+        file_lock.acquire()  # one writer per file set
+        run = None
+        try:
+            run = cls(cfg, SpoolDirectory.make(cfg, placement), ring_bytes)
+            run.start(flush_hook)
+        except BaseException:
+            if run is not None:
+                run.close(None)
+            file_lock.release()
+            raise
+        if placement.notice:
+            run.notice(placement.notice)
+        return run
+
+    def start(self, flush_hook: Callable[[float], Any]) -> None:
         cfg = self.config
         spool = self.spool
         assert spool is not None

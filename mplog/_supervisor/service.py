@@ -22,18 +22,16 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .._app.handler import ServiceQueue, SpoolHandler, with_levels, worker_init
 from .._common.config import ServiceConfig, WorkerConfig
-from .._common.spool import RING_HEADER, _process_start, list_spools, place_spool, ring_capacity
+from .._common.spool import _process_start, list_spools
 from .._common.transport import K_REOPEN
 from .ending import ExitHook, StopSignals
-from .fileset import FileSetLock, check_directory, file_set_key, lock_path, private_directory
+from .fileset import FileSetLock, file_set_key, lock_path, private_directory
 from .health import down_report
 from .run import ServiceRun
-from .spooldir import SpoolDirectory
 
 __all__ = ["LogService", "ServiceHandler", "lock_path", "private_directory"]
 
@@ -116,14 +114,12 @@ class LogService:
 
         A bad value raises ``ValueError`` naming the option (and both options of a bad pair).
         """
-        given = dict(locals())
-        for key in ("self", "directory", "name", "given"):
-            given.pop(key, None)
+        # (the comprehension's first iterable is evaluated here, in __init__'s scope)
+        given = {k: v for k, v in dict(locals()).items() if k not in ("self", "directory", "name")}
         self.config = ServiceConfig.build(directory, name, **given)
         self._lock = threading.RLock()
         self._started = False
         self._stopped = False
-        self._ring_bytes = ring_capacity(self.config.queue_size)
         self._file_lock = FileSetLock(self.config)
         self._run: Optional[ServiceRun] = None
         self._final: Optional[Dict[str, Any]] = None
@@ -134,17 +130,9 @@ class LogService:
         self._owner_pid = 0
 
     # -- paths and configs -----------------------------------------------------------------
-    @property
-    def simplified_path(self) -> Path:
-        return self.config.simplified_path
-
-    @property
-    def full_path(self) -> Path:
-        return self.config.full_path
-
-    @property
-    def health_path(self) -> Path:
-        return self.config.health_path
+    simplified_path = property(lambda self: self.config.simplified_path, doc="``<directory>/<name>.log``")
+    full_path = property(lambda self: self.config.full_path, doc="``<directory>/<name>.debug.log``")
+    health_path = property(lambda self: self.config.health_path, doc="``<directory>/<name>.health.json``")
 
     @property
     def worker_config(self) -> WorkerConfig:
@@ -176,7 +164,6 @@ class LogService:
     def _handler(self) -> Optional[SpoolHandler]:
         return self._run.root.handler if self._run is not None else None
 
-
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "LogService":
         self.start()
@@ -192,25 +179,14 @@ class LogService:
                     raise RuntimeError("a stopped LogService cannot be started again; create a new one")
                 return self
             cfg = self.config
-            check_directory(cfg.directory, (cfg.simplified_path, cfg.full_path))
-            placement = place_spool(RING_HEADER + self._ring_bytes)
             mine = _running.get(file_set_key(cfg))
             if mine is not None and mine._owned() and not mine._stopped:  # the same path in this process: say so
                 raise OSError(errno.EBUSY, f"another mplog service (pid {os.getpid()}, this process) is writing "
                                            "these log files; stop it, or use mplog.ServiceHandler to share it",
                               str(cfg.simplified_path))
-            self._file_lock.acquire()  # one writer per file set
-            self._run = run = ServiceRun(cfg, SpoolDirectory.make(cfg, placement), self._ring_bytes)
-            try:
-                run.start(self._flush_for_handler)
-            except BaseException:
-                run.close(None)
-                self._file_lock.release()
-                raise
+            self._run = ServiceRun.launch(cfg, self._file_lock, self.flush)
             self._started = True
             self._owner_pid = os.getpid()
-            if placement.notice:
-                run.notice(placement.notice)
             _running[file_set_key(cfg)] = self
             self._exit.register()
             return self
@@ -233,6 +209,8 @@ class LogService:
         """Return True once every record logged before this call is in the files; False if that
         did not happen within ``timeout`` seconds, or if records went to stderr instead of the
         files since the previous flush() (each such episode is reported once)."""
+        if self._stopped:  # without the lock: a handler's flush() while stop() runs returns at once
+            return True
         with self._lock:
             if self._foreign():
                 # A forked copy: this process's own records only (its ring's tail).
@@ -241,10 +219,6 @@ class LogService:
             if not self._started or self._stopped or run is None or run.supervisor is None:
                 return self._stopped
         return run.flush(timeout)
-
-    def _flush_for_handler(self, timeout: float) -> None:
-        if self._started and not self._stopped:
-            self.flush(timeout)  # in a forked copy, this process's own records (see flush)
 
     def install_signal_handlers(self, signals: Any = None) -> None:
         """Opt in: on SIGTERM or SIGINT, stop the service (every record logged before the signal
@@ -368,7 +342,7 @@ class ServiceHandler(logging.Handler):
                     raise
                 worker = _running_worker_config(self._key)
                 if worker is None:
-                    raise OSError(errno.EBUSY, f"{exc.strerror.partition(';')[0]}, and it is not a service of "
+                    raise OSError(errno.EBUSY, f"{(exc.strerror or '').partition(';')[0]}, and it is not a service of "
                                                "this program (this process or one it was started from); stop "
                                                "it, or give this program another directory or name",
                                   exc.filename) from None
