@@ -379,11 +379,13 @@ def _big_sender(cfg: Any, n: int, count: Any, stop: Any) -> None:
     log = logging.getLogger("big")
     blob = "x" * BIG_SIZE
     for i in range(n):
-        if stop.is_set():
+        if stop.value:
             break
         log.info("big %d %s", i, blob)
         count.value = i + 1
-    stop.wait(300)
+    deadline = time.monotonic() + 300
+    while not stop.value and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _small_sender(cfg: Any, count: Any, stop: Any) -> None:
@@ -392,7 +394,7 @@ def _small_sender(cfg: Any, count: Any, stop: Any) -> None:
     mplog.worker_init(cfg)
     log = logging.getLogger("small")
     i = 0
-    while not stop.is_set():
+    while not stop.value:
         log.info("small %d %d", i, time.monotonic_ns())
         i += 1
         count.value = i
@@ -454,8 +456,10 @@ def _neighbour_once(tmp: Path, queue_size: int, killed: bool, live_s: float) -> 
         if not spool.startswith(root + os.sep):
             raise RuntimeError(f"the spool {spool} is not on the private tmpfs {root}")
         seen = _Arrivals(svc.full_path)
-        big_n, small_n = ctx.Value("i", 0), ctx.Value("i", 0)
-        big_stop, small_stop = ctx.Event(), ctx.Event()
+        # Lock-free shared words, not Values or Events: a process SIGKILLed while it holds
+        # their lock would leave it held for everyone.
+        big_n, small_n = ctx.RawValue("i", 0), ctx.RawValue("i", 0)
+        big_stop, small_stop = ctx.RawValue("b", 0), ctx.RawValue("b", 0)
         small = ctx.Process(target=_small_sender, args=(svc.worker_config, small_n, small_stop), name="small")
         big = ctx.Process(target=_big_sender, args=(svc.worker_config, BIG_MAX if killed else 10**6, big_n, big_stop),
                           name="big")
@@ -490,18 +494,18 @@ def _neighbour_once(tmp: Path, queue_size: int, killed: bool, live_s: float) -> 
                 time.sleep(0.5)
             else:
                 seen.until(lambda: time.monotonic() - t0 > live_s, live_s + 5)
-                big_stop.set()  # the sender stops after its current record; the small one goes on
+                big_stop.value = 1  # the sender stops after its current record; the small one goes on
                 t_kill = time.monotonic_ns()  # measured: small records logged before this moment
                 big.join(60)
                 out["big logged"] = big_n.value
                 out["backlog at stop"] = svc.health()["queue"]["depth"]
-            small_stop.set()
+            small_stop.value = 1
             small.join(30)
             sent = small_n.value
             seen.until(lambda: len(seen.seen) >= sent, 120)
         finally:
-            big_stop.set()
-            small_stop.set()
+            big_stop.value = 1
+            small_stop.value = 1
             for p in (big, small):
                 if p.is_alive():
                     p.kill()
@@ -560,8 +564,8 @@ def big_record_neighbour(tmp: Path, runs: int, live_s: float = 4.0) -> None:
                 worst = max(maxes)
                 print(f"    {scenario}, queue_size={queue_size}: max delay min {min(maxes):.3f} median "
                       f"{statistics.median(maxes):.3f} max {worst:.3f} s over {runs} runs")
-                what = "after the SIGKILL of" if scenario == "killed" else "beside a live"
-                report(f"small records' delay {what} a 4 MB sender, queue_size={queue_size} (s, worst)", worst, "s",
+                what = "after the SIGKILL of a" if scenario == "killed" else "beside a live"
+                report(f"small records' delay {what} 4 MB sender, queue_size={queue_size} (s, worst)", worst, "s",
                        "< 1", worst < 1)
     finally:
         if old is None:
