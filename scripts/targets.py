@@ -1,13 +1,16 @@
 """Measure mplog's non-throughput targets (performance issue), in one run, on this machine.
 
-    python scripts/targets.py [--quick] [--listener-records 10000000]
+    python scripts/targets.py [--quick] [--listener-records 10000000] [--only NAME ...] [--runs 3]
 
 Prints one line per target with the measured figure and the target, and whether it is met:
 worker RSS growth over 1,000,000 dropped calls; listener RSS over 1,000,000 records (or
 --listener-records; its own memory: the ring pages it maps are the spool's, shown beside it); start() until a first record
 is in the file (spawn); worker_init; draining a 100,000-record backlog held in the spool, and
 stop() with it; overload with overflow="drop" (caller p99, every drop counted) and "block" (no
-loss); the cost of one health() call; listener CPU per record; restart after a SIGKILL.
+loss); the cost of one health() call; listener CPU per record; restart after a SIGKILL; and
+(big-record-neighbour, as root: it mounts a private tmpfs for the spool) how long a small
+record waits for the file beside a process sending 4 MB records, after its SIGKILL and while it
+lives (see big_record_neighbour for how it is measured). ``--only NAME`` runs the named targets.
 
 Timings are wall-clock on a shared 2-core machine: run it when the machine is quiet and read
 the figures, not the verdicts alone.
