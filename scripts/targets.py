@@ -201,7 +201,7 @@ def drain(tmp: Path, backlog: int) -> None:
     depth, capacity, used = queue["depth"], queue["capacity_bytes"], queue["bytes"]
     t0 = time.perf_counter()
     os.kill(listener, signal.SIGCONT)
-    counters = svc._counters  # a cheap read of the shared counter, not a whole health() report
+    counters = svc._run.health.counters  # a cheap read of the shared counter, not a whole health() report
     while counters.get("written") < depth and time.perf_counter() - t0 < 30:
         pass  # spin: the drain itself is what is timed
     took = time.perf_counter() - t0
