@@ -487,14 +487,16 @@ def _neighbour_once(tmp: Path, queue_size: int, killed: bool, live_s: float) -> 
                 depth = svc.health()["queue"]["depth"]
                 os.kill(big.pid, signal.SIGKILL)
                 t_kill = time.monotonic_ns()
-                big.join(30)
                 out["big logged"] = big_n.value
                 out["backlog at kill"] = depth
                 # Small records go on until the record of its death is in the file, and 0.5 s more.
+                # The observer keeps reading meanwhile: joining the killed process first (its
+                # teardown took ~0.5 s here) would add that to every delay it measures.
                 seen.until(lambda: big.pid in seen.ends, 120)
+                big.join(30)
                 end_at = seen.ends.get(big.pid)
                 out["end written after kill (s)"] = (end_at - t_kill) / 1e9 if end_at else float("nan")
-                time.sleep(0.5)
+                seen.until(lambda: time.monotonic_ns() - (end_at or t_kill) > 5e8, 5)
             else:
                 seen.until(lambda: time.monotonic() - t0 > live_s, live_s + 5)
                 big_stop.value = 1  # the sender stops after its current record; the small one goes on
