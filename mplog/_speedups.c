@@ -21,7 +21,7 @@
  *                            record holds (version 2; tuples, str, int, float, bytes, None,
  *                            bools); anything else is CPython's own marshal's.
  *   format_common(...)       the listener's loop over common records in the default formats
- *                            (mplog/_listener/loop.py, Batch._format_common is its twin); it reads
+ *                            (mplog/_listener/batch.py, Batch._format_common is its twin); it reads
  *                            a common record from its marshal bytes in place where it can, and
  *                            a record it does not fully know goes whole to the general path.
  *
@@ -700,7 +700,7 @@ RingCore_publish_record(RingCore *self, PyObject *d)
  * format_common(payloads, full, simp, simplified_level, stamps, heads, head_rest, tally,
  *               fallback, origin, millis, not_tallied, pieces, tag_common)
  *
- * The twin of the Python loop in mplog/_listener/loop.py (Batch._format_common), which is the
+ * The twin of the Python loop in mplog/_listener/batch.py (Batch._format_common), which is the
  * reference: for each payload, the record's texts in the default formats are appended to the
  * lists ``full`` and ``simp`` (in pieces: the batch joins them once); a record this loop does
  * not fully understand, or one that fails anywhere, goes whole to ``fallback(payload, origin)``

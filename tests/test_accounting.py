@@ -39,8 +39,8 @@ def _log(channel, start, n):
 def _batch_then_die(listener, write):
     """What a listener does for one batch, stopping where a SIGKILL would: before the write,
     half-way through it, or after it, and always before the commit."""
-    listener.intake.refresh()
-    taken = listener.intake.take(listener.flush_count)
+    listener.reader.refresh()
+    taken = listener.reader.take(listener.flush_count)
     n = 0
     for ring, t in taken:
         for payload in t.payloads:
@@ -58,7 +58,7 @@ def _batch_then_die(listener, write):
 def _successor(cfg):
     successor = Listener(cfg)
     successor.start()
-    while successor.pump():
+    while successor.intake.pump():
         pass
     return successor
 
@@ -97,7 +97,7 @@ def test_a_batch_that_was_written_is_not_written_again(tmp_path):
     first.start()
     _batch_then_die(first, "all")
     successor = _successor(cfg)
-    (ring,) = successor.intake.rings.values()
+    (ring,) = successor.reader.rings.values()
     assert ring.empty() and ring.done == 5
     assert successor.counters.slot(ring.slot).get(6) == 5  # S_SEEN
 

@@ -206,7 +206,7 @@ def test_the_caller_leaves_the_unusual_to_flattening(case):
 
 def _batch(level=logging.INFO, loop="python"):
     import types
-    from mplog._listener.loop import Batch
+    from mplog._listener.batch import Batch
 
     class Counts:
         def __init__(self):
@@ -607,18 +607,18 @@ def test_a_header_read_from_its_bytes_is_not_reused_once_a_record_read_by_marsha
 def test_a_record_the_general_path_fails_on_costs_that_record_only(loop, monkeypatch):
     """Whatever goes wrong decoding one record (a bug of ours, as the bytes exc_text was) is a
     counted placeholder: the loop goes on, and the records around it are written."""
-    from mplog._listener import loop as _listener
+    from mplog._listener import batch as _batch
     good = [_record.common_payload(logging.LogRecord("app", logging.INFO, "/a/b.py", 1, f"ok {i}", None, None),
                                    lean=True) for i in range(2)]
     poison = _lean_payload([1.7e9, 20, "INFO", "app", "poison", None, "/a/b.py", 1, "MainProcess", 1, None, "x", None])
-    real = _listener.decode
+    real = _batch.decode
 
     def decode(payload):
         if payload == poison:
             raise RuntimeError("a bug")
         return real(payload)
 
-    monkeypatch.setattr(_listener, "decode", decode)
+    monkeypatch.setattr(_batch, "decode", decode)
     (full, simp), _, added, general = _run_loop(loop, [good[0], poison, good[1]], logging.INFO)
     assert general == [poison] and added == 1
     assert b"<record from test could not be decoded: RuntimeError>" in full

@@ -30,7 +30,8 @@ of these counters (``state()``)::
 Who holds what: ``_Buffer`` the records not yet formatted, ``submitted`` and ``dropped``;
 ``_Sender`` (the thread) the formatted messages the kernel did not take (``pending`` is both)
 and the end offsets of those ``in_flight``; ``_Connection`` settles them into ``_Tally``'s
-``forwarded`` and ``lost``; ``SyslogForwarder`` is the façade the listener calls.
+``forwarded`` and ``lost``; ``SyslogForwarder`` is the façade the listener calls, and
+``SyslogLink`` the listener's hold on it (its figures in the shared counters, for health).
 
 Why count the in-flight messages as lost rather than resend them: RFC 6587 has no
 application-level acknowledgement, so the only certainty a sender has is its own TCP state.
@@ -66,6 +67,7 @@ import threading
 import time
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
+from .._common.counters import Counters
 from .._common.format import clean, clean_inline
 from .._common.record import Record, make_record
 
@@ -719,6 +721,34 @@ class SyslogForwarder:
         thread.join(max(0.0, self._stop.deadline - time.monotonic()) + 1.0)
         if not thread.is_alive():
             self._buffer.close_pipe()
+
+
+class SyslogLink:
+    """The listener's forwarder and its figures in the shared counters, for health.
+
+    The counters are cumulative over listener restarts; a killed listener's buffered syslog
+    messages are gone with it (its files' copy is not)."""
+
+    KEYS = ("forwarded", "dropped", "lost", "reconnects", "resets")
+
+    def __init__(self, address: Tuple[str, int], level: int, counters: Counters) -> None:
+        host, port = address
+        self.forwarder = SyslogForwarder(host, int(port), level=level)
+        self.counters = counters
+        self._base = {k: counters.get("syslog_" + k) for k in self.KEYS}
+
+    def publish(self) -> None:
+        c = self.counters
+        st = self.forwarder.state()
+        for key, base in self._base.items():
+            c.set("syslog_" + key, base + st[key])
+        c.set("syslog_connected", 1 if st["connected"] else 0)
+        c.set("syslog_pending", st["pending"] + st["in_flight"])
+
+    def close(self, timeout: float) -> None:
+        """Forward what can be forwarded within ``timeout`` seconds, stop, publish the figures."""
+        self.forwarder.close(timeout)
+        self.publish()
 
 
 def _describe(exc: BaseException) -> str:
