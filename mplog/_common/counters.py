@@ -33,7 +33,7 @@ FIELDS = (
     "final_lost", "final_set",
     # the supervisor's restarts whose notice a listener has written (see _supervisor._spawn)
     "restarts_noted",
-    # the listener's own vitals for health, sampled with psutil once a second (see _listener.Vitals)
+    # the listener's own vitals for health, sampled with psutil once a second (see _listener.vitals.Vitals)
     "vital_pid", "vital_ns", "vital_cpu_centi", "vital_rss", "vital_fds", "vital_create_us", "main_create_us",
     # the pid that sent the latest stop frame: an exit nobody in the main process asked for is
     # named after it (see _supervisor._on_exit)

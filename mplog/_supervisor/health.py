@@ -3,7 +3,7 @@
 ``Health.report(supervisor)`` is what ``LogService.health()`` returns, what the supervisor writes
 to ``<name>.health.json`` every ``health_interval`` seconds, and (``final=True``) the report that
 ``stop()`` returns. It reads; it never changes the service. The main process is the only one
-that imports it; what psutil says of the listener comes from the listener (``_listener.Vitals``).
+that imports it; what psutil says of the listener comes from the listener (``_listener.vitals.Vitals``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 backlog, and whether the records are moving.
 
 ``ListenerProbe`` does not import psutil: the listener samples itself and publishes the figures
-in the shared counters (see ``_listener.Vitals``), so that a forked worker does not map psutil
+in the shared counters (see ``_listener.vitals.Vitals``), so that a forked worker does not map psutil
 with the rest of its parent.
 """
 

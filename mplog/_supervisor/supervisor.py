@@ -18,7 +18,7 @@ job to its own class:
 - ``flush.FlushBarrier`` is where ``flush()`` waits for the listener's reply;
 - ``relay.ConsoleRelay`` prints the lines the listener echoes;
 - ``probe.ListenerProbe`` gives health the listener's process, vitals and progress, without
-  psutil (the listener samples itself, see ``_listener.Vitals``), and ``healthfile`` writes
+  psutil (the listener samples itself, see ``_listener.vitals.Vitals``), and ``healthfile`` writes
   the health file.
 
 It never logs through the queue it serves: its notices reach the files through the listener,
