@@ -31,7 +31,7 @@ import pytest
 
 import mplog
 import workers
-from conftest import app_blocks
+from conftest import app_blocks, read_blocks
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -144,6 +144,51 @@ def test_a_capture_directory_planted_by_another_user_is_not_used(planted, tmp_pa
     assert not planted["marker"].exists(), planted["marker"].read_text()
     assert {p: _contents(p) for p in planted["paths"]} == before
     print(f"\nFIGURE planted={len(planted['paths'])} dirs, records={len(got)}/{len(tags)}, marker absent")
+
+
+ROOTS = {
+    # mode, owner, used: a root another user can rename our spool out of is passed over
+    "others-write-no-sticky": (0o777, None, False),
+    "others-write-sticky": (0o1777, None, True),
+    "another-users": (0o755, 65534, False),
+}
+
+
+@pytest.mark.parametrize("kind", list(ROOTS))
+def test_a_spool_root_another_user_could_rename_in_is_not_used(tmp_path, monkeypatch, ctx, kind):
+    """XDG_RUNTIME_DIR pointing at a directory others can write without the sticky bit, or at
+    one of another uid: the spool and the capture directory go elsewhere, a notice names the
+    root and why, the directory is left empty, and every record of a pool worker (made without
+    the initializer, so the capture has to do it) arrives. With the sticky bit it is used."""
+    mode, owner, used = ROOTS[kind]
+    root = tmp_path / "runtime"
+    root.mkdir()
+    os.chmod(root, mode)
+    if owner is not None:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the directory to another uid")
+        os.chown(root, owner, owner)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(root))
+    tags = [f"root-{kind}-{ctx.get_start_method()}-{i}" for i in range(4)]
+    with mplog.LogService(tmp_path / "logs", shutdown_timeout=10.0) as svc:
+        spool = svc.health()["queue"]["spool"]
+        capture = os.environ["MPLOG_CAPTURE"].partition(":")[2]
+        with ctx.Pool(2) as pool:
+            pids = dict(zip(tags, pool.map(workers.log_tagged, tags)))
+        inside = os.listdir(root)
+        assert svc.flush(30)
+    blocks = read_blocks(tmp_path / "logs" / "run.debug.log")
+    notices = [str(b["message"]) for b in blocks if b["logger"] == "mplog"]
+    got = {str(b["message"])[len("capture "):]: b["pid"] for b in blocks if str(b["message"]).startswith("capture ")}
+    assert got == pids
+    assert (spool.startswith(str(root) + os.sep), capture.startswith(str(root) + os.sep)) == (used, used)
+    refused = [m for m in notices if f"{root} is not used" in m]
+    if used:
+        assert refused == [] and inside, (notices, inside)
+    else:
+        why = "no sticky bit" if owner is None else f"belongs to uid {owner}"
+        assert inside == [] and len(refused) == 1 and why in refused[0], (notices, inside)
+    print(f"\nFIGURE {kind}: spool {spool}, records {len(got)}/{len(tags)}, notice {refused}")
 
 
 @needs_root

@@ -37,6 +37,7 @@ import logging
 import mmap
 import os
 import shutil
+import stat
 import struct
 import time
 from typing import TYPE_CHECKING, Any, Container, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
@@ -619,16 +620,42 @@ class RingReader:
 
 
 # -- the spool directory ---------------------------------------------------------------------
-def spool_roots() -> List[str]:
-    """Where spools may live, in order of preference: tmpfs (``XDG_RUNTIME_DIR``, ``/dev/shm``),
-    then a local disk directory (``TMPDIR`` or ``/tmp``, ``/var/tmp``)."""
+def _root_candidates() -> List[str]:
     import tempfile
     out: List[str] = []
     for candidate in (os.environ.get("XDG_RUNTIME_DIR"), "/dev/shm", tempfile.gettempdir(), "/var/tmp"):
         if (candidate and candidate not in out and os.path.isdir(candidate)
                 and os.access(candidate, os.W_OK | os.X_OK)):
             out.append(candidate)
-    return out or [tempfile.gettempdir()]
+    return out
+
+
+def unsafe_root(path: str) -> str:
+    """Why no spool may live in ``path`` ("" if one may). In a directory that another user owns,
+    or that others can write and that has no sticky bit, another user can rename our 0700 spool
+    away and put one of theirs at its name, which the next run would then recover from."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror})"
+    if st.st_uid not in (os.getuid(), 0):
+        return f"it belongs to uid {st.st_uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return "others can write it and it has no sticky bit"
+    return ""
+
+
+def spool_roots() -> List[str]:
+    """Where spools may live, in order of preference: tmpfs (``XDG_RUNTIME_DIR``, ``/dev/shm``),
+    then a local disk directory (``TMPDIR`` or ``/tmp``, ``/var/tmp``); never a root that
+    ``unsafe_root`` refuses."""
+    import tempfile
+    return [c for c in _root_candidates() if not unsafe_root(c)] or [tempfile.gettempdir()]
+
+
+def refused_roots() -> List[Tuple[str, str]]:
+    """(root, why) of the candidates that ``unsafe_root`` refuses, for the placement's notice."""
+    return [(c, why) for c in _root_candidates() for why in (unsafe_root(c),) if why]
 
 
 def spool_root() -> str:
@@ -702,6 +729,9 @@ def place_spool(ring_file_bytes: int) -> Placement:
                   f"{need / mib:.1f} MiB")
         if chosen[1] < need:
             notice += "; no root has that room: rings that find none are full and the overflow policy applies"
+    refused = "; ".join(f"{root} is not used: {why}" for root, why in refused_roots())
+    if refused:
+        notice = f"{notice}; {refused}" if notice else f"the spool is in {chosen[0]}: {refused}"
     return Placement(chosen[0], need, chosen[1], notice)
 
 
