@@ -1,13 +1,13 @@
 """The package's layering, read from its imports (docs/architecture.md).
 
-Four rooms, each named for the process its code runs in::
+Four rooms, each named for the process its code runs in, and the report's, which runs after::
 
     mplog (__init__, __main__, dask, _demo)      the public face
       └─ _supervisor   the main process's side: LogService, the supervisor, health, console
            ├─ _app       every process that logs: the handler, its ring writer, the captures
            ├─ _listener  the listener process: the loop, the files, the journal, exits, syslog
            └─ _common    what they all share: config, counters, spool layout, wire format
-      └─ _report       ``python -m mplog report``: reads the listener's files after the run
+      └─ _report       ``python -m mplog report``: reads the listener's files (_listener, _common)
 
 An import may only go down this picture, never up, and never sideways between ``_app`` and
 ``_listener`` (the worker must not pay for the listener's code, nor the listener depend on the
