@@ -211,3 +211,51 @@ def test_a_tmpfs_without_room_for_the_rings_is_passed_over_with_a_notice(tmpfs, 
     assert placement.need == _spool.expected_processes() * ring + _spool.COUNTER_BYTES
     assert placement.root == str(disk) and f"{small} (tmpfs) has 8.0 MiB free" in placement.notice
     assert _spool.place_spool(_spool.RING_HEADER + _spool.ring_capacity(100)).root == str(small)
+
+
+@pytest.mark.timeout(600)
+def test_processes_past_the_reserved_slots_on_a_full_spool_are_counted(tmpfs, tmp_path, monkeypatch, ctx):
+    """On a spool filesystem full from the start, more processes log than the counters have
+    reserved slots for: those past them share the counters' overflow slot. Each process's
+    records are counted once and the stop report balances: ``sent`` is every record logged."""
+    from mplog._common.counters import _SLOTS_AT_START, HEADER_WORDS, SLOT_WORDS
+    # The slots whose pages the counters reserve at creation: 84 asked, the pages they fill hold more.
+    page = os.sysconf("SC_PAGE_SIZE")
+    reserved = (-(-8 * (HEADER_WORDS + SLOT_WORDS * _SLOTS_AT_START) // page) * page - 8 * HEADER_WORDS) // (8 * SLOT_WORDS)
+    shm = tmpfs("shm", "16m")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(shm))
+    svc = mplog.LogService(tmp_path / "logs", overflow="drop", queue_size=100, shutdown_timeout=60).start()
+    filler = shm / "filler"
+    exits = []
+    try:
+        assert svc.health()["queue"]["spool"].startswith(str(shm))
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for chunk in (1 << 20, 4096):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * chunk)
+                except OSError:
+                    pass  # ENOSPC: nothing more of the spool gets a page
+        finally:
+            os.close(fd)
+        n = reserved + 6  # the main process has a slot too: the last 7 share the overflow slot
+        for i in range(n):  # one at a time: the overflow slot's increments are not atomic across processes
+            p = ctx.Process(target=workers.process_target_stderr,
+                            args=(svc.worker_config, f"slot {i}", 3, str(tmp_path / "stderr")))
+            p.start()
+            p.join(60)
+            exits.append(p.exitcode)
+        svc.flush(60)
+    finally:
+        final = svc.stop()
+        filler.unlink()
+    r = final["records"]
+    print("\npast the reserved slots:", {"processes": n, **{k: r[k] for k in ("sent", "written", "dropped", "diverted", "lost")}})
+    assert exits == [0] * n
+    shared = n - (reserved - 1)  # the processes in the overflow slot: their records go to stderr
+    assert r["sent"] == 3 * n, r
+    assert r["sent"] == r["written"] + r["dropped"] + r["diverted"] + r["lost"], r
+    assert r["diverted"] == 3 * shared, r
+    err = (tmp_path / "stderr").read_text()
+    assert sum(f"slot {i} " in err for i in range(n)) == shared, err[-2000:]

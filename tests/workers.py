@@ -52,6 +52,12 @@ def process_target(config: Any, tag: str, n: int) -> None:
     log_n((tag, n))
 
 
+def process_target_stderr(config: Any, tag: str, n: int, stderr_path: str) -> None:
+    """process_target, with this process's stderr in ``stderr_path`` (see _stderr_to)."""
+    _stderr_to(stderr_path)
+    process_target(config, tag, n)
+
+
 def nested_pool(args: Tuple[str, str, int]) -> int:
     """A worker that starts its own pool; the grandchildren log to the same service."""
     import multiprocessing

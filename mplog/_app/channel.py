@@ -30,8 +30,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import process as _process
-from .._common.counters import (FIELDS, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT, STATE_STOPPED,
-                                Counters, Slot)
+from .._common.counters import (FIELDS, OVERFLOW_SLOT, S_DIVERTED, S_DROPPED, S_ERRORS, S_REPLACED, S_RING, S_SENT,
+                                STATE_STOPPED, Counters, Slot)
 from .._common.record import COMMON_KEYS, LEAN_KEYS, TAG_COMMON, Record, common_payload, flatten, serialize
 from .._common.spool import _NO_ROOM, W_DONE, RingWriter, _process_start, open_ring_writer, ring_capacity
 from .._common.transport import K_WAKE, FifoWriter
@@ -235,6 +235,11 @@ class Attachment:
 
     def _open_ring(self, slot: Slot) -> Optional[RingWriter]:
         cfg = self.config
+        if slot.index == OVERFLOW_SLOT:
+            # Shared by every process that found no slot: no ring of its own, and no wait for
+            # room that would never come. The records go to stderr, counted as diverted.
+            self._no_room = False
+            return None
         path = os.path.join(os.path.dirname(cfg.counters_path), f"ring.{slot.index}")
         try:
             ring = open_ring_writer(path, cfg.ring_bytes or ring_capacity(cfg.queue_size), cfg.queue_size)

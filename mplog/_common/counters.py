@@ -18,7 +18,7 @@ import os
 import threading
 from typing import Dict, List
 
-__all__ = ["Counters", "FIELDS", "SLOT_FIELDS", "SLOT_WORDS", "STATE_NAMES", "Slot", "settle_accounts"]
+__all__ = ["Counters", "FIELDS", "OVERFLOW_SLOT", "SLOT_FIELDS", "SLOT_WORDS", "STATE_NAMES", "Slot", "settle_accounts"]
 
 # Service fields, by index into the int64 array.
 FIELDS = (
@@ -61,6 +61,10 @@ S_PPID = 14  # the process's parent when it claimed the slot
 # is "ForkServerPoolWorker-12:3"; the 24 bytes a 16-word slot had left were too few).
 S_NAME, NAME_BYTES = 15, 72
 MAX_SLOTS = 1 << 16
+# Where a claim that finds no slot goes (no room for its page, or MAX_SLOTS reached): one slot
+# shared by every such process, which therefore gets no ring (its records are diverted to stderr,
+# counted here) and is summed with the others whatever slots_used says.
+OVERFLOW_SLOT = MAX_SLOTS - 1
 _MAGIC = 0x6D706C6F67310003  # layout 3: 24-word slots
 
 # S_WSTATE bits. Set at the claim: what this process has mplog watch.
@@ -99,7 +103,7 @@ class Counters:
         # Sparse, but every page a process stores into is reserved first (a store into a page a
         # full tmpfs cannot back is a SIGBUS): the header and the first slots now, the shared
         # overflow slot (the fallback of a claim that finds no room), each further slot at its claim.
-        last = 8 * (HEADER_WORDS + SLOT_WORDS * (MAX_SLOTS - 1))
+        last = 8 * (HEADER_WORDS + SLOT_WORDS * OVERFLOW_SLOT)
         if not (_reserve(fd, 0, 8 * (HEADER_WORDS + SLOT_WORDS * _SLOTS_AT_START))
                 and _reserve(fd, last, 8 * SLOT_WORDS)):
             os.close(fd)
@@ -165,7 +169,7 @@ class Counters:
             if used >= MAX_SLOTS or not _reserve(self._fd, 8 * (HEADER_WORDS + SLOT_WORDS * used), 8 * SLOT_WORDS):
                 # The shared overflow slot: increments may race (documented). Also where a
                 # claim finds no room for its slot's page: counted, not a SIGBUS.
-                slot, used = MAX_SLOTS - 1, MAX_SLOTS
+                slot, used = OVERFLOW_SLOT, MAX_SLOTS
             else:
                 slot = used
             base = HEADER_WORDS + SLOT_WORDS * slot
@@ -204,25 +208,40 @@ class Counters:
     def slots_used(self) -> int:
         return min(self.words[_INDEX["slots_used"]], MAX_SLOTS)
 
+    def _overflow_bases(self) -> List[int]:
+        """The overflow slot's first word, if it holds counts and lies past slots_used (it does
+        until MAX_SLOTS slots are claimed); else nothing."""
+        base = HEADER_WORDS + SLOT_WORDS * OVERFLOW_SLOT
+        return [base] if self.slots_used < MAX_SLOTS and self.words[base + S_PID] else []
+
+    def slot_indexes(self) -> List[int]:
+        """Every slot that holds counts: those in use, and the overflow slot once a claim went there."""
+        return list(range(self.slots_used)) + [OVERFLOW_SLOT for _ in self._overflow_bases()]
+
     def slot_totals(self, settle: bool = False) -> Dict[str, int]:
         used = self.slots_used
         words = self.words
         start = HEADER_WORDS
         stop = HEADER_WORDS + SLOT_WORDS * used
+        extra = self._overflow_bases()
+
+        def total(field: int) -> int:
+            return sum(words[start + field:stop:SLOT_WORDS]) + sum(words[b + field] for b in extra)
+
         totals = {
-            "sent": sum(words[start + S_SENT:stop:SLOT_WORDS]),
-            "dropped": sum(words[start + S_DROPPED:stop:SLOT_WORDS]),
-            "replaced": sum(words[start + S_REPLACED:stop:SLOT_WORDS]),
-            "diverted": sum(words[start + S_DIVERTED:stop:SLOT_WORDS]),
-            "errors": sum(words[start + S_ERRORS:stop:SLOT_WORDS]),
+            "sent": total(S_SENT),
+            "dropped": total(S_DROPPED),
+            "replaced": total(S_REPLACED),
+            "diverted": total(S_DIVERTED),
+            "errors": total(S_ERRORS),
             "in_doubt": 0,
-            "processes": used,
+            "processes": used + len(extra),
         }
         if settle:
             # A process killed between publishing a record and counting it leaves the record in
             # its ring, uncounted: the listener saw more of its records than it counted.
             doubt = 0
-            for base in range(start, stop, SLOT_WORDS):
+            for base in [*range(start, stop, SLOT_WORDS), *extra]:
                 published = words[base + S_SENT] - words[base + S_DROPPED] - words[base + S_DIVERTED]
                 if words[base + S_SEEN] > published:
                     doubt += words[base + S_SEEN] - published

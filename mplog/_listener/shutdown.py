@@ -85,7 +85,7 @@ class Shutdown:
         c = self.counters
         rings = self.intake.reader.rings
         sent = dropped = diverted = 0
-        for index in range(c.slots_used):
+        for index in c.slot_indexes():
             slot = c.slot(index)
             d, v = slot.get(S_DROPPED), slot.get(S_DIVERTED)
             published = slot.get(S_SEEN)
