@@ -208,22 +208,21 @@ class Counters:
     def slots_used(self) -> int:
         return min(self.words[_INDEX["slots_used"]], MAX_SLOTS)
 
-    def _overflow_bases(self) -> List[int]:
-        """The overflow slot's first word, if it holds counts and lies past slots_used (it does
-        until MAX_SLOTS slots are claimed); else nothing."""
-        base = HEADER_WORDS + SLOT_WORDS * OVERFLOW_SLOT
-        return [base] if self.slots_used < MAX_SLOTS and self.words[base + S_PID] else []
+    def _overflow_in_use(self) -> bool:
+        """The overflow slot holds counts and lies past slots_used (it does until MAX_SLOTS
+        slots are claimed): it is summed on its own."""
+        return self.slots_used < MAX_SLOTS and self.words[HEADER_WORDS + SLOT_WORDS * OVERFLOW_SLOT + S_PID] != 0
 
     def slot_indexes(self) -> List[int]:
         """Every slot that holds counts: those in use, and the overflow slot once a claim went there."""
-        return list(range(self.slots_used)) + [OVERFLOW_SLOT for _ in self._overflow_bases()]
+        return list(range(self.slots_used)) + ([OVERFLOW_SLOT] if self._overflow_in_use() else [])
 
     def slot_totals(self, settle: bool = False) -> Dict[str, int]:
         used = self.slots_used
         words = self.words
         start = HEADER_WORDS
         stop = HEADER_WORDS + SLOT_WORDS * used
-        extra = self._overflow_bases()
+        extra = [HEADER_WORDS + SLOT_WORDS * OVERFLOW_SLOT] if self._overflow_in_use() else []
 
         def total(field: int) -> int:
             return sum(words[start + field:stop:SLOT_WORDS]) + sum(words[b + field] for b in extra)

@@ -645,17 +645,26 @@ def unsafe_root(path: str) -> str:
     return ""
 
 
+def _vetted_roots() -> Tuple[List[str], List[Tuple[str, str]]]:
+    """The candidate roots a spool may use, in order, and (root, why) of those ``unsafe_root``
+    refuses: one stat of each."""
+    ok: List[str] = []
+    refused: List[Tuple[str, str]] = []
+    for candidate in _root_candidates():
+        why = unsafe_root(candidate)
+        if why:
+            refused.append((candidate, why))
+        else:
+            ok.append(candidate)
+    return ok, refused
+
+
 def spool_roots() -> List[str]:
     """Where spools may live, in order of preference: tmpfs (``XDG_RUNTIME_DIR``, ``/dev/shm``),
     then a local disk directory (``TMPDIR`` or ``/tmp``, ``/var/tmp``); never a root that
     ``unsafe_root`` refuses."""
     import tempfile
-    return [c for c in _root_candidates() if not unsafe_root(c)] or [tempfile.gettempdir()]
-
-
-def refused_roots() -> List[Tuple[str, str]]:
-    """(root, why) of the candidates that ``unsafe_root`` refuses, for the placement's notice."""
-    return [(c, why) for c in _root_candidates() for why in (unsafe_root(c),) if why]
+    return _vetted_roots()[0] or [tempfile.gettempdir()]
 
 
 def spool_root() -> str:
@@ -729,7 +738,7 @@ def place_spool(ring_file_bytes: int) -> Placement:
                   f"{need / mib:.1f} MiB")
         if chosen[1] < need:
             notice += "; no root has that room: rings that find none are full and the overflow policy applies"
-    refused = "; ".join(f"{root} is not used: {why}" for root, why in refused_roots())
+    refused = "; ".join(f"{root} is not used: {why}" for root, why in _vetted_roots()[1])
     if refused:
         notice = f"{notice}; {refused}" if notice else f"the spool is in {chosen[0]}: {refused}"
     return Placement(chosen[0], need, chosen[1], notice)

@@ -80,7 +80,7 @@ class Intake:
         rec = make_record(time.time(), levelno, "mplog", msg, pathname=_SOURCE, funcName="listener",
                           processName="mplog-listener", process=os.getpid(), threadName="MainThread", user=True)
         self.batch.add_record(rec)
-        self.write([], 0)
+        self.write_own()
 
     def write_own(self) -> None:
         """Write what the batch holds now: mplog's own records (uncounted)."""
@@ -91,14 +91,19 @@ class Intake:
         """Open the files, settle a dead predecessor's batch, recover earlier runs."""
         for error in self.files.open():
             self.report_error(error)
-        self.reader.refresh()
-        self.journal.settle(self.files, self.reader.rings.values())
-        for ring in self.reader.rings.values():
-            ring.rewind()
+        self._settle(self.reader, self.journal)
         recovered = 0
         for path in self.cfg.recover:
             recovered += self.recover(path)
         return recovered
+
+    def _settle(self, reader: SpoolReader, journal: Journal) -> None:
+        """Finish a dead listener's announced batch (written or not) and read every ring on from
+        its committed tail."""
+        reader.refresh()
+        journal.settle(self.files, reader.rings.values())
+        for ring in reader.rings.values():
+            ring.rewind()
 
     def follow_files(self, reopen: bool) -> None:
         """The files' share of housekeeping: follow logrotate (or reopen), rotate by age."""
@@ -202,11 +207,8 @@ class Intake:
             return 0
         pid = read_owner(path)[0]
         reader = SpoolReader(path, old)
-        reader.refresh()
         journal = Journal(old)
-        journal.settle(self.files, reader.rings.values())
-        for ring in reader.rings.values():
-            ring.rewind()
+        self._settle(reader, journal)
         n = 0
         while True:
             taken = reader.take(self.flush_count)
