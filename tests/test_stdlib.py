@@ -372,7 +372,7 @@ def child(config):
     mplog.worker_init(config)
     for i in range(300):
         logging.getLogger("late").info("late %d", i)
-        time.sleep(0.002)
+        time.sleep(0.002)  # pacing: the child still logs while the parent stops the service
 
 if __name__ == "__main__":
     svc = mplog.LogService(sys.argv[1]).start()

@@ -439,7 +439,7 @@ def big_sender(config: Any, n: int, size: int, go: Any, sent: Any) -> None:
     for i in range(n):
         log.info("big %d %s", i, "x" * size)
     sent.set()
-    time.sleep(120)
+    time.sleep(120)  # the test SIGKILLs it here, with its big records still in its ring
 
 
 def small_sender(config: Any, tag: str, n: int, go: Any) -> None:
